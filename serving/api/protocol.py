@@ -1,0 +1,145 @@
+"""OpenAI request bodies (validated) and response builders.
+
+Unknown fields are ignored (as vLLM's server does); wrong types and out-of-range values are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+MAX_N = 16
+MAX_STOP = 16
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streamed request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+    """Send a final chunk with ``usage`` and no choices."""
+
+
+class TextPart(BaseModel):
+    """A text content part of a chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text, content parts joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    model: str = Field(min_length=1)
+    max_tokens: PositiveInt | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: int = Field(default=0, ge=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if len(v) > MAX_STOP:
+                raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(v)}")
+            if any(s == "" for s in v):
+                raise ValueError("stop sequences must not be empty")
+        elif v == "":
+            raise ValueError("stop sequences must not be empty")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        """``stop`` as a tuple."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` wins over the older ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        """Top-k alternatives to return per token, or None for no logprobs."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("top_logprobs requires logprobs to be true")
+            return None
+        return self.top_logprobs or 0
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
+
+    prompt: str | list[int] | list[str] = Field()
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], str):
+                if len(v) != 1:
+                    raise ValueError("only one prompt per request is supported; send one request per prompt")
+                return v[0]
+        if v == "":
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        """Completions default to 16 tokens, as OpenAI's API does."""
+        return self.max_tokens if self.max_tokens is not None else 16
+
+    def logprobs_k(self) -> int | None:
+        """Top-k alternatives per token, or None."""
+        return self.logprobs

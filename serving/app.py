@@ -1,0 +1,54 @@
+"""Build the Ray Serve application from the configuration: one gateway, one deployment per pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from models.catalog import CATALOG_PATH, load_catalog, resolve_source
+from serving.config.schema import PoolConfig, TokenweirConfig
+from serving.gateway.deployment import Gateway
+from serving.pools.placement import ray_actor_options_for
+from serving.pools.replica import PoolReplica
+
+APP_NAME = "tokenweir"
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+def pool_deployment_name(pool: PoolConfig) -> str:
+    """Ray Serve deployment name of a pool."""
+    return f"pool-{pool.name}"
+
+
+def build_app(cfg: TokenweirConfig) -> Application:
+    """The bound application: ``gateway`` with a handle to every ``pool-<name>``."""
+    catalog = load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
+    sources: dict[str, str] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    handles: dict[str, Any] = {}
+    for pool in cfg.pools:
+        entry = catalog[pool.model]
+        if pool.model not in sources:
+            sources[pool.model] = resolve_source(entry)
+            entries[pool.model] = entry.model_dump()
+        dep = serve.deployment(PoolReplica).options(
+            name=pool_deployment_name(pool),
+            num_replicas=pool.replicas,
+            max_ongoing_requests=pool.max_ongoing_requests,
+            ray_actor_options=ray_actor_options_for(pool),
+            health_check_period_s=10,
+            health_check_timeout_s=60,
+            graceful_shutdown_timeout_s=5,
+        )
+        handles[pool.name] = dep.bind(pool.model_dump(mode="json"), entries[pool.model], sources[pool.model])
+    gateway = serve.deployment(Gateway).options(
+        name=GATEWAY_DEPLOYMENT,
+        num_replicas=cfg.gateway.replicas,
+        max_ongoing_requests=cfg.gateway.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.gateway.num_cpus},
+        graceful_shutdown_timeout_s=5,
+    )
+    return gateway.bind(cfg.model_dump(mode="json"), entries, sources, handles)

@@ -1,0 +1,117 @@
+"""The typed configuration: one YAML file, validated by pydantic (every field documented)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class GatewayConfig(_Strict):
+    """The HTTP ingress."""
+
+    host: str = "127.0.0.1"
+    """Address the gateway listens on (Ray Serve's HTTP proxy binds here)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port of the OpenAI-compatible API."""
+    replicas: int = Field(default=1, ge=1, le=64)
+    """Gateway (ingress) replicas; each tokenizes, meters and relays streams."""
+    num_cpus: float = Field(default=0.0, ge=0)
+    """Logical CPUs Ray reserves per gateway replica (0 lets it share a small machine)."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest accepted request body; larger ones get 413."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a whole request may take before the gateway aborts it."""
+    first_token_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest the gateway waits for a pool's first chunk before giving up with 503."""
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+    """Concurrent requests per gateway replica before Ray Serve queues or rejects."""
+
+
+class SloConfig(_Strict):
+    """Latency targets of a pool."""
+
+    ttft_ms: float = Field(default=2000.0, gt=0)
+    """Time-to-first-token target, milliseconds."""
+    tpot_ms: float = Field(default=100.0, gt=0)
+    """Time-per-output-token target, milliseconds."""
+
+
+class PoolConfig(_Strict):
+    """One model on one accelerator type with N replicas."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+    """Pool name; also the Ray Serve deployment name suffix."""
+    model: str
+    """Served model name; must be in the model catalog."""
+    accelerator: str = "CPU"
+    """Accelerator type (H20, H100, H200, L20, L40S, A10, A100-80GB or CPU)."""
+    engine: Literal["vllm", "sim"] = "vllm"
+    """`vllm`: real vLLM AsyncLLM in the replica; `sim`: the simulated engine on the performance model."""
+    replicas: int = Field(default=1, ge=1, le=1024)
+    """Replicas of this pool (each holds one engine)."""
+    gpus_per_replica: int = Field(default=1, ge=0, le=16)
+    """GPUs each replica takes (tensor parallel size); ignored on CPU and for `sim`."""
+    num_cpus: float = Field(default=0.0, ge=0)
+    """Logical CPUs Ray reserves per replica."""
+    max_ongoing_requests: int = Field(default=512, ge=1)
+    """Requests Ray Serve hands one replica at once (set high: the replica queues fairly itself)."""
+    stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
+    """Hold a stream's tokens this long to send several per message (0: send each step's at once)."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """vLLM engine arguments; override the catalog's per-GPU settings and the hardware plan."""
+    sim_speedup: float = Field(default=1.0, gt=0)
+    """For `engine: sim`: how much faster than real time the simulated engine runs."""
+    slo: SloConfig = SloConfig()
+    """Latency targets used by planning and admission."""
+
+
+class RayConfig(_Strict):
+    """How `tokenweir serve` reaches Ray."""
+
+    address: str | None = None
+    """None: start a local Ray; `auto` or `ray://...`: join an existing cluster."""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """Logical CPUs of a locally started Ray (None: Ray's own count, at least 4)."""
+    namespace: str = "tokenweir"
+    """Ray namespace of the application."""
+
+
+class TokenweirConfig(_Strict):
+    """The whole configuration."""
+
+    gateway: GatewayConfig = GatewayConfig()
+    """The HTTP ingress."""
+    ray: RayConfig = RayConfig()
+    """Ray connection."""
+    state_dir: str = "~/.cache/tokenweir/state"
+    """Directory of durable state (the ledger's SQLite file)."""
+    catalog: str | None = None
+    """Path of a model catalog file (None: the one shipped in `models/catalog.yaml`)."""
+    pools: list[PoolConfig] = Field(min_length=1)
+    """Model pools; at least one."""
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> TokenweirConfig:
+        names = [p.name for p in self.pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pools: duplicate pool names {dupes}")
+        from models.catalog import CATALOG_PATH, load_catalog
+        from pathlib import Path
+
+        catalog = load_catalog(Path(self.catalog) if self.catalog else CATALOG_PATH)
+        for i, pool in enumerate(self.pools):
+            if pool.model not in catalog:
+                raise ValueError(
+                    f"pools.{i}.model: unknown model {pool.model!r}; the catalog has {sorted(catalog)}"
+                )
+        return self
+
+    def models(self) -> list[str]:
+        """Served model names, in pool order, without repeats."""
+        return list(dict.fromkeys(p.model for p in self.pools))

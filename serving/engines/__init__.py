@@ -1,0 +1,23 @@
+"""Engines a pool replica can drive: vLLM (``vllm_engine``) and the simulated engine (``sim``)."""
+
+from serving.engines.base import (
+    ChoiceDelta,
+    Engine,
+    EngineChunk,
+    EngineDeadError,
+    EngineError,
+    EngineRequest,
+    SamplingSpec,
+    TokenLogprob,
+)
+
+__all__ = [
+    "ChoiceDelta",
+    "Engine",
+    "EngineChunk",
+    "EngineDeadError",
+    "EngineError",
+    "EngineRequest",
+    "SamplingSpec",
+    "TokenLogprob",
+]

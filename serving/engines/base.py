@@ -1,0 +1,116 @@
+"""The engine interface every pool replica drives: vLLM (CPU or CUDA build) or the simulated engine.
+
+The contract, in the shape of vLLM's ``v1/core/sched/interface.py``:
+
+* ``start()`` loads weights / builds the schedule and returns when the engine can take requests.
+* ``generate(request)`` is an async iterator of :class:`EngineChunk`. Each chunk carries only what is
+  *new* since the previous chunk (deltas), plus cumulative usage. The last chunk has
+  ``finished=True``. Several engine steps may be merged into one chunk when the consumer is slow;
+  consumers must not assume one token per chunk.
+* Cancelling the iterator (``aclose()`` or task cancellation) aborts the request in the engine at once
+  and frees its KV cache. Usage of an aborted request is whatever the last chunk reported.
+* ``num_unfinished()`` is the engine's own count of requests it still holds (running + waiting).
+* Failures raise :class:`EngineError` (the engine is alive; this request failed) or
+  :class:`EngineDeadError` (the engine is gone; the replica should be replaced).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """Sampling parameters, already validated by the API layer."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    """None: no logprobs. k >= 0: the sampled token's logprob plus the top-k alternatives."""
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation request, tokenized by the gateway (prompt counted exactly once)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    tenant_id: str = "default"
+    """Who pays; the pool's fair queue uses it."""
+    tenant_weight: float = 1.0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Logprob of one generated token and its top alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """New output of one choice (``index`` in ``0..n-1``) since the previous chunk."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+    """``"stop"``, ``"length"`` or ``"abort"`` once the choice is done."""
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class EngineChunk:
+    """What one request gained since the last chunk; usage counts are cumulative."""
+
+    deltas: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool = False
+    first_token_at: float | None = None
+    """Monotonic time (engine side) the first token was produced, when known."""
+
+
+class EngineError(Exception):
+    """A request failed inside a live engine (recoverable: other requests go on)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine itself has died; every request on it fails and the replica must be replaced."""
+
+
+class Engine(abc.ABC):
+    """A continuous-batching engine as a pool replica sees it."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the engine; return once it accepts requests."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """Stream the request's output; cancelling the iterator aborts the request."""
+
+    @abc.abstractmethod
+    def num_unfinished(self) -> int:
+        """Requests the engine still holds (running or waiting)."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise :class:`EngineDeadError` when the engine is gone."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and free its resources."""

@@ -1,0 +1,140 @@
+"""vLLM's v1 ``AsyncLLM`` run in-process in a pool replica (CPU build here, CUDA build on GPUs).
+
+The gateway has already tokenized the prompt, so the engine gets token ids and its usage counts are
+exactly what the gateway charged up front. Outputs are requested as deltas; when the replica reads
+slower than the engine steps, vLLM merges the pending deltas, which is what coalesces Ray messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serving.engines.base import (
+    ChoiceDelta,
+    Engine,
+    EngineChunk,
+    EngineDeadError,
+    EngineError,
+    EngineRequest,
+    TokenLogprob,
+)
+
+# Keys of `engine_args` that are ours, not AsyncEngineArgs fields.
+_CPU_KV_SPACE_KEY = "kv_cache_space_gib"
+
+
+class VllmEngine(Engine):
+    """Wraps ``vllm.v1.engine.async_llm.AsyncLLM``."""
+
+    def __init__(self, model_path: str, served_name: str, max_model_len: int, engine_args: dict[str, Any]):
+        self._model_path = model_path
+        self._served_name = served_name
+        self._max_model_len = max_model_len
+        self._args = dict(engine_args)
+        self._llm: Any = None
+
+    async def start(self) -> None:
+        args = dict(self._args)
+        kv_gib = args.pop(_CPU_KV_SPACE_KEY, None)
+        if kv_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Our replica is already a Ray actor; vLLM must not try to use Ray for its own workers.
+        args.setdefault("distributed_executor_backend", "mp")
+        args.setdefault("disable_log_stats", True)
+        args.setdefault("max_model_len", self._max_model_len)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = AsyncEngineArgs(model=self._model_path, served_model_name=[self._served_name], **args)
+        loop = asyncio.get_running_loop()
+        # Engine start spawns the engine-core process and waits for it (tens of seconds): keep the
+        # replica's event loop free meanwhile.
+        self._llm = await loop.run_in_executor(
+            None,
+            lambda: AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER),
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:  # type: ignore[override]
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        s = request.sampling
+        params = SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
+            min_tokens=s.min_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        prompt_tokens = len(request.prompt_token_ids)
+        done_tokens = 0
+        try:
+            async for out in self._llm.generate(
+                {"prompt_token_ids": request.prompt_token_ids}, params, request.request_id
+            ):
+                deltas = []
+                for c in out.outputs:
+                    n = len(c.token_ids)
+                    done_tokens += n
+                    deltas.append(
+                        ChoiceDelta(
+                            index=c.index,
+                            text=c.text,
+                            num_tokens=n,
+                            finish_reason=c.finish_reason,
+                            logprobs=_logprobs(c, s.logprobs) if s.logprobs is not None else None,
+                        )
+                    )
+                yield EngineChunk(deltas, prompt_tokens, done_tokens, finished=out.finished)
+        except VllmDead as e:
+            raise EngineDeadError(f"vLLM engine died: {e}") from e
+        except EngineGenerateError as e:
+            raise EngineError(f"vLLM failed the request: {e}") from e
+
+    def num_unfinished(self) -> int:
+        if self._llm is None:
+            return 0
+        return int(self._llm.output_processor.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineDeadError("engine not started")
+        if self._llm.errored:
+            raise EngineDeadError("vLLM engine has errored")
+        await self._llm.check_health()
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def _logprobs(c: Any, k: int) -> list[TokenLogprob]:
+    items = []
+    for tok_id, pos in zip(c.token_ids, c.logprobs or (), strict=False):
+        if not pos:
+            continue
+        chosen = pos.get(tok_id)
+        ranked = sorted(pos.values(), key=lambda lp: lp.rank if lp.rank is not None else 1 << 30)[:k]
+        items.append(
+            TokenLogprob(
+                token=(chosen.decoded_token if chosen else "") or "",
+                logprob=float(chosen.logprob) if chosen else float("-inf"),
+                top=[(lp.decoded_token or "", float(lp.logprob)) for lp in ranked],
+            )
+        )
+    return items

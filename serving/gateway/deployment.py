@@ -1,0 +1,131 @@
+"""The ``gateway`` Ray Serve deployment: the FastAPI ingress of the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from ray import serve
+from starlette.responses import Response
+
+from models.catalog import ModelEntry
+from serving.api.errors import APIError, ServiceUnavailableError
+from serving.config.schema import TokenweirConfig
+from serving.gateway.http import (
+    error_response,
+    install_error_handlers,
+    json_response,
+    read_json,
+    request_id_of,
+    sse_response,
+)
+from serving.gateway.pool_client import PoolRef
+from serving.gateway.service import GatewayService
+from serving.gateway.tokenization import PromptTokenizer
+
+log = logging.getLogger("tokenweir.gateway")
+
+app = FastAPI(title="Tokenweir", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(app)
+
+
+@serve.ingress(app)
+class Gateway:
+    """One gateway replica: tokenizes, meters, routes and relays streams."""
+
+    async def __init__(
+        self,
+        config: dict[str, Any],
+        entries: dict[str, dict[str, Any]],
+        sources: dict[str, str],
+        pool_handles: dict[str, Any],
+    ) -> None:
+        self.cfg = TokenweirConfig.model_validate(config)
+        self.entries = {name: ModelEntry.model_validate(e) for name, e in entries.items()}
+        loop = asyncio.get_running_loop()
+        tokenizers = {}
+        for model in self.cfg.models():
+            tokenizers[model] = await loop.run_in_executor(None, PromptTokenizer, sources[model])
+        pools = [
+            PoolRef(p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name]) for p in self.cfg.pools
+        ]
+        self.service = GatewayService(self.entries, tokenizers, pools, self.cfg.gateway.first_token_timeout_s)
+        self.created = int(time.time())
+
+    async def _generate(self, kind: str, request: Request) -> Response:
+        rid = request_id_of(request)
+        try:
+            body = await read_json(request, self.cfg.gateway.max_body_bytes)
+            prepared = self.service.prepare(kind, body, rid)  # type: ignore[arg-type]
+            if prepared.stream:
+                stream, _ = await self.service.stream(prepared)
+                return sse_response(stream, rid, prepared.extra_headers)
+            result = await self.service.complete(prepared)
+            return json_response(result, rid, prepared.extra_headers)
+        except APIError as e:
+            return error_response(e, rid)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions, streamed (SSE) or not."""
+        return await self._generate("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI (legacy) text completions, streamed or not."""
+        return await self._generate("completion", request)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        """The served models."""
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "tokenweir",
+                "max_model_len": self.entries[name].max_model_len,
+                "pools": [p.name for p in self.service.pools if p.model == name],
+            }
+            for name in self.cfg.models()
+        ]
+        return json_response({"object": "list", "data": data}, request_id_of(request))
+
+    @app.get("/healthz")
+    async def healthz(self, request: Request) -> Response:
+        """Liveness: this gateway replica answers."""
+        return json_response({"status": "ok"}, request_id_of(request))
+
+    @app.get("/readyz")
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: every pool has a replica whose engine takes requests."""
+        rid = request_id_of(request)
+        results: dict[str, str] = {}
+
+        async def probe(pool: PoolRef) -> None:
+            try:
+                ok = await asyncio.wait_for(pool.ready(), timeout=5.0)
+                results[pool.name] = "ready" if ok else "not ready"
+            except Exception as e:
+                results[pool.name] = f"not ready: {type(e).__name__}"
+
+        await asyncio.gather(*(probe(p) for p in self.service.pools))
+        if all(v == "ready" for v in results.values()):
+            return json_response({"status": "ready", "pools": results}, rid)
+        err = ServiceUnavailableError(f"pools not ready: {results}", code="not_ready")
+        return error_response(err, rid)
+
+    @app.get("/internal/pools")
+    async def pool_stats(self, request: Request) -> Response:
+        """Per-pool engine counters (one replica each), for `tokenweir status` and tests."""
+        out = {}
+        for p in self.service.pools:
+            try:
+                out[p.name] = await asyncio.wait_for(p.stats(), timeout=5.0)
+            except Exception as e:
+                out[p.name] = {"error": type(e).__name__}
+            out[p.name]["gateway_in_flight"] = p.in_flight
+        return json_response(out, request_id_of(request))

@@ -1,0 +1,95 @@
+"""The HTTP surface: a FastAPI app whose routes call :class:`GatewayService`.
+
+Every response carries ``x-request-id``; every error is the OpenAI error body, mapped here in one
+place from :class:`serving.api.errors.APIError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serving.api.errors import APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+
+log = logging.getLogger("tokenweir.http")
+_REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_response(e: APIError, request_id: str) -> JSONResponse:
+    """The one mapping from an APIError to an HTTP response."""
+    headers = dict(e.headers)  # Ray Serve's proxy adds x-request-id to every response
+    return JSONResponse(e.body(), status_code=e.status_code, headers=headers)
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's ``x-request-id`` when well-formed, else a new one."""
+    rid = request.headers.get("x-request-id")
+    return rid if rid and _REQ_ID_OK.match(rid) else uuid.uuid4().hex
+
+
+async def read_json(request: Request, max_body_bytes: int) -> Any:
+    """Read the body within the size limit and parse it as JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_body_bytes:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {max_body_bytes} bytes")
+        chunks.append(part)
+    raw = b"".join(chunks)
+    if not raw:
+        raise InvalidRequestError("request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped bodies for every error, including Starlette's own 404/405 and crashes."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request_id_of(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err: APIError = NotFoundError(f"no route {request.method} {request.url.path}", code="not_found")
+        else:
+            err = InvalidRequestError(str(exc.detail), code="http_error")
+            err.status_code = exc.status_code
+        return error_response(err, request_id_of(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidRequestError(str(exc.errors()[:1])), request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        err = APIError("internal error; the request was not completed", code="internal_error")
+        return error_response(err, request_id_of(request))
+
+
+def sse_response(body: Any, request_id: str, headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A ``text/event-stream`` response."""
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={**_SSE_HEADERS, **(headers or {})}
+    )
+
+
+def json_response(obj: Any, request_id: str, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response carrying the request id."""
+    return JSONResponse(obj, headers=headers)

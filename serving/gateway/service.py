@@ -1,0 +1,301 @@
+"""The gateway's request path, independent of the HTTP framework: validate, tokenize, check length,
+meter, dispatch to a pool, relay the stream, settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from models.catalog import ModelEntry
+from serving.api.errors import (
+    APIError,
+    ContextLengthError,
+    EngineFailureError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from serving.api.protocol import ChatCompletionRequest, CompletionRequest
+from serving.api.render import DONE_EVENT, Renderer, sse_event
+from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
+from serving.gateway.metering_hook import Meter, NullMeter, Reservation
+from serving.gateway.pool_client import PoolRef, pick_pool
+from serving.gateway.tokenization import PromptTokenizer
+
+log = logging.getLogger("tokenweir.gateway")
+
+
+@dataclass
+class Prepared:
+    """A validated, tokenized request ready for dispatch."""
+
+    request_id: str
+    kind: Literal["chat", "completion"]
+    entry: ModelEntry
+    prompt_ids: list[int]
+    sampling: SamplingSpec
+    stream: bool
+    include_usage: bool
+    user: str | None
+    reservation: Reservation | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What a finished (or failed) request produced, for settlement."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "ok"
+    pool: str = ""
+    accelerator: str = ""
+
+
+def _validation_error(e: ValidationError) -> InvalidRequestError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
+    msg = err["msg"].removeprefix("Value error, ")
+    return InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=str(err["loc"][0]) if err["loc"] else None)
+
+
+class GatewayService:
+    """One gateway replica's request logic."""
+
+    def __init__(
+        self,
+        entries: dict[str, ModelEntry],
+        tokenizers: dict[str, PromptTokenizer],
+        pools: list[PoolRef],
+        first_token_timeout_s: float,
+        meter: Meter | None = None,
+    ) -> None:
+        self.entries = entries
+        self.tokenizers = tokenizers
+        self.pools = pools
+        self.first_token_timeout_s = first_token_timeout_s
+        self.meter: Meter = meter or NullMeter()
+        self._by_model: dict[str, list[PoolRef]] = {}
+        for p in pools:
+            self._by_model.setdefault(p.model, []).append(p)
+
+    # ----------------------------------------------------------------- preparation
+    def prepare(self, kind: Literal["chat", "completion"], body: Any, request_id: str | None = None) -> Prepared:
+        """Validate and tokenize; raise :class:`APIError` on bad input."""
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        model_name = body.get("model")
+        try:
+            req: ChatCompletionRequest | CompletionRequest
+            req = ChatCompletionRequest.model_validate(body) if kind == "chat" else CompletionRequest.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(e) from e
+        entry = self.entries.get(req.model)
+        if entry is None or req.model not in self._by_model:
+            raise NotFoundError(f"The model `{model_name}` does not exist.", param="model")
+        tok = self.tokenizers[req.model]
+        if isinstance(req, ChatCompletionRequest):
+            try:
+                k = req.logprobs_k()
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param="top_logprobs") from e
+            ids = tok.chat(req.messages)
+        else:
+            k = req.logprobs_k()
+            if req.echo:
+                raise InvalidRequestError("echo is not supported", param="echo")
+            if req.suffix:
+                raise InvalidRequestError("suffix is not supported", param="suffix")
+            if isinstance(req.prompt, list):
+                ids = list(req.prompt)
+                bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+                if bad:
+                    raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+            else:
+                ids = tok.text(req.prompt)
+        limit = entry.max_model_len
+        n_prompt = len(ids)
+        max_tokens = req.requested_max_tokens()
+        if n_prompt >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{n_prompt} tokens, leaving no room for a completion.",
+                param="messages" if kind == "chat" else "prompt",
+            )
+        if max_tokens is None:
+            max_tokens = limit - n_prompt
+        elif n_prompt + max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                f"Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+        if req.min_tokens > max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+            )
+        sampling = SamplingSpec(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            n=req.n,
+            stop=req.stop_list(),
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logprobs=k,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+        )
+        return Prepared(
+            request_id=request_id or uuid.uuid4().hex,
+            kind=kind,
+            entry=entry,
+            prompt_ids=ids,
+            sampling=sampling,
+            stream=req.stream,
+            include_usage=req.include_usage(),
+            user=req.user,
+        )
+
+    # ----------------------------------------------------------------- dispatch
+    def _engine_request(self, p: Prepared) -> EngineRequest:
+        tenant = p.reservation.tenant_id if p.reservation else "default"
+        weight = p.reservation.tenant_weight if p.reservation else 1.0
+        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight)
+
+    async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
+        """Dispatch and wait for the first chunk, so failures before it become HTTP errors."""
+        candidates = self._by_model[p.entry.name]
+        pool = pick_pool(candidates)
+        outcome.pool, outcome.accelerator = pool.name, pool.accelerator
+        gen = pool.stream(self._engine_request(p))
+        pool.in_flight += 1
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+        except BaseException as e:
+            pool.in_flight -= 1
+            gen.cancel()
+            raise _map_dispatch_error(e, self.first_token_timeout_s) from e
+        return pool, gen, first
+
+    async def stream(self, p: Prepared) -> tuple[AsyncIterator[bytes], Outcome]:
+        """Open the stream (errors before the first token raise) and return the SSE body iterator."""
+        outcome = Outcome(prompt_tokens=len(p.prompt_ids))
+        pool, gen, first = await self._open(p, outcome)
+        renderer = Renderer(p.kind, p.request_id, p.entry.name, p.include_usage)
+        return self._relay(p, pool, gen, first, renderer, outcome), outcome
+
+    async def _relay(
+        self, p: Prepared, pool: PoolRef, gen: Any, first: EngineChunk, renderer: Renderer, outcome: Outcome
+    ) -> AsyncIterator[bytes]:
+        chunk = first
+        finished = False
+        try:
+            while True:
+                outcome.completion_tokens = chunk.completion_tokens
+                outcome.prompt_tokens = chunk.prompt_tokens
+                events = renderer.stream_events(chunk.deltas)
+                if chunk.finished:
+                    finished = True
+                    if p.include_usage:
+                        events += renderer.usage_event(chunk.prompt_tokens, chunk.completion_tokens)
+                    yield events + DONE_EVENT
+                    return
+                if events:
+                    yield events
+                try:
+                    chunk = await gen.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    yield DONE_EVENT
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.status = "disconnected"
+            raise
+        except Exception as e:
+            outcome.status = "engine_error"
+            err = _map_dispatch_error(e, self.first_token_timeout_s)
+            log.warning("stream %s failed after %d tokens: %s", p.request_id, outcome.completion_tokens, e)
+            yield sse_event(err.body()) + DONE_EVENT
+        finally:
+            pool.in_flight -= 1
+            if not finished:
+                gen.cancel()
+                if outcome.status == "ok":
+                    outcome.status = "disconnected"
+            await self._settle(p, outcome)
+
+    async def complete(self, p: Prepared) -> dict[str, Any]:
+        """Run a non-streamed request to the end and build its body."""
+        outcome = Outcome(prompt_tokens=len(p.prompt_ids))
+        finished = False
+        texts: dict[int, list[str]] = {i: [] for i in range(p.sampling.n)}
+        finish: dict[int, str | None] = {}
+        lps: dict[int, list[TokenLogprob]] | None = (
+            {i: [] for i in range(p.sampling.n)} if p.sampling.logprobs is not None else None
+        )
+        pool, gen, chunk = await self._open(p, outcome)
+        try:
+            while True:
+                for d in chunk.deltas:
+                    texts.setdefault(d.index, []).append(d.text)
+                    if d.finish_reason is not None:
+                        finish[d.index] = d.finish_reason
+                    if lps is not None and d.logprobs:
+                        lps.setdefault(d.index, []).extend(d.logprobs)
+                outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                if chunk.finished:
+                    finished = True
+                    break
+                try:
+                    chunk = await gen.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    break
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.status = "disconnected"
+            raise
+        except Exception as e:
+            outcome.status = "engine_error"
+            raise _map_dispatch_error(e, self.first_token_timeout_s) from e
+        finally:
+            pool.in_flight -= 1
+            if not finished:
+                gen.cancel()
+            await self._settle(p, outcome)
+        renderer = Renderer(p.kind, p.request_id, p.entry.name, False)
+        return renderer.final_body(
+            {i: "".join(t) for i, t in texts.items()}, finish, lps, outcome.prompt_tokens, outcome.completion_tokens
+        )
+
+    async def _settle(self, p: Prepared, outcome: Outcome) -> None:
+        if p.reservation is None:
+            return
+        try:
+            await self.meter.settle(p.reservation, outcome)
+        except Exception:  # settlement must never break the response path; the ledger reconciles
+            log.exception("settling %s failed", p.request_id)
+
+
+def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
+    """Map what a pool call raised to the client-visible error."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, asyncio.TimeoutError | TimeoutError):
+        return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
+    name = type(e).__name__
+    text = str(e)
+    if "BackPressureError" in name or "BackPressure" in text:
+        return ServiceUnavailableError("the model pool is saturated; retry shortly", headers={"Retry-After": "1"})
+    if "EngineDeadError" in text or "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
+        return ServiceUnavailableError("the model replica is unavailable; retry shortly", headers={"Retry-After": "1"})
+    return EngineFailureError("the engine failed while serving this request")

@@ -1,0 +1,43 @@
+"""Tokenize once, in the gateway: chat template + prompt token count exactly as vLLM will see them.
+
+The gateway passes token ids to the engine, so the prompt count charged before dispatch is the
+engine's own ``prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.api.errors import InvalidRequestError
+from serving.api.protocol import ChatMessage
+
+
+class PromptTokenizer:
+    """A model's tokenizer, loaded from the same source the engine loads."""
+
+    def __init__(self, source: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok: Any = AutoTokenizer.from_pretrained(source)
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError(f"tokenizer at {source} has no chat template")
+
+    def chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Token ids of the chat template applied to ``messages`` with the generation prompt."""
+        conv = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            ids = self._tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # jinja errors from templates that reject a role order, etc.
+            raise InvalidRequestError(f"messages could not be rendered by the chat template: {e}", param="messages") from e
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def text(self, prompt: str) -> list[int]:
+        """Token ids of a completions prompt (special tokens added as vLLM adds them)."""
+        return list(self._tok(prompt, add_special_tokens=True)["input_ids"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows."""
+        return len(self._tok)

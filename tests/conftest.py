@@ -1,0 +1,58 @@
+"""Shared fixtures: one real local Ray + Serve + vLLM (tiny model) deployment per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENWEIR_HOME", str(Path.home() / ".cache" / "tokenweir"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from models.tiny import build_tiny_model
+
+    return str(build_tiny_model())
+
+
+@pytest.fixture(scope="session")
+def gateway_url(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start Ray, deploy the tiny-model pool on vLLM's CPU build, yield the gateway's base URL."""
+    from serving.cli import runtime
+    from serving.config import parse_config
+
+    state = tmp_path_factory.mktemp("state")
+    cfg = parse_config(
+        {
+            "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536},
+            "ray": {"num_cpus": 8},
+            "state_dir": str(state),
+            "pools": [
+                {
+                    "name": "tiny-cpu",
+                    "model": "tiny-llama",
+                    "accelerator": "CPU",
+                    "engine": "vllm",
+                    "engine_args": {"kv_cache_space_gib": 1, "max_num_seqs": 64},
+                }
+            ],
+        }
+    )
+    runtime.init_ray(cfg)
+    try:
+        url = runtime.deploy(cfg)
+        runtime.wait_ready(url, timeout_s=600)
+        yield url
+    finally:
+        runtime.shutdown()

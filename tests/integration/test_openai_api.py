@@ -1,0 +1,187 @@
+"""The OpenAI-compatible API through the official `openai` client against a live gateway:
+real Ray Serve, real vLLM (CPU build) on the tiny model."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def client(gateway_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def _chat_prompt_len(tokenizer, messages) -> int:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+def test_chat_completion_usage_is_exact(client: openai.OpenAI, tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about weirs."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == _chat_prompt_len(tokenizer, messages)
+    assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Stream please"}],
+        max_completion_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    content_chunks = [c for c in chunks if c.choices]
+    assert content_chunks[0].choices[0].delta.role == "assistant"
+    assert content_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in content_chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_seed_makes_sampling_reproducible_and_n_gives_choices(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=16, seed=7, temperature=1.0)
+    a = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    b = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert a.choices[0].message.content == b.choices[0].message.content
+    r = client.chat.completions.create(**{**kw, "n": 3}, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 3 * 16
+
+
+def test_stop_sequence_ends_with_stop(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, prompt="The river", max_tokens=40, seed=11, temperature=1.0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    r = client.completions.create(**kw, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].text
+    assert full.startswith(r.choices[0].text)
+
+
+def test_completions_stream_and_token_id_prompt(client: openai.OpenAI, tokenizer) -> None:
+    ids = tokenizer("A weir regulates a river")["input_ids"]
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, extra_body={"ignore_eos": True})
+    assert r.object == "text_completion"
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == 5
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt="A weir", max_tokens=6, stream=True)
+        if c.choices
+    )
+    assert isinstance(text, str)
+
+
+def test_logprobs_chat_and_completions(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    c = client.completions.create(model=MODEL, prompt="x", max_tokens=3, logprobs=2, extra_body={"ignore_eos": True})
+    assert len(c.choices[0].logprobs.tokens) == 3
+    assert all(len(d) <= 2 for d in c.choices[0].logprobs.top_logprobs)
+
+
+def test_models_health_ready_and_request_ids(gateway_url: str, client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    for path in ("/healthz", "/readyz", "/v1/models"):
+        r = httpx.get(gateway_url + path)
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers.get("x-request-id")
+    assert httpx.get(gateway_url + "/readyz").json()["pools"] == {"tiny-cpu": "ready"}
+
+
+def _post(url: str, path: str, **kw) -> httpx.Response:
+    return httpx.post(url + path, timeout=60, **kw)
+
+
+def _assert_openai_error(r: httpx.Response, status: int, *fragments: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers.get("x-request-id")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for f in fragments:
+        assert f in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"model": MODEL, "messages": "hi"}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ],
+)
+def test_bad_chat_bodies_get_400(gateway_url: str, body: dict, fragment: str) -> None:
+    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", json=body), 400, fragment)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_non_object(gateway_url: str) -> None:
+    _assert_openai_error(
+        _post(gateway_url, "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "not valid JSON",
+    )
+    _assert_openai_error(_post(gateway_url, "/v1/completions", json=[1, 2]), 400, "JSON object")
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert ei.value.body["code"] == "model_not_found"
+
+
+def test_context_length_error_names_both_numbers(gateway_url: str, tokenizer) -> None:
+    msgs = [{"role": "user", "content": "hello"}]
+    n_prompt = _chat_prompt_len(tokenizer, msgs)
+    r = _post(gateway_url, "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 5000})
+    err = _assert_openai_error(r, 400, "2048", str(n_prompt), "5000")
+    assert err["code"] == "context_length_exceeded"
+    huge = "weir " * 3000
+    r = _post(gateway_url, "/v1/completions", json={"model": MODEL, "prompt": huge, "max_tokens": 1})
+    _assert_openai_error(r, 400, "2048")
+
+
+def test_body_over_limit_is_413(gateway_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}
+    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", json=body), 413, "65536")
+    assert err["code"] == "payload_too_large"
+
+
+def test_gateway_serves_after_errors(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still up?"}], max_tokens=2)
+    assert r.usage.completion_tokens >= 1
