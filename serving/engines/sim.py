@@ -1,0 +1,246 @@
+"""The simulated engine: continuous batching on the performance model, streamed in (scaled) real time.
+
+One background task owns the schedule (style rule 6): it asks the pure :class:`SimScheduler` for a
+step, prices it with :class:`PerfModel`, waits until the step's end on the model's timeline
+(``clock.sleep_until``; steps follow one another back to back while there is work), applies it and
+pushes each sampled token into its request's :class:`SimStream`. A consumer that lags finds several
+tokens buffered and gets them as one merged chunk. Text is deterministic (words derived from the
+request id or seed, the choice index and the position); usage counts are exact; a choice ends on
+``max_tokens`` ("length"), a stop string, or a deterministic EOS ("stop") unless ``ignore_eos``.
+
+``speedup`` divides every step time (a test fleet can run 100x faster than the hardware it models).
+``record_lag`` keeps, per delivered token, how late the consumer got it against the model's
+timeline (``stats.lag_s``), which ``loadtests/bench_sim_schedule.py`` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serving.engines._sim_clock import Clock, FakeClock, LoopClock
+from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
+from serving.engines._sim_stream import SimStream, seq_hash
+from serving.engines.base import Engine, EngineChunk, EngineDeadError, EngineError, EngineRequest
+from serving.hardware.catalog import GpuProfile
+from serving.hardware.perfmodel import ModelArch, PerfFactors, PerfModel
+from serving.hardware.plan import EngineSettings
+
+__all__ = ["Clock", "FakeClock", "LoopClock", "SimEngine", "SimStats"]
+
+_RESYNC_S = 0.5
+"""If the scheduler falls this far behind its timeline (a stalled process), it restarts from now."""
+
+
+@dataclass(slots=True)
+class SimStats:
+    """Counters of one simulated engine (plain data; exported elsewhere)."""
+
+    steps: int = 0
+    preemptions: int = 0
+    tokens: int = 0
+    model_busy_s: float = 0.0
+    """Sum of (scaled) step times."""
+    timeline_resyncs: int = 0
+    lag_s: list[float] = field(default_factory=list)
+    """Per delivered token: consumer wake-up time minus the token's time on the model's timeline."""
+
+
+class SimEngine(Engine):
+    """An :class:`Engine` that behaves like vLLM on ``gpu`` serving ``arch``, without a GPU."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        gpu: GpuProfile,
+        settings: EngineSettings,
+        *,
+        speedup: float = 1.0,
+        clock: Clock | None = None,
+        factors: PerfFactors | None = None,
+        kv_capacity_tokens: int | None = None,
+        max_model_len: int | None = None,
+        eos_mean_tokens: int | None = 256,
+        record_lag: bool = False,
+    ) -> None:
+        """``kv_capacity_tokens`` defaults to the model's prediction at the settings' utilisation;
+        ``max_model_len`` (prompt + max_tokens) to that capacity; ``eos_mean_tokens`` sets where
+        the deterministic EOS falls (uniform in 1..2x, None: never)."""
+        if speedup <= 0:
+            raise ValueError(f"speedup must be > 0, got {speedup}")
+        self.perf = PerfModel(arch, gpu, factors)
+        kv = kv_capacity_tokens
+        if kv is None:
+            kv = self.perf.kv_capacity_tokens(
+                settings.gpu_memory_utilization, settings.max_num_batched_tokens
+            )
+        if kv <= 0:
+            raise EngineError(f"{arch.name} does not fit on {gpu.name} at {settings.gpu_memory_utilization}")
+        self.settings = settings
+        self.speedup = speedup
+        self.clock: Clock = clock if clock is not None else LoopClock()
+        self.max_model_len = min(kv, max_model_len) if max_model_len else kv
+        self.eos_mean_tokens = eos_mean_tokens
+        self.stats = SimStats()
+        self._record_lag = record_lag
+        self._sched = SimScheduler(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            kv_capacity_tokens=kv,
+        )
+        self._streams: dict[str, SimStream] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._work = asyncio.Event()
+        self._dead: EngineDeadError | None = None
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self._sched.kv_capacity_tokens
+
+    # ---- Engine interface -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-engine-scheduler")
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+
+    async def shutdown(self) -> None:
+        self._fail_all(EngineDeadError("simulated engine shut down"))
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        stream = self._admit(request)
+        loop = asyncio.get_running_loop()
+        lag = self.stats.lag_s if self._record_lag else None
+        try:
+            while True:
+                if not stream.has_news():
+                    stream.waiter = loop.create_future()
+                    await stream.waiter
+                    stream.waiter = None
+                if stream.error is not None:
+                    raise stream.error
+                if lag is not None and stream.emit_times:
+                    now = self.clock.now()
+                    lag.extend(now - t for t in stream.emit_times)
+                    stream.emit_times.clear()
+                chunk = stream.take()
+                if chunk.finished:
+                    self._streams.pop(request.request_id, None)
+                yield chunk
+                if chunk.finished:
+                    return
+        finally:
+            if not stream.done:
+                self._abort(stream)
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _admit(self, request: EngineRequest) -> SimStream:
+        if self._dead is not None:
+            raise self._dead
+        if self._task is None:
+            raise EngineError("simulated engine not started")
+        sp = request.sampling
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len < 1:
+            raise EngineError("empty prompt")
+        if prompt_len + sp.max_tokens > self.max_model_len:
+            raise EngineError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({sp.max_tokens}) exceeds the "
+                f"simulated max_model_len {self.max_model_len}"
+            )
+        if request.request_id in self._streams:
+            raise EngineError(f"duplicate request id {request.request_id!r}")
+        hashes = [seq_hash(request, i) for i in range(sp.n)]
+        seqs = []
+        for i, h in enumerate(hashes):
+            eos = None
+            if not sp.ignore_eos and self.eos_mean_tokens:
+                eos = max(1 + h % (2 * self.eos_mean_tokens), sp.min_tokens)
+            seqs.append(
+                SimSeq(owner=None, index=i, prompt_len=prompt_len, max_tokens=sp.max_tokens, eos_after=eos)
+            )
+        stream = SimStream(request, seqs, hashes, self._record_lag)
+        for seq in seqs:
+            seq.owner = stream
+            self._sched.add(seq)
+        self._streams[request.request_id] = stream
+        self._work.set()
+        return stream
+
+    def _abort(self, stream: SimStream) -> None:
+        for seq in stream.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self._sched.finish(seq, "abort")
+        stream.done = True
+        self._streams.pop(stream.request.request_id, None)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        self._dead = error
+        for stream in list(self._streams.values()):
+            stream.fail(error)
+        self._streams.clear()
+
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the engine is gone: every stream must learn it
+            self._fail_all(EngineDeadError(f"simulated engine crashed: {e!r}"))
+            raise
+
+    async def _loop(self) -> None:
+        sched, clock, perf, stats = self._sched, self.clock, self.perf, self.stats
+        t = clock.now()
+        while True:
+            if not sched.has_work():
+                self._work.clear()
+                await self._work.wait()
+                t = clock.now()
+                continue
+            batch = sched.schedule()
+            stats.preemptions += batch.preempted
+            if not batch.items:
+                # Nothing fits (cannot happen while max_model_len <= KV capacity); fail loudly.
+                raise RuntimeError(f"scheduler made no progress: {len(sched.waiting)} waiting, 0 running")
+            dur = perf.step_time_s(**batch.perf_args()) / self.speedup
+            t_end = t + dur
+            now = clock.now()
+            if now - t_end > _RESYNC_S:
+                t_end = now
+                stats.timeline_resyncs += 1
+            # The step's outcome is fixed once it is scheduled: apply it and prepare its tokens now,
+            # so that at the step's end only the (cheap) publication is left.
+            produced = sched.postprocess(batch)
+            staged: dict[int, SimStream] = {}
+            for seq in produced:
+                stream: SimStream = seq.owner
+                staged[id(stream)] = stream
+                if stream.stage(seq, t_end):  # a stop string matched
+                    if seq.status is SeqStatus.FINISHED:
+                        seq.finish_reason = "stop"
+                    else:
+                        sched.finish(seq, "stop")
+            if t_end > now:
+                await clock.sleep_until(t_end)
+            t = t_end
+            stats.steps += 1
+            stats.model_busy_s += dur
+            stats.tokens += len(produced)
+            for stream in staged.values():
+                if not stream.done:
+                    stream.publish()
+            # Let the woken consumers run before computing the next step.
+            await asyncio.sleep(0)
