@@ -59,12 +59,12 @@ def load_catalog(path: Path | None = None) -> dict[str, ModelEntry]:
     return {name: ModelEntry(name=name, **body) for name, body in (raw.get("models") or {}).items()}
 
 
-def resolve_source(entry: ModelEntry) -> str:
-    """The path or hub id vLLM and the tokenizer load; builds the tiny model on demand."""
-    if entry.source.startswith("builtin:"):
+def resolve_source(source: str) -> str:
+    """The path or hub id that vLLM or the tokenizer loads; builds the tiny model on demand."""
+    if source.startswith("builtin:"):
         from models.tiny import TINY_MODEL_NAME, build_tiny_model
 
-        if entry.source != f"builtin:{TINY_MODEL_NAME}":
-            raise ValueError(f"unknown builtin model {entry.source!r}")
+        if source != f"builtin:{TINY_MODEL_NAME}":
+            raise ValueError(f"unknown builtin model {source!r}")
         return str(build_tiny_model())
-    return entry.source
+    return source

@@ -12,6 +12,7 @@ from models.catalog import CATALOG_PATH, load_catalog, resolve_source
 from serving.config.schema import PoolConfig, TokenweirConfig
 from serving.gateway.deployment import Gateway
 from serving.pools.placement import ray_actor_options_for
+from serving.pools.planning import deployed_entry
 from serving.pools.replica import PoolReplica
 
 APP_NAME = "tokenweir"
@@ -26,14 +27,15 @@ def pool_deployment_name(pool: PoolConfig) -> str:
 def build_app(cfg: TokenweirConfig) -> Application:
     """The bound application: ``gateway`` with a handle to every ``pool-<name>``."""
     catalog = load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
-    sources: dict[str, str] = {}
+    tokenizer_sources: dict[str, str] = {}
     entries: dict[str, dict[str, Any]] = {}
     handles: dict[str, Any] = {}
     for pool in cfg.pools:
-        entry = catalog[pool.model]
-        if pool.model not in sources:
-            sources[pool.model] = resolve_source(entry)
+        entry = deployed_entry(catalog[pool.model], cfg.models.get(pool.model))
+        if pool.model not in entries:
             entries[pool.model] = entry.model_dump()
+            tokenizer_sources[pool.model] = resolve_source(entry.tokenizer or entry.source)
+        weights = resolve_source(entry.source) if pool.engine == "vllm" else ""
         dep = serve.deployment(PoolReplica).options(
             name=pool_deployment_name(pool),
             num_replicas=pool.replicas,
@@ -43,7 +45,7 @@ def build_app(cfg: TokenweirConfig) -> Application:
             health_check_timeout_s=60,
             graceful_shutdown_timeout_s=5,
         )
-        handles[pool.name] = dep.bind(pool.model_dump(mode="json"), entries[pool.model], sources[pool.model])
+        handles[pool.name] = dep.bind(pool.model_dump(mode="json"), entries[pool.model], weights)
     gateway = serve.deployment(Gateway).options(
         name=GATEWAY_DEPLOYMENT,
         num_replicas=cfg.gateway.replicas,
@@ -51,4 +53,4 @@ def build_app(cfg: TokenweirConfig) -> Application:
         ray_actor_options={"num_cpus": cfg.gateway.num_cpus},
         graceful_shutdown_timeout_s=5,
     )
-    return gateway.bind(cfg.model_dump(mode="json"), entries, sources, handles)
+    return gateway.bind(cfg.model_dump(mode="json"), entries, tokenizer_sources, handles)

@@ -100,6 +100,32 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.catalog import CATALOG_PATH, load_catalog
+    from serving.hardware import PlanError, format_plan_table
+    from serving.pools.planning import deployed_entry, plan_pool
+
+    cfg = load_config(args.config)
+    catalog = load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
+    plans, names, failures = [], [], []
+    for pool in cfg.pools:
+        if pool.accelerator == "CPU":
+            failures.append(f"{pool.name}: CPU pool, no hardware plan (engine settings come from the catalog)")
+            continue
+        try:
+            plans.append(plan_pool(pool, deployed_entry(catalog[pool.model], cfg.models.get(pool.model)), cfg.gpu_prices))
+            names.append(pool.name)
+        except PlanError as e:
+            failures.append(f"{pool.name}: cannot plan: {e}")
+    if plans:
+        print(format_plan_table(plans, names))
+    for line in failures:
+        print(line)
+    return 1 if any("cannot plan" in f for f in failures) else 0
+
+
 def _cmd_load(argv: list[str]) -> int:
     from loadtests.cli import main as load_main
 
@@ -126,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt = msub.add_parser("build-tiny", help="build (or find) the deterministic tiny test model")
     bt.add_argument("--out", default=None)
     bt.set_defaults(fn=_cmd_build_tiny)
+
+    pl = sub.add_parser("plan", help="the hardware plan of every GPU pool: engine settings and predictions")
+    pl.add_argument("--config")
+    pl.set_defaults(fn=_cmd_plan)
 
     sub.add_parser("load", help="run the load-test harness (see `tokenweir load --help`)", add_help=False)
     return p

@@ -81,6 +81,15 @@ class RayConfig(_Strict):
     """Ray namespace of the application."""
 
 
+class ModelOverride(_Strict):
+    """Per-deployment changes to a catalog entry."""
+
+    tokenizer: str | None = None
+    """Tokenizer source to count prompts with (e.g. `builtin:tiny-llama` for simulated pools without hub access)."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """A shorter context than the catalog's."""
+
+
 class TokenweirConfig(_Strict):
     """The whole configuration."""
 
@@ -92,6 +101,10 @@ class TokenweirConfig(_Strict):
     """Directory of durable state (the ledger's SQLite file)."""
     catalog: str | None = None
     """Path of a model catalog file (None: the one shipped in `models/catalog.yaml`)."""
+    models: dict[str, ModelOverride] = Field(default_factory=dict)
+    """Per-model overrides of catalog entries, keyed by served name."""
+    gpu_prices: dict[str, float] = Field(default_factory=dict)
+    """Relative price per GPU-hour by accelerator type, overriding the catalog's (H100 = 1.0)."""
     pools: list[PoolConfig] = Field(min_length=1)
     """Model pools; at least one."""
 
@@ -105,13 +118,27 @@ class TokenweirConfig(_Strict):
         from pathlib import Path
 
         catalog = load_catalog(Path(self.catalog) if self.catalog else CATALOG_PATH)
+        from serving.hardware import CATALOG
+
         for i, pool in enumerate(self.pools):
             if pool.model not in catalog:
                 raise ValueError(
                     f"pools.{i}.model: unknown model {pool.model!r}; the catalog has {sorted(catalog)}"
                 )
+            if pool.accelerator not in CATALOG:
+                raise ValueError(
+                    f"pools.{i}.accelerator: unknown accelerator {pool.accelerator!r}; known: {sorted(CATALOG)}"
+                )
+            if pool.engine == "sim" and pool.accelerator == "CPU":
+                raise ValueError(f"pools.{i}: a simulated pool needs a GPU accelerator type, got 'CPU'")
+        for name in self.models:
+            if name not in catalog:
+                raise ValueError(f"models.{name}: not in the catalog {sorted(catalog)}")
+        for gpu, price in self.gpu_prices.items():
+            if gpu not in CATALOG or price <= 0:
+                raise ValueError(f"gpu_prices.{gpu}: unknown accelerator or non-positive price ({price!r})")
         return self
 
-    def models(self) -> list[str]:
+    def served_models(self) -> list[str]:
         """Served model names, in pool order, without repeats."""
         return list(dict.fromkeys(p.model for p in self.pools))

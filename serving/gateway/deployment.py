@@ -47,7 +47,7 @@ class Gateway:
         self.entries = {name: ModelEntry.model_validate(e) for name, e in entries.items()}
         loop = asyncio.get_running_loop()
         tokenizers = {}
-        for model in self.cfg.models():
+        for model in self.cfg.served_models():
             tokenizers[model] = await loop.run_in_executor(None, PromptTokenizer, sources[model])
         pools = [
             PoolRef(p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name]) for p in self.cfg.pools
@@ -90,7 +90,7 @@ class Gateway:
                 "max_model_len": self.entries[name].max_model_len,
                 "pools": [p.name for p in self.service.pools if p.model == name],
             }
-            for name in self.cfg.models()
+            for name in self.cfg.served_models()
         ]
         return json_response({"object": "list", "data": data}, request_id_of(request))
 

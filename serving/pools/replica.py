@@ -20,8 +20,9 @@ def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engi
     """The engine a pool's config asks for."""
     if pool.engine == "vllm":
         from serving.engines.vllm_engine import VllmEngine
+        from serving.pools.planning import engine_args
 
-        args = {**entry.engine_args_for(pool.accelerator), **pool.engine_args}
+        args = engine_args(pool, entry)
         if pool.accelerator != "CPU" and pool.gpus_per_replica > 1:
             args.setdefault("tensor_parallel_size", pool.gpus_per_replica)
         return VllmEngine(model_source, entry.name, entry.max_model_len, args)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every check, the same one CI runs: format, lint, types, then the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/setup.sh
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+.venv/bin/ruff format --check serving models loadtests tests
+.venv/bin/ruff check serving models loadtests tests
+.venv/bin/mypy serving
+.venv/bin/python -m pytest "$@"

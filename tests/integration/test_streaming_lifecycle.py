@@ -1,0 +1,98 @@
+"""A client that drops a stream aborts its generation in vLLM at once; concurrent streams all
+finish and leave nothing in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-llama"
+
+
+def _pool_stats(url: str) -> dict:
+    return httpx.get(f"{url}/internal/pools", timeout=10).json()["tiny-cpu"]
+
+
+def _wait_for(cond, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last={last!r}")
+
+
+def test_client_disconnect_aborts_generation(gateway_url: str) -> None:
+    before = _pool_stats(gateway_url)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    seen = 0
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen += 1
+                if seen == 5:
+                    running = _pool_stats(gateway_url)["num_unfinished"]
+                    assert running >= 1
+                    break
+    # The connection is closed here. The engine's own count of unfinished requests must fall back
+    # long before 2000 tokens could have been generated, and the replica must record an abort.
+    t0 = time.monotonic()
+    after = _wait_for(
+        lambda: (s := _pool_stats(gateway_url))["num_unfinished"] == 0 and s["requests_aborted"] > before["requests_aborted"] and s,
+        timeout_s=20,
+        what="the engine to drop the aborted request",
+    )
+    assert after["gateway_in_flight"] == 0
+    assert time.monotonic() - t0 < 20
+
+
+async def test_concurrent_streams_all_complete(gateway_url: str) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(i: int) -> int:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        usage = None
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+        assert usage is not None
+        return usage.completion_tokens
+
+    counts = await asyncio.gather(*(one(i) for i in range(24)))
+    assert counts == [24] * 24
+    await client.close()
+    stats = _pool_stats(gateway_url)
+    assert stats["num_unfinished"] == 0 and stats["gateway_in_flight"] == 0
+
+
+def test_sse_framing_on_the_wire(gateway_url: str) -> None:
+    body = {"model": MODEL, "prompt": "weir", "max_tokens": 3, "stream": True, "ignore_eos": True}
+    raw = httpx.post(f"{gateway_url}/v1/completions", json=body, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(p["object"] == "text_completion" for p in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
