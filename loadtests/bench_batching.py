@@ -1,0 +1,537 @@
+"""Deterministic benchmark of the batching core and the router on simulated engines (simulated time).
+
+A discrete-event simulation: each replica is the simulated engine's own continuous-batching
+scheduler (``serving.engines._sim_sched.SimScheduler``: chunked prefill, KV blocks, recompute
+preemption) priced step by step by the performance model (``PerfModel.step_time_s``), behind the
+real admission core (``serving.batching.AdmissionCore``) or, for the baseline, behind nothing (vLLM
+at its default ``max_num_seqs``/``max_num_batched_tokens``, unbounded waiting queue). Nothing
+sleeps; a run of 90 simulated seconds takes about a second of CPU.
+
+Workload: an 8B model (Llama-3.1-8B shape), Poisson arrivals, log-normal prompts (median 256) and
+outputs (median 192), sigma 0.8, ``max_tokens`` 1024; SLOs TTFT 1500 ms (end to end, queue included)
+and TPOT 60 ms. Goodput is DistServe's: requests per second that meet both SLOs.
+
+    .venv/bin/python loadtests/bench_batching.py [--gpus H20,H100,L20,A10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serving.batching import AdmissionConfig, AdmissionCore, Admitted, Refused, merge_snapshots
+from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
+from serving.hardware import EnginePlan, ModelArch, PerfModel, PoolSlo, get_gpu, plan_engine
+from serving.routing import PoolInfo, Router, RouteRequest, price_per_mtok
+
+LLAMA8B = ModelArch("llama-3.1-8b", 8_030_261_248, 32, 4096, 32, 8, 128, 14336, 128256, 2)
+TTFT_SLO_MS = 1500.0
+TPOT_SLO_MS = 60.0
+ARRIVE_S = 60.0
+WINDOW = (10.0, 60.0)
+"""Goodput counts requests arriving in this window (after warm-up)."""
+UNTIL_S = 120.0
+REPORT_EVERY_TOKENS = 8
+"""Tokens are fed back to the admission core in chunks, as a streaming replica would."""
+
+
+def vllm_defaults(gpu: str) -> tuple[int, int]:
+    """vLLM 0.32's defaults for the OpenAI server: (max_num_seqs, max_num_batched_tokens)."""
+    big = get_gpu(gpu).memory_bytes >= 70 * 2**30 and "A100" not in gpu
+    return (1024, 8192) if big else (256, 2048)
+
+
+# ---- requests and workload ---------------------------------------------------------------------------
+
+
+class Req:
+    __slots__ = (
+        "arrival",
+        "finish_t",
+        "first_t",
+        "generated",
+        "max_tokens",
+        "out_len",
+        "prompt",
+        "refused",
+        "refused_t",
+        "reported",
+        "rid",
+        "tenant",
+        "weight",
+    )
+
+    def __init__(
+        self, rid: str, tenant: str, weight: float, arrival: float, prompt: int, out_len: int
+    ) -> None:
+        self.rid, self.tenant, self.weight, self.arrival = rid, tenant, weight, arrival
+        self.prompt, self.out_len, self.max_tokens = prompt, out_len, 1024
+        self.generated = self.reported = 0
+        self.first_t: float | None = None
+        self.finish_t: float | None = None
+        self.refused: Refused | None = None
+        self.refused_t: float | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.finish_t is None or self.first_t is None or self.generated < 2:
+            return None
+        return (self.finish_t - self.first_t) / (self.generated - 1)
+
+    def met_slo(self) -> bool:
+        tpot = self.tpot_s
+        return (
+            self.first_t is not None
+            and self.finish_t is not None
+            and (self.first_t - self.arrival) * 1e3 <= TTFT_SLO_MS
+            and (tpot is None or tpot * 1e3 <= TPOT_SLO_MS)
+        )
+
+
+def workload(
+    rates: dict[str, float],
+    weights: dict[str, float] | None = None,
+    seed: int = 1,
+    arrive_s: float = ARRIVE_S,
+) -> list[Req]:
+    rng = random.Random(seed)
+    out: list[Req] = []
+    for tenant in sorted(rates):
+        t, i = 0.0, 0
+        while rates[tenant] > 0:
+            t += rng.expovariate(rates[tenant])
+            if t >= arrive_s:
+                break
+            p = int(min(4096, max(16, rng.lognormvariate(math.log(256), 0.8))))
+            o = int(min(1024, max(8, rng.lognormvariate(math.log(192), 0.8))))
+            out.append(Req(f"{tenant}-{i}", tenant, (weights or {}).get(tenant, 1.0), t, p, o))
+            i += 1
+    out.sort(key=lambda r: r.arrival)
+    return out
+
+
+# ---- replicas and the event loop ------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    sched: SimScheduler
+    model: PerfModel
+    core: AdmissionCore | None
+    pool: str = "pool"
+    price_per_hour: float = 1.0
+    busy_s: float = 0.0
+    step_end: float | None = None
+    batch: object = None
+    refuse_ns: list[int] = field(default_factory=list)
+
+    def load(self) -> int:
+        return (
+            len(self.sched.running)
+            + len(self.sched.waiting)
+            + (self.core.queued_requests if self.core else 0)
+        )
+
+
+def make_replica(gpu: str, plan: EnginePlan, limit: str, pool: str = "pool") -> Replica:
+    """``limit``: "adaptive", "fixed:N" or "none" (vLLM defaults, no admission core)."""
+    model = PerfModel(LLAMA8B, get_gpu(gpu))
+    s = plan.settings
+    if limit == "none":
+        seqs, chunk = vllm_defaults(gpu)
+        sched = SimScheduler(
+            max_num_seqs=seqs, max_num_batched_tokens=chunk, kv_capacity_tokens=plan.kv_capacity_tokens
+        )
+        return Replica(sched, model, None, pool, get_gpu(gpu).price_per_hour_relative)
+    sched = SimScheduler(
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        kv_capacity_tokens=plan.kv_capacity_tokens,
+    )
+    kw: dict[str, object] = {}
+    if limit.startswith("fixed:"):
+        n = int(limit.split(":")[1])
+        kw = {"max_num_seqs": n, "min_num_seqs": n, "initial_num_seqs": n}
+    cfg = AdmissionConfig.model_validate(
+        {
+            "max_num_seqs": s.max_num_seqs,
+            "kv_capacity_tokens": plan.kv_capacity_tokens,
+            "ttft_slo_ms": TTFT_SLO_MS,
+            "tpot_slo_ms": TPOT_SLO_MS,
+            # The prior drain rate: the plan's request rate in queue tokens (prompt + max_tokens).
+            "prior_drain_tokens_per_s": saturation(gpu, plan)[0] * (256 + 1024),
+            **kw,
+        }
+    )
+    return Replica(sched, model, AdmissionCore(cfg), pool, get_gpu(gpu).price_per_hour_relative)
+
+
+def simulate(
+    reps: list[Replica],
+    reqs: list[Req],
+    route: Callable[[Req, float], Replica],
+    on_tick: Callable[[float], None] | None = None,
+    until_s: float = UNTIL_S,
+) -> None:
+    by_rid = {r.rid: r for r in reqs}
+    heap: list[tuple[float, int, int]] = [(r.arrival, 1, i) for i, r in enumerate(reqs)]
+    if on_tick is not None:
+        heap.append((0.0, 2, 0))
+    heapq.heapify(heap)
+    left = len(reqs)
+
+    def start(rep: Replica, r: Req) -> None:
+        rep.sched.add(SimSeq(owner=r, index=0, prompt_len=r.prompt, max_tokens=r.out_len))
+
+    def service(rep: Replica, now: float) -> None:
+        if rep.core is None:
+            return
+        for rid, refusal in rep.core.expire(now):
+            by_rid[rid].refused, by_rid[rid].refused_t = refusal, now
+        for rid in rep.core.release(now):
+            start(rep, by_rid[rid])
+
+    def kick(rep: Replica, idx: int, now: float) -> None:
+        if rep.step_end is None and rep.sched.has_work():
+            rep.batch = b = rep.sched.schedule()
+            dt = rep.model.step_time_s(**b.perf_args())
+            rep.busy_s += dt
+            rep.step_end = now + dt
+            heapq.heappush(heap, (rep.step_end, 0, idx))
+
+    index = {id(rep): i for i, rep in enumerate(reps)}
+    while heap:
+        now, kind, i = heapq.heappop(heap)
+        if now > until_s:
+            break
+        if kind == 2:
+            assert on_tick is not None
+            on_tick(now)
+            if left or any(rep.sched.has_work() for rep in reps):
+                heapq.heappush(heap, (now + 1.0, 2, 0))
+            continue
+        if kind == 1:
+            left -= 1
+            r = reqs[i]
+            rep = route(r, now)
+            if rep.core is None:
+                start(rep, r)
+            else:
+                t0 = time.perf_counter_ns()
+                d = rep.core.submit(r.rid, r.tenant, r.weight, r.prompt, r.max_tokens, now)
+                if isinstance(d, Refused):
+                    rep.refuse_ns.append(time.perf_counter_ns() - t0)
+                    r.refused, r.refused_t = d, now
+                elif isinstance(d, Admitted):
+                    start(rep, r)
+                service(rep, now)
+            kick(rep, index[id(rep)], now)
+            continue
+        rep = reps[i]
+        rep.step_end = None
+        core = rep.core
+        for seq in rep.sched.postprocess(rep.batch):  # type: ignore[arg-type]
+            r = seq.owner
+            r.generated = seq.num_output
+            if r.first_t is None:
+                r.first_t = now
+            done = seq.status is SeqStatus.FINISHED
+            if core is not None and (
+                done or r.reported == 0 or r.generated - r.reported >= REPORT_EVERY_TOKENS
+            ):
+                core.on_tokens(r.rid, r.generated - r.reported, now)
+                r.reported = r.generated
+            if done:
+                r.finish_t = now
+                if core is not None:
+                    core.on_finish(r.rid, r.prompt, r.generated, now)
+        service(rep, now)
+        kick(rep, i, now)
+
+
+# ---- single-replica scenarios --------------------------------------------------------------------------
+
+
+_PLANS: dict[str, EnginePlan] = {}
+_SAT: dict[str, tuple[float, int]] = {}
+
+
+def plan_for(gpu: str) -> EnginePlan:
+    if gpu not in _PLANS:
+        slo = PoolSlo(TTFT_SLO_MS, TPOT_SLO_MS, typical_prompt_tokens=256, typical_context_tokens=512)
+        _PLANS[gpu] = plan_engine(LLAMA8B, get_gpu(gpu), slo)
+    return _PLANS[gpu]
+
+
+def saturation(gpu: str, plan: EnginePlan) -> tuple[float, int]:
+    """(requests/s, batch): the most a replica serves within the TPOT SLO on this workload (analytic).
+
+    At batch B each step decodes B sequences and prefills B x P/O prompt tokens (P, O: mean prompt
+    and output of the workload); the step must stay within 90% of the TPOT SLO and fit the chunk
+    budget and the KV cache.
+    """
+    if gpu in _SAT:
+        return _SAT[gpu]
+    sample = workload({"x": 1000.0}, arrive_s=5.0, seed=99)
+    p = statistics.fmean(r.prompt for r in sample)
+    o = statistics.fmean(r.out_len for r in sample)
+    m = PerfModel(LLAMA8B, get_gpu(gpu))
+    best = (0.0, 1)
+    for b in range(1, plan.settings.max_num_seqs + 1):
+        pf = b * p / o
+        if b + pf > plan.settings.max_num_batched_tokens or b * (p + o) > plan.kv_capacity_tokens:
+            break
+        step = m.step_time_s(
+            decode_seqs=b,
+            decode_context_tokens=int(b * (p + o / 2)),
+            prefill_tokens=int(pf),
+            prefill_context_tokens=int(pf * p / 2),
+            prefill_attn_pairs=int(pf * p / 2),
+        )
+        if step * 1e3 > 0.9 * TPOT_SLO_MS:
+            break
+        rps = b / (o * step)
+        if rps > best[0]:
+            best = (rps, b)
+    _SAT[gpu] = best
+    return best
+
+
+@dataclass
+class RunResult:
+    goodput_rps: float
+    tpot_p99_ms: float
+    ttft_p99_ms: float
+    refused: int
+    refused_immediate: int
+    refusal_p99_ms: float
+    submit_refuse_us_p99: float
+    finished: int
+    limit_end: int
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_single(gpu: str, limit: str, load_x: float, seed: int = 1) -> RunResult:
+    plan = plan_for(gpu)
+    sat_rps, _ = saturation(gpu, plan)
+    rep = make_replica(gpu, plan, limit)
+    reqs = workload({"t": load_x * sat_rps}, seed=seed)
+    simulate([rep], reqs, lambda r, now: rep)
+    win = [r for r in reqs if WINDOW[0] <= r.arrival < WINDOW[1]]
+    good = sum(r.met_slo() for r in win)
+    admitted = [r for r in win if r.refused is None and r.finish_t is not None]
+    refused = [r for r in win if r.refused is not None]
+    return RunResult(
+        goodput_rps=good / (WINDOW[1] - WINDOW[0]),
+        tpot_p99_ms=pct([r.tpot_s * 1e3 for r in admitted if r.tpot_s is not None], 0.99),
+        ttft_p99_ms=pct([(r.first_t - r.arrival) * 1e3 for r in admitted if r.first_t is not None], 0.99),
+        refused=len(refused),
+        refused_immediate=sum(1 for r in refused if r.refused_t == r.arrival),
+        refusal_p99_ms=pct([((r.refused_t or 0) - r.arrival) * 1e3 for r in refused], 0.99),
+        submit_refuse_us_p99=pct([ns / 1e3 for ns in rep.refuse_ns], 0.99),
+        finished=len(admitted),
+        limit_end=rep.core.seq_limit if rep.core else -1,
+    )
+
+
+# ---- fairness -------------------------------------------------------------------------------------------
+
+
+def run_fairness(
+    gpu: str, rates_x: dict[str, float], weights: dict[str, float]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Served tokens (prompt + completion) per tenant over 60 s, and each tenant's TTFT p99 (ms)."""
+    plan = plan_for(gpu)
+    sat_rps, _ = saturation(gpu, plan)
+    rep = make_replica(gpu, plan, "adaptive")
+    reqs = workload({t: x * sat_rps for t, x in rates_x.items()}, weights, seed=7)
+    served: dict[str, int] = {}
+
+    def tick(now: float) -> None:
+        if abs(now - ARRIVE_S) < 0.5 and rep.core is not None:
+            served.update(
+                {
+                    t: s.served_prompt_tokens + s.served_completion_tokens
+                    for t, s in rep.core.stats().tenants.items()
+                }
+            )
+
+    simulate([rep], reqs, lambda r, now: rep, on_tick=tick)
+    ttft = {
+        t: pct([(r.first_t - r.arrival) * 1e3 for r in reqs if r.tenant == t and r.first_t is not None], 0.99)
+        for t in rates_x
+    }
+    return served, ttft
+
+
+# ---- routing on a two-type fleet -------------------------------------------------------------------------
+
+
+def run_fleet(policy: str, fleet: dict[str, int], load_x: float, seed: int = 3) -> tuple[float, float, float]:
+    """(cost per million tokens, SLO attainment, total tokens) for "cost" or "round_robin" routing.
+
+    Cost counts GPU time while a replica holds work (busy seconds x its price per hour): idle replicas
+    cost nothing (scaled to zero or lent out), so work sent to the cheaper-per-token pool saves money.
+    """
+    reps: list[Replica] = []
+    pools: list[PoolInfo] = []
+    by_pool: dict[str, list[Replica]] = {}
+    total_sat = 0.0
+    for gpu, n in fleet.items():
+        plan = plan_for(gpu)
+        total_sat += n * saturation(gpu, plan)[0]
+        by_pool[gpu] = [make_replica(gpu, plan, "adaptive", pool=gpu) for _ in range(n)]
+        reps += by_pool[gpu]
+        core0 = by_pool[gpu][0].core
+        assert core0 is not None
+        pools.append(
+            PoolInfo(
+                pool_id=gpu,
+                model="m",
+                gpu_type=gpu,
+                price_per_mtok=price_per_mtok(get_gpu(gpu).price_per_hour_relative, plan.tokens_per_s),
+                predictor=PerfModel(LLAMA8B, get_gpu(gpu)),
+                chunk_tokens=plan.settings.max_num_batched_tokens,
+                max_num_seqs=plan.settings.max_num_seqs,
+                queue_deadline_s=core0.config.queue_deadline_s,
+                replicas=n,
+            )
+        )
+    router = Router(pools)
+    rng = random.Random(seed)
+    rr = [0]
+    names = list(fleet)
+
+    def pick(pool: str) -> Replica:
+        cands = by_pool[pool]
+        if len(cands) == 1:
+            return cands[0]
+        a, b = rng.sample(cands, 2)  # power of two choices within the pool
+        return a if a.load() <= b.load() else b
+
+    def route(r: Req, now: float) -> Replica:
+        if policy == "round_robin":
+            rr[0] += 1
+            return pick(names[rr[0] % len(names)])
+        d = router.route(RouteRequest("m", r.prompt, r.max_tokens, TTFT_SLO_MS, TPOT_SLO_MS), now)
+        return pick(d.pool_id)
+
+    def tick(now: float) -> None:
+        for pool, rs in by_pool.items():
+            router.update_snapshot(pool, merge_snapshots([x.core.snapshot(now) for x in rs if x.core]))
+
+    reqs = workload({"t": load_x * total_sat}, seed=seed)
+    simulate(reps, reqs, route, on_tick=tick)
+    win = [r for r in reqs if WINDOW[0] <= r.arrival < WINDOW[1]]
+    tokens = sum(r.prompt + r.generated for r in reqs if r.finish_t is not None)
+    cost = sum(x.busy_s * x.price_per_hour / 3600.0 for x in reps)
+    return cost / tokens * 1e6, sum(r.met_slo() for r in win) / len(win), tokens
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", default="H20,H100,L20,A10")
+    ap.add_argument("--quick", action="store_true", help="fewer fixed limits in the sweep")
+    args = ap.parse_args()
+    rows: list[tuple[str, str, str, bool]] = []
+    t_start = time.process_time()
+    for gpu in args.gpus.split(","):
+        plan = plan_for(gpu)
+        sat, b_est = saturation(gpu, plan)
+        fracs = (0.5, 0.8, 1.0, 1.25, 1.6) if args.quick else (0.4, 0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
+        grid = sorted({max(1, min(plan.settings.max_num_seqs, round(b_est * f))) for f in fracs})
+        fixed = {n: run_single(gpu, f"fixed:{n}", 1.5) for n in grid}
+        best_n = max(fixed, key=lambda n: fixed[n].goodput_rps)
+        ada = run_single(gpu, "adaptive", 1.5)
+        none = run_single(gpu, "none", 1.5)
+        over = run_single(gpu, "adaptive", 2.0)
+        print(
+            f"{gpu}: plan max_num_seqs={plan.settings.max_num_seqs} chunk={plan.settings.max_num_batched_tokens} "
+            f"kv={plan.kv_capacity_tokens}; saturation {sat:.2f} req/s at batch ~{b_est}; "
+            f"fixed sweep goodput "
+            + ", ".join(f"{n}:{r.goodput_rps:.2f}" for n, r in fixed.items())
+            + f"; adaptive {ada.goodput_rps:.2f} (limit {ada.limit_end}); no limit {none.goodput_rps:.2f}"
+        )
+        best = fixed[best_n].goodput_rps
+        rows.append(
+            (
+                f"{gpu} goodput adaptive / best fixed (N={best_n})",
+                f"{ada.goodput_rps / best:.2f}",
+                ">= 0.90",
+                ada.goodput_rps >= 0.9 * best,
+            )
+        )
+        ratio = ada.goodput_rps / none.goodput_rps if none.goodput_rps > 0 else math.inf
+        rows.append((f"{gpu} goodput adaptive / no limit @1.5x sat", f"{ratio:.2f}", ">= 1.30", ratio >= 1.3))
+        rows.append(
+            (
+                f"{gpu} TPOT p99 admitted @2x sat (ms)",
+                f"{over.tpot_p99_ms:.1f}",
+                f"<= {TPOT_SLO_MS:.0f}",
+                over.tpot_p99_ms <= TPOT_SLO_MS,
+            )
+        )
+        imm = over.refused_immediate / over.refused if over.refused else 1.0
+        rows.append(
+            (
+                f"{gpu} refusals @2x: immediate share; decision p99 (us CPU)",
+                f"{imm:.2f}; {over.submit_refuse_us_p99:.0f}",
+                "~1; < 50000",
+                imm >= 0.9,
+            )
+        )
+    gpu = "L20"
+    served, ttft = run_fairness(gpu, {"a": 8.0, "b": 0.8, "c": 0.05}, {})
+    diff = abs(served["a"] - served["b"]) / max(served["a"], served["b"])
+    rows.append(("fairness 10x sender: |a-b|/max served tokens", f"{diff:.3f}", "<= 0.10", diff <= 0.10))
+    rows.append(
+        (
+            "fairness light tenant TTFT p99 (ms)",
+            f"{ttft['c']:.0f}",
+            f"<= {TTFT_SLO_MS:.0f}",
+            ttft["c"] <= TTFT_SLO_MS,
+        )
+    )
+    served, _ = run_fairness(gpu, {"a": 2.0, "b": 2.0}, {"a": 3.0, "b": 1.0})
+    ratio = served["a"] / served["b"]
+    rows.append(("fairness weights 3:1: served ratio", f"{ratio:.2f}", "3 +/- 0.3", abs(ratio - 3) <= 0.3))
+    fleet = {"H100": 1, "L20": 3}
+    for load in (0.5, 0.7):
+        c_cost, c_att, _ = run_fleet("cost", fleet, load)
+        r_cost, r_att, _ = run_fleet("round_robin", fleet, load)
+        saving = 1 - c_cost / r_cost
+        rows.append(
+            (
+                f"routing {fleet} @{load:.1f}x: cost/Mtok saving vs RR (attain {c_att:.3f} vs {r_att:.3f})",
+                f"{saving:.2f}",
+                ">= 0.20 at equal attainment",
+                saving >= 0.2 and c_att >= r_att - 0.01,
+            )
+        )
+    w = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'metric'.ljust(w)}  {'value':>14}  {'goal':<28}  ok")
+    for name, val, goal, ok in rows:
+        print(f"{name.ljust(w)}  {val:>14}  {goal:<28}  {'yes' if ok else 'NO'}")
+    print(
+        f"\n(CPU time {time.process_time() - t_start:.0f} s; SLOs TTFT {TTFT_SLO_MS:.0f} ms, TPOT {TPOT_SLO_MS:.0f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()

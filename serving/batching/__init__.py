@@ -1,0 +1,36 @@
+"""The admission core of a pool replica: tenant-fair queue (VTC), adaptive in-flight limit (AIMD on
+measured TTFT/TPOT vs the pool's SLOs) and back-pressure; pure and clock-free, with a thin asyncio
+shell. See :class:`AdmissionPolicy` for the contract."""
+
+from serving.batching._config import AdmissionConfig
+from serving.batching._core import AdmissionCore
+from serving.batching._interface import AdmissionPolicy
+from serving.batching._shell import AdmissionRefused, AsyncAdmission
+from serving.batching._types import (
+    AdmissionStats,
+    Admitted,
+    Decision,
+    LoadSnapshot,
+    Queued,
+    RefusalReason,
+    Refused,
+    TenantStats,
+    merge_snapshots,
+)
+
+__all__ = [
+    "AdmissionConfig",
+    "AdmissionCore",
+    "AdmissionPolicy",
+    "AdmissionRefused",
+    "AdmissionStats",
+    "Admitted",
+    "AsyncAdmission",
+    "Decision",
+    "LoadSnapshot",
+    "Queued",
+    "RefusalReason",
+    "Refused",
+    "TenantStats",
+    "merge_snapshots",
+]

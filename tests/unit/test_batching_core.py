@@ -1,0 +1,355 @@
+"""The admission core under a fake clock with synthetic completions (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serving.batching import (
+    AdmissionConfig,
+    AdmissionCore,
+    Admitted,
+    Queued,
+    RefusalReason,
+    Refused,
+)
+
+
+def make_core(**kw: object) -> AdmissionCore:
+    base: dict[str, object] = {
+        "max_num_seqs": 64,
+        "kv_capacity_tokens": 1_000_000,
+        "ttft_slo_ms": 2000.0,
+        "tpot_slo_ms": 50.0,
+        "prior_drain_tokens_per_s": 1e9,
+    }
+    base.update(kw)
+    return AdmissionCore(AdmissionConfig.model_validate(base))
+
+
+def serve_one_at_a_time(core: AdmissionCore, n: int, now: float, prompt: int, completion: int) -> list[str]:
+    """Release and finish ``n`` requests one by one; return the tenants served, in order."""
+    order: list[str] = []
+    for _ in range(n):
+        ids = core.release(now)
+        assert len(ids) == 1, ids
+        rid = ids[0]
+        order.append(rid.split("-")[0])
+        core.on_tokens(rid, completion, now)
+        core.on_finish(rid, prompt, completion, now)
+    return order
+
+
+# ---- fairness ---------------------------------------------------------------------------------------
+
+
+def test_backlogged_equal_weights_alternate_despite_10x_sender() -> None:
+    core = make_core(max_num_seqs=1, initial_num_seqs=1)
+    now = 0.0
+    # An in-flight blocker so everything else queues.
+    assert isinstance(core.submit("x-0", "x", 1.0, 10, 10, now), Admitted)
+    for i in range(100):
+        assert isinstance(core.submit(f"a-{i}", "a", 1.0, 100, 50, now), Queued)
+    for i in range(10):
+        assert isinstance(core.submit(f"b-{i}", "b", 1.0, 100, 50, now), Queued)
+    core.on_finish("x-0", 10, 10, now)
+    order = serve_one_at_a_time(core, 20, now, 100, 50)
+    assert order.count("a") == 10 and order.count("b") == 10
+    stats = core.stats().tenants
+    served_a = stats["a"].served_prompt_tokens + stats["a"].served_completion_tokens
+    served_b = stats["b"].served_prompt_tokens + stats["b"].served_completion_tokens
+    assert abs(served_a - served_b) <= 150  # at most one request apart
+    # b has nothing left: a gets the rest.
+    assert serve_one_at_a_time(core, 5, now, 100, 50) == ["a"] * 5
+
+
+def test_weights_three_to_one() -> None:
+    core = make_core(max_num_seqs=1, initial_num_seqs=1)
+    core.submit("x-0", "x", 1.0, 1, 1, 0.0)
+    for i in range(60):
+        core.submit(f"a-{i}", "a", 3.0, 100, 50, 0.0)
+        core.submit(f"b-{i}", "b", 1.0, 100, 50, 0.0)
+    core.on_finish("x-0", 1, 1, 0.0)
+    order = serve_one_at_a_time(core, 40, 0.0, 100, 50)
+    assert order.count("a") == 30 and order.count("b") == 10
+
+
+def test_prompt_and_completion_priced_separately() -> None:
+    core = make_core(prompt_token_price=1.0, completion_token_price=2.0)
+    core.submit("a-0", "a", 2.0, 100, 50, 0.0)
+    assert core.stats().tenants["a"].virtual_counter == pytest.approx(100 / 2.0)  # prompt at dispatch
+    core.on_tokens("a-0", 30, 0.1)
+    core.on_finish("a-0", 100, 40, 0.2)  # settles to the engine's exact count
+    t = core.stats().tenants["a"]
+    assert t.virtual_counter == pytest.approx((100 + 2 * 40) / 2.0)
+    assert (t.served_prompt_tokens, t.served_completion_tokens) == (100, 40)
+
+
+def test_arriving_tenant_is_lifted_to_smallest_active_counter() -> None:
+    core = make_core(max_num_seqs=1, initial_num_seqs=1)
+    core.submit("x-0", "x", 1.0, 1, 1, 0.0)
+    for i in range(30):
+        core.submit(f"a-{i}", "a", 1.0, 100, 50, 0.0)
+    core.on_finish("x-0", 1, 1, 0.0)
+    serve_one_at_a_time(core, 20, 0.0, 100, 50)  # a builds up a counter of 20 * 200
+    a_counter = core.stats().tenants["a"].virtual_counter
+    assert a_counter == pytest.approx(1 + 20 * 200)  # lifted to x (1) on arrival, then served
+    for i in range(10):
+        core.submit(f"b-{i}", "b", 1.0, 100, 50, 1.0)
+    assert core.stats().tenants["b"].virtual_counter == pytest.approx(a_counter)
+    # No banked credit: b does not get ten in a row, the two alternate.
+    order = serve_one_at_a_time(core, 6, 1.0, 100, 50)
+    assert order.count("a") == 3 and order.count("b") == 3
+
+
+def test_returning_tenant_does_not_bank_idle_time() -> None:
+    core = make_core(max_num_seqs=1, initial_num_seqs=1)
+    core.submit("x-0", "x", 1.0, 1, 1, 0.0)
+    core.submit("b-0", "b", 1.0, 100, 50, 0.0)
+    for i in range(40):
+        core.submit(f"a-{i}", "a", 1.0, 100, 50, 0.0)
+    core.on_finish("x-0", 1, 1, 0.0)
+    order = serve_one_at_a_time(core, 30, 0.0, 100, 50)  # b served once, then idle
+    assert order.count("b") == 1
+    for i in range(1, 10):
+        core.submit(f"b-{i}", "b", 1.0, 100, 50, 1.0)
+    a = core.stats().tenants["a"].virtual_counter
+    assert core.stats().tenants["b"].virtual_counter == pytest.approx(a)
+    order = serve_one_at_a_time(core, 8, 1.0, 100, 50)
+    assert order.count("b") == 4
+
+
+# ---- the adaptive limit -----------------------------------------------------------------------------
+
+
+class SyntheticEngine:
+    """Fake engine boundary: every running request gains one token per step; step time grows with batch."""
+
+    def __init__(self, core: AdmissionCore, base_s: float, per_seq_s: float, out_tokens: int) -> None:
+        self.core = core
+        self.base_s = base_s
+        self.per_seq_s = per_seq_s
+        self.out_tokens = out_tokens
+        self.running: dict[str, int] = {}
+        self.now = 0.0
+        self.tpots: list[float] = []
+        self.first: dict[str, float] = {}
+
+    def start(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.running[rid] = 0
+
+    def step(self) -> None:
+        self.now += self.base_s + self.per_seq_s * len(self.running)
+        for rid in list(self.running):
+            self.running[rid] += 1
+            if self.running[rid] == 1:
+                self.first[rid] = self.now
+            self.core.on_tokens(rid, 1, self.now)
+            if self.running[rid] >= self.out_tokens:
+                del self.running[rid]
+                self.tpots.append((self.now - self.first.pop(rid)) / (self.out_tokens - 1))
+                self.core.on_finish(rid, 10, self.out_tokens, self.now)
+        self.start(self.core.release(self.now))
+
+
+def run_backlogged(core: AdmissionCore, eng: SyntheticEngine, steps: int) -> list[int]:
+    limits = []
+    n = 0
+    for _ in range(steps):
+        while core.queued_requests < 20:  # keep a backlog so the limit binds
+            d = core.submit(f"r-{n}", "t", 1.0, 10, eng.out_tokens, eng.now)
+            if isinstance(d, Admitted):
+                eng.start([d.req_id])
+            n += 1
+        eng.step()
+        limits.append(core.seq_limit)
+    return limits
+
+
+def test_limit_decreases_on_tpot_miss_and_settles_within_slo() -> None:
+    # TPOT = 10 ms + 2 ms x batch: 64 in flight gives 138 ms, far over a 50 ms SLO; <= 18 meets it.
+    core = make_core(max_num_seqs=64, tpot_slo_ms=50.0, queue_deadline_ms=1e6)
+    eng = SyntheticEngine(core, 0.010, 0.002, out_tokens=40)
+    limits = run_backlogged(core, eng, 3000)
+    assert limits[0] == 64
+    assert core.stats().limit_decreases_total >= 1
+    settled = limits[len(limits) // 2 :]
+    assert min(settled) >= 10 and max(settled) <= 20, (min(settled), max(settled))
+    late = eng.tpots[len(eng.tpots) // 2 :]
+    assert sum(t <= 0.050 for t in late) / len(late) >= 0.95
+
+
+def test_limit_increases_with_headroom_up_to_the_plan_bound() -> None:
+    # TPOT = 10 ms + 0.2 ms x batch: even 32 in flight (16.4 ms) has headroom under 50 ms.
+    core = make_core(max_num_seqs=32, initial_num_seqs=4, tpot_slo_ms=50.0, queue_deadline_ms=1e6)
+    eng = SyntheticEngine(core, 0.010, 0.0002, out_tokens=20)
+    limits = run_backlogged(core, eng, 2000)
+    assert limits[0] == 4
+    assert max(limits) == 32 and limits[-1] == 32  # reached, never beyond the plan's max_num_seqs
+    assert core.stats().limit_decreases_total == 0
+    assert core.token_limit <= core.config.kv_admit_tokens
+
+
+def test_one_decrease_per_round() -> None:
+    core = make_core(max_num_seqs=16, tpot_slo_ms=50.0)
+    for i in range(16):
+        core.submit(f"r-{i}", "t", 1.0, 10, 100, 0.0)
+    for i in range(16):
+        core.on_tokens(f"r-{i}", 1, 0.1)
+    # All were released in the same epoch; the first slow one cuts the limit, the rest are ignored.
+    core.on_tokens("r-0", 20, 0.1 + 20 * 0.2)  # TPOT 200 ms
+    assert core.seq_limit == int(0.85 * 16)
+    for i in range(1, 16):
+        core.on_tokens(f"r-{i}", 20, 0.1 + 20 * 0.2)
+    assert core.seq_limit == int(0.85 * 16)
+    assert core.stats().limit_decreases_total == 1
+
+
+def test_token_limit_holds_back_large_prompts() -> None:
+    core = make_core(kv_capacity_tokens=1000, kv_admit_fraction=1.0)
+    assert isinstance(core.submit("a-0", "a", 1.0, 600, 10, 0.0), Admitted)
+    assert isinstance(core.submit("a-1", "a", 1.0, 600, 10, 0.0), Queued)
+    assert core.release(0.0) == []
+    core.on_finish("a-0", 600, 10, 0.5)
+    assert core.release(0.5) == ["a-1"]
+    assert core.in_flight_tokens == 600
+
+
+# ---- back-pressure ---------------------------------------------------------------------------------
+
+
+def blocked_core(**kw: object) -> AdmissionCore:
+    core = make_core(max_num_seqs=1, initial_num_seqs=1, **kw)
+    assert isinstance(core.submit("blocker", "z", 1.0, 1, 1, 0.0), Admitted)
+    return core
+
+
+def test_queue_token_bound_refuses_the_flooding_tenant_with_429() -> None:
+    core = blocked_core(max_queued_tokens=1000)
+    for i in range(10):
+        assert isinstance(core.submit(f"a-{i}", "a", 1.0, 50, 50, 0.0), Queued)
+    d = core.submit("a-10", "a", 1.0, 50, 50, 0.0)
+    assert isinstance(d, Refused)
+    assert d.reason is RefusalReason.TENANT_QUEUE_FULL and d.status_code == 429
+    assert d.retry_after_s > 0 and d.queued_tokens == 1000 and d.max_queued_tokens == 1000
+    assert core.queued_tokens == 1000
+
+
+def test_tenant_within_share_displaces_the_flooder() -> None:
+    core = blocked_core(max_queued_tokens=1000)
+    for i in range(10):
+        core.submit(f"a-{i}", "a", 1.0, 50, 50, 0.0)
+    # b's share is 500 tokens: it pushes out a's newest requests.
+    for i in range(5):
+        assert isinstance(core.submit(f"b-{i}", "b", 1.0, 50, 50, 0.0), Queued)
+    displaced = core.expire(0.0)
+    assert [rid for rid, _ in displaced] == [f"a-{i}" for i in range(9, 4, -1)]
+    assert all(r.reason is RefusalReason.DISPLACED and r.status_code == 429 for _, r in displaced)
+    assert core.stats().tenants["a"].queued_tokens == 500
+    # Both at their shares: b's next is over its share (429); a third tenant displaces the most over.
+    assert isinstance(d := core.submit("b-5", "b", 1.0, 50, 50, 0.0), Refused) and d.status_code == 429
+    d = core.submit("c-0", "c", 1.0, 50, 50, 0.0)
+    assert isinstance(d, Queued)  # c's share (333) > 0: it displaces the most-over tenant
+    assert len(core.expire(0.0)) == 1
+
+
+def test_predicted_wait_beyond_deadline_is_refused_at_once() -> None:
+    # Drain rate 1000 tokens/s, deadline 1 s: 1000 tokens ahead is the most a request may wait behind.
+    core = blocked_core(
+        prior_drain_tokens_per_s=1000.0,
+        queue_deadline_ms=1000.0,
+        max_queued_tokens=10**6,
+        predicted_wait_fraction=1.0,
+    )
+    for i in range(11):  # the 11th waits behind exactly 1000 tokens: 1 s, still within the deadline
+        assert isinstance(core.submit(f"a-{i}", "a", 1.0, 50, 50, 0.0), Queued)
+    d = core.submit("a-11", "a", 1.0, 50, 50, 0.0)
+    assert isinstance(d, Refused) and d.reason is RefusalReason.PREDICTED_WAIT
+    assert d.retry_after_s == pytest.approx(0.1)
+    assert d.status_code == 503  # a holds no more than its share: the pool itself is saturated
+    # A light tenant is served in fair order: it waits behind only its share, so it is queued.
+    assert isinstance(core.submit("b-0", "b", 1.0, 50, 50, 0.0), Queued)
+    # Now a holds more than its share: its next refusal says "slow down".
+    d = core.submit("a-12", "a", 1.0, 50, 50, 0.0)
+    assert isinstance(d, Refused) and d.reason is RefusalReason.PREDICTED_WAIT and d.status_code == 429
+
+
+def test_queue_deadline_expires_waiting_requests() -> None:
+    core = blocked_core(queue_deadline_ms=500.0)
+    q = core.submit("a-0", "a", 1.0, 10, 10, 1.0)
+    assert isinstance(q, Queued) and q.deadline_s == pytest.approx(1.5)
+    core.submit("b-0", "b", 1.0, 10, 10, 1.2)
+    assert core.next_deadline() == pytest.approx(1.5)
+    assert core.expire(1.49) == []
+    out = core.expire(1.5)
+    assert [rid for rid, _ in out] == ["a-0"]
+    assert out[0][1].reason is RefusalReason.QUEUE_DEADLINE and out[0][1].status_code == 503
+    assert core.next_deadline() == pytest.approx(1.7)
+    assert core.cancel("b-0", 1.3)
+    assert core.next_deadline() is None and core.queued_tokens == 0
+    assert core.stats().refused_total == {"queue_deadline": 1}
+
+
+def test_snapshot_reports_load() -> None:
+    core = make_core(max_num_seqs=2, initial_num_seqs=2, ttft_slo_ms=1000.0)
+    core.submit("a-0", "a", 1.0, 100, 10, 0.0)
+    core.submit("a-1", "a", 1.0, 100, 10, 0.0)
+    core.submit("a-2", "a", 1.0, 100, 10, 0.0)
+    core.on_tokens("a-0", 1, 0.2)
+    core.on_tokens("a-0", 9, 0.2 + 9 * 0.02)
+    core.on_finish("a-0", 100, 10, 0.2 + 9 * 0.02)
+    assert core.release(0.4) == ["a-2"]
+    s = core.snapshot(0.5)
+    assert (s.queued_requests, s.in_flight_seqs, s.in_flight_tokens) == (0, 2, 200)
+    assert s.recent_ttft_s == pytest.approx(0.2) and s.recent_tpot_s == pytest.approx(0.02)
+    st = core.stats()
+    assert st.finished_total == 1 and st.slo_met_total == 1 and st.recent_slo_attainment == 1.0
+
+
+def test_config_rejects_inconsistent_bounds() -> None:
+    with pytest.raises(ValidationError, match="initial_num_seqs"):
+        AdmissionConfig(
+            max_num_seqs=8, kv_capacity_tokens=100, ttft_slo_ms=1, tpot_slo_ms=1, initial_num_seqs=9
+        )
+    with pytest.raises(ValidationError):
+        AdmissionConfig(max_num_seqs=8, kv_capacity_tokens=100, ttft_slo_ms=1, tpot_slo_ms=1, bogus=1)  # type: ignore[call-arg]
+
+
+def test_only_the_binding_limit_is_cut_and_isolated_misses_are_tolerated() -> None:
+    core = make_core(max_num_seqs=16, tpot_slo_ms=50.0, miss_tolerance=0.05, miss_window=64)
+    kv_tokens = core.token_limit
+    for i in range(16):
+        core.submit(f"r-{i}", "t", 1.0, 10, 100, 0.0)
+        core.on_tokens(f"r-{i}", 1, 0.1)
+    # 16 good TTFT signals, then 40 fast TPOT probes: the window holds 56 hits.
+    for i in range(16):
+        core.on_tokens(f"r-{i}", 20, 0.1 + 20 * 0.01)
+    for i in range(16, 40):
+        core.submit(f"r-{i}", "t", 1.0, 10, 100, 1.0)
+    # One slow request among many good ones (1/57 < 5%) does not cut the limit.
+    core.on_finish("r-0", 10, 21, 1.0)
+    assert core.release(1.0) == ["r-16"]
+    core.on_tokens("r-16", 1, 1.1)
+    core.on_tokens("r-16", 20, 1.1 + 20 * 0.2)
+    assert core.stats().limit_decreases_total == 0
+    # Misses that pile up past the tolerance cut the sequence limit (it binds), not the token limit.
+    for i in range(1, 6):
+        core.on_finish(f"r-{i}", 10, 21, 5.0)
+    for rid in core.release(5.0):
+        core.on_tokens(rid, 1, 5.1)
+        core.on_tokens(rid, 20, 5.1 + 20 * 0.2)
+    assert core.stats().limit_decreases_total == 1
+    assert core.seq_limit == int(0.85 * 16) and core.token_limit == kv_tokens
+
+
+def test_a_tenant_owed_service_may_queue_beyond_the_predicted_wait() -> None:
+    core = blocked_core(prior_drain_tokens_per_s=1000.0, queue_deadline_ms=1000.0, max_queued_tokens=10**6)
+    # a's queue alone predicts 1 s of wait: its own further requests are refused...
+    for i in range(10):
+        core.submit(f"a-{i}", "a", 1.0, 50, 50, 0.0)
+    assert isinstance(core.submit("a-x", "a", 1.0, 50, 50, 0.0), Refused)
+    # ...while b, whose counter is not above a's, may keep min_queued_per_tenant (4) queued.
+    decisions = [core.submit(f"b-{i}", "b", 1.0, 50, 50, 0.0) for i in range(6)]
+    kinds = [type(d).__name__ for d in decisions]
+    assert kinds[:4] == ["Queued"] * 4 and "Refused" in kinds[4:]
