@@ -1,0 +1,59 @@
+"""Token metering and hard quotas on a durable, single-writer ledger.
+
+Read :mod:`serving.metering._core` for the group commit and the crash rule, :mod:`._state` for
+enforcement, :mod:`._policy` for the pure arithmetic.
+"""
+
+from ._actor import ActorTransport, LedgerActor, get_or_create_ledger_actor
+from ._client import LedgerClient, LedgerTransport, LocalTransport
+from ._config import MeteringConfig, PriceConfig
+from ._core import LedgerCore, LedgerLockedError
+from ._local import local_ledger
+from ._meter import Meter
+from ._policy import ModelPrice, TokenBucket, format_reset, rate_limit_headers
+from ._stats import LedgerCollector, LedgerStats
+from ._types import (
+    DuplicateRequestError,
+    InsufficientQuotaError,
+    InvalidApiKeyError,
+    InvalidMaxTokensError,
+    LedgerUnavailableError,
+    ModelNotAllowedError,
+    QuotaError,
+    RateLimitExceededError,
+    Refusal,
+    Reservation,
+    Settlement,
+)
+
+__all__ = [
+    "ActorTransport",
+    "DuplicateRequestError",
+    "InsufficientQuotaError",
+    "InvalidApiKeyError",
+    "InvalidMaxTokensError",
+    "LedgerActor",
+    "LedgerClient",
+    "LedgerCollector",
+    "LedgerCore",
+    "LedgerLockedError",
+    "LedgerStats",
+    "LedgerTransport",
+    "LedgerUnavailableError",
+    "LocalTransport",
+    "Meter",
+    "MeteringConfig",
+    "ModelNotAllowedError",
+    "ModelPrice",
+    "PriceConfig",
+    "QuotaError",
+    "RateLimitExceededError",
+    "Refusal",
+    "Reservation",
+    "Settlement",
+    "TokenBucket",
+    "format_reset",
+    "get_or_create_ledger_actor",
+    "local_ledger",
+    "rate_limit_headers",
+]

@@ -1,0 +1,109 @@
+"""The ledger as a named Ray actor shared by every gateway replica, and its client transport.
+
+The actor is detached and restartable (``max_restarts=-1``): if its process dies, Ray starts it
+again on the same file, and the crash rule in :mod:`._core` applies. Calls do not retry inside Ray
+(``max_task_retries=0``); :class:`ActorTransport` resends idempotent batches itself until the
+ledger is back or a deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from ._config import MeteringConfig
+from ._core import LedgerCore
+from ._types import LedgerUnavailableError, Refusal
+
+__all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
+
+
+class LedgerActor:
+    """Ray actor body: a :class:`LedgerCore` started on first use."""
+
+    def __init__(self, config_json: str) -> None:
+        sys.setswitchinterval(0.0005)  # let the commit thread take the GIL back promptly after fsync
+        self._core = LedgerCore(MeteringConfig.model_validate_json(config_json))
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ready(self) -> LedgerCore:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._core.start())
+        await asyncio.shield(self._started)
+        return self._core
+
+    async def apply(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+        return await (await self._ready()).apply(ops)
+
+    async def read(self, name: str, *args: Any) -> Any:
+        return await (await self._ready()).read(name, *args)
+
+    async def ping(self) -> int:
+        """Start the ledger if needed; return the actor's process id."""
+        await self._ready()
+        return os.getpid()
+
+    async def shutdown(self) -> None:
+        """Commit what is pending and close the file (call before killing the actor)."""
+        await (await self._ready()).close()
+
+
+def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "tokenweir") -> Any:
+    """The named, detached ledger actor (created once per cluster; every replica gets the same one)."""
+    cls = ray.remote(LedgerActor)
+    return cls.options(  # type: ignore[attr-defined]
+        name=config.ledger_actor_name,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=1000,
+        num_cpus=0,
+    ).remote(config.model_dump_json())
+
+
+class ActorTransport:
+    """Reaches the ledger actor; resends idempotent batches while it restarts."""
+
+    def __init__(self, handle: Any, *, restart_deadline_s: float = 60.0) -> None:
+        self.handle = handle
+        self.restart_deadline_s = restart_deadline_s
+
+    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
+        deadline = time.monotonic() + self.restart_deadline_s
+        delay_s = 0.05
+        while True:
+            try:
+                return await self.handle.apply.remote(ops)
+            except RayActorError as e:
+                if not retry or time.monotonic() + delay_s > deadline:
+                    raise LedgerUnavailableError(
+                        Refusal(
+                            "ledger_unavailable",
+                            "The usage ledger is unavailable; retry later.",
+                            retry_after_s=1.0,
+                            headers={"retry-after": "1"},
+                        )
+                    ) from e
+                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the actor
+                delay_s = min(1.0, delay_s * 2)
+
+    async def read(self, name: str, *args: Any) -> Any:
+        try:
+            return await self.handle.read.remote(name, *args)
+        except RayActorError as e:
+            raise LedgerUnavailableError(
+                Refusal(
+                    "ledger_unavailable",
+                    "The usage ledger is unavailable; retry later.",
+                    retry_after_s=1.0,
+                    headers={"retry-after": "1"},
+                )
+            ) from e

@@ -1,0 +1,227 @@
+"""Tenant and key administration applied to the ledger state (and its batch), plus loading.
+
+Validation happens here, before anything changes: an operation that raises leaves state and batch
+untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+from serving.tenancy import (
+    ApiKeyView,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    TenantCreate,
+    TenantLimits,
+    TenantUpdate,
+    TenantView,
+    credits_to_ucredits,
+    ucredits_to_credits,
+)
+
+from ._state import KeyRecord, LedgerState, OpenReservation, TenantRecord
+from ._store import dumps_models
+
+__all__ = ["AdminOps", "load_state"]
+
+
+def tenant_view(t: TenantRecord) -> TenantView:
+    return TenantView(
+        tenant_id=t.tenant_id,
+        name=t.name,
+        weight=t.weight,
+        allowed_models=None if t.allowed_models is None else sorted(t.allowed_models),
+        credits=ucredits_to_credits(t.balance_ucredits),
+        reserved_credits=ucredits_to_credits(t.reserved_ucredits),
+        available_credits=ucredits_to_credits(t.balance_ucredits - t.reserved_ucredits),
+        in_flight=t.in_flight,
+        limits=t.limits,
+        created_at=t.created_at,
+    )
+
+
+def key_view(k: KeyRecord) -> ApiKeyView:
+    return ApiKeyView(
+        key_id=k.key_id,
+        tenant_id=k.tenant_id,
+        name=k.name,
+        display_prefix=k.display_prefix,
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+    )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")[:63] or "tenant"
+
+
+class AdminOps:
+    """Admin mutations on a :class:`LedgerState`."""
+
+    def __init__(self, state: LedgerState) -> None:
+        self.s = state
+
+    def tenant(self, tenant_id: str) -> TenantRecord:
+        t = self.s.tenants.get(tenant_id)
+        if t is None:
+            raise NotFoundError(f"No tenant {tenant_id!r}.", param="tenant_id")
+        return t
+
+    def create_tenant(self, spec: TenantCreate, now: float, ts: float) -> TenantView:
+        tenant_id = spec.tenant_id or _slug(spec.name)
+        if tenant_id in self.s.tenants:
+            raise ConflictError(f"Tenant {tenant_id!r} already exists.", param="tenant_id")
+        balance = credits_to_ucredits(spec.credits)
+        t = TenantRecord(
+            tenant_id,
+            spec.name,
+            spec.weight,
+            None if spec.allowed_models is None else frozenset(spec.allowed_models),
+            balance,
+            spec.limits,
+            ts,
+        )
+        t.apply_limits(spec.limits, now)
+        self.s.tenants[tenant_id] = t
+        self.s.batch.statements.append(
+            (
+                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    tenant_id,
+                    spec.name,
+                    spec.weight,
+                    dumps_models(spec.allowed_models),
+                    balance,
+                    spec.limits.model_dump_json(),
+                    ts,
+                    ts,
+                ),
+            )
+        )
+        if balance:
+            self._grant(tenant_id, balance, "initial credits", ts)
+        return tenant_view(t)
+
+    def _grant(self, tenant_id: str, ucredits: int, note: str, ts: float) -> None:
+        self.s.batch.statements.append(
+            (
+                "INSERT INTO credit_grants (tenant_id, ucredits, note, granted_at) VALUES (?,?,?,?)",
+                (tenant_id, ucredits, note, ts),
+            )
+        )
+
+    def update_tenant(self, tenant_id: str, u: TenantUpdate, now: float, ts: float) -> TenantView:
+        t = self.tenant(tenant_id)
+        if u.allow_all_models and u.allowed_models is not None:
+            raise InvalidInputError(
+                "Give either allowed_models or allow_all_models, not both.", param="allowed_models"
+            )
+        if u.name is not None:
+            t.name = u.name
+        if u.weight is not None:
+            t.weight = u.weight
+        if u.allow_all_models:
+            t.allowed_models = None
+        elif u.allowed_models is not None:
+            t.allowed_models = frozenset(u.allowed_models)
+        if u.limits is not None:
+            t.apply_limits(u.limits, now)
+        models = None if t.allowed_models is None else sorted(t.allowed_models)
+        self.s.batch.statements.append(
+            (
+                "UPDATE tenants SET name=?, weight=?, allowed_models=?, limits=?, updated_at=? WHERE tenant_id=?",
+                (t.name, t.weight, dumps_models(models), t.limits.model_dump_json(), ts, tenant_id),
+            )
+        )
+        return tenant_view(t)
+
+    def top_up(self, tenant_id: str, credits: float, note: str, ts: float) -> TenantView:
+        t = self.tenant(tenant_id)
+        ucredits = credits_to_ucredits(credits)
+        if ucredits <= 0:
+            raise InvalidInputError(f"credits must be positive (got {credits}).", param="credits")
+        t.balance_ucredits += ucredits
+        self._grant(tenant_id, ucredits, note, ts)
+        self.s.batch.set_balance(tenant_id, t.balance_ucredits)
+        return tenant_view(t)
+
+    def add_key(
+        self, tenant_id: str, key_id: str, key_hash: str, display_prefix: str, name: str, ts: float
+    ) -> ApiKeyView:
+        self.tenant(tenant_id)
+        if key_hash in self.s.keys_by_hash or key_id in self.s.keys_by_id:
+            raise ConflictError("Key already exists.", param="key_id")
+        k = KeyRecord(key_id, tenant_id, key_hash, display_prefix, name, ts)
+        self.s.keys_by_hash[key_hash] = k
+        self.s.keys_by_id[key_id] = k
+        self.s.batch.statements.append(
+            (
+                "INSERT INTO api_keys VALUES (?,?,?,?,?,?,NULL)",
+                (key_id, tenant_id, key_hash, display_prefix, name, ts),
+            )
+        )
+        return key_view(k)
+
+    def revoke_key(self, key_id: str, ts: float) -> ApiKeyView:
+        k = self.s.keys_by_id.get(key_id)
+        if k is None:
+            raise NotFoundError(f"No key {key_id!r}.", param="key_id")
+        if k.revoked_at is None:
+            k.revoked_at = ts
+            self.s.batch.statements.append(("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (ts, key_id)))
+        return key_view(k)
+
+
+def load_state(
+    state: LedgerState,
+    rows: tuple[list[sqlite3.Row], list[sqlite3.Row], list[sqlite3.Row]],
+    now: float,
+    ts: float,
+    restart_grace_s: float,
+) -> None:
+    """Fill ``state`` from the file. Open reservations come back held (their gateways may still
+    settle them) with ``expires_at`` brought forward to at most ``ts + restart_grace_s``."""
+    tenants, keys, reservations = rows
+    for r in tenants:
+        models = None if r["allowed_models"] is None else frozenset(json.loads(r["allowed_models"]))
+        limits = TenantLimits.model_validate_json(r["limits"])
+        t = TenantRecord(
+            r["tenant_id"], r["name"], r["weight"], models, r["balance_ucredits"], limits, r["created_at"]
+        )
+        t.apply_limits(limits, now)
+        state.tenants[t.tenant_id] = t
+    for r in keys:
+        k = KeyRecord(
+            r["key_id"],
+            r["tenant_id"],
+            r["key_hash"],
+            r["display_prefix"],
+            r["name"],
+            r["created_at"],
+            r["revoked_at"],
+        )
+        state.keys_by_hash[k.key_hash] = k
+        state.keys_by_id[k.key_id] = k
+    for r in reservations:
+        o = OpenReservation(
+            r["request_id"],
+            r["tenant_id"],
+            r["key_id"],
+            r["model"],
+            r["prompt_tokens"],
+            r["max_tokens"],
+            r["reserved_ucredits"],
+            r["reserved_tokens"],
+            r["created_at"],
+            min(r["expires_at"], ts + restart_grace_s),
+            now,
+            r["progress_tokens"],
+        )
+        state.open[o.request_id] = o
+        t = state.tenants[o.tenant_id]
+        t.reserved_ucredits += o.reserved_ucredits
+        t.in_flight += 1

@@ -1,0 +1,76 @@
+"""Typed configuration of metering and the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ._policy import ModelPrice
+
+__all__ = ["MeteringConfig", "PriceConfig"]
+
+
+class PriceConfig(BaseModel):
+    """A model's price in credits per 1,000 tokens (the default makes 1 credit = 1 token)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_credits_per_1k_tokens: float = Field(default=1000.0, ge=0, le=1e9)
+    """Credits charged per 1,000 prompt tokens."""
+    completion_credits_per_1k_tokens: float = Field(default=1000.0, ge=0, le=1e9)
+    """Credits charged per 1,000 completion tokens."""
+
+    def to_price(self) -> ModelPrice:
+        """Integer micro-credit form used by the ledger."""
+        return ModelPrice(
+            prompt_ucredits_per_1k=round(self.prompt_credits_per_1k_tokens * 1_000_000),
+            completion_ucredits_per_1k=round(self.completion_credits_per_1k_tokens * 1_000_000),
+        )
+
+
+class MeteringConfig(BaseModel):
+    """Metering, quotas and the ledger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Off: no keys are checked and nothing is charged (for benchmarks only)."""
+    state_dir: Path = Path(".state")
+    """Directory of the ledger file (``ledger.sqlite3``)."""
+    ledger_file: str = "ledger.sqlite3"
+    """File name of the ledger under ``state_dir``."""
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    """Price per served model name; models not listed use ``default_price``."""
+    default_price: PriceConfig = Field(default_factory=PriceConfig)
+    """Price of models absent from ``prices``."""
+    default_max_tokens: int = Field(default=4096, ge=1)
+    """Reservation size for a request without ``max_tokens`` when neither the model length nor the
+    tenant's cap bounds it."""
+    reservation_ttl_s: float = Field(default=900.0, gt=0)
+    """A reservation not settled within this time is resolved by the crash rule (see ``_core``)."""
+    restart_grace_s: float = Field(default=60.0, ge=0)
+    """After a ledger restart, open reservations wait this long for their gateway to settle them."""
+    max_batch_ops: int = Field(default=4096, ge=1)
+    """Largest number of operations one client call carries to the ledger."""
+    admin_key_env: str = "TOKENWEIR_ADMIN_KEY"
+    """Environment variable holding the admin key (used when ``admin_key`` is unset)."""
+    admin_key: str | None = None
+    """Admin key for ``/admin/v1``; ``None`` reads ``admin_key_env``; neither disables the admin API."""
+    ledger_actor_name: str = "tokenweir-ledger"
+    """Name of the detached ledger actor that every gateway replica shares."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MeteringConfig:
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise ValueError(f"admin_key must be at least 16 characters (got {len(self.admin_key)})")
+        return self
+
+    @property
+    def ledger_path(self) -> Path:
+        """Full path of the ledger file."""
+        return self.state_dir / self.ledger_file
+
+    def price_table(self) -> dict[str, ModelPrice]:
+        """Model name to integer price."""
+        return {name: p.to_price() for name, p in self.prices.items()}

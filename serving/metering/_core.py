@@ -1,0 +1,334 @@
+"""The ledger: one writer over SQLite with group commit. Runs in-process or inside the Ray actor.
+
+Write path: :meth:`LedgerCore.apply` takes a list of operations (from one gateway replica's batch),
+applies each to the in-memory :class:`LedgerState` at once and in order (this is where quota is
+enforced, exactly, because there is one writer), then waits until the rows they changed are
+committed. One background task commits: it takes everything written since the last commit as one
+transaction and one fsync, then resolves the waiters of that batch. Operations that arrive while a
+commit is running join the next batch, so durability costs one fsync per batch, not per request.
+A result is never returned before its batch is durable; refusals change nothing and return at once.
+
+Crash rule (what happens to reservations whose settlement never comes):
+
+* Reservations are rows in the ``reservations`` table, written in the same commit that
+  acknowledges them. After ``kill -9`` and a restart they come back *held*: the gateway that owns
+  the request may still be streaming and will settle it (settlement is idempotent by request id).
+* Each reservation expires ``reservation_ttl_s`` after it was made; after a restart, at most
+  ``restart_grace_s`` after the restart. An expired reservation is resolved so: if a progress record
+  exists (:meth:`Meter.progress`), the prompt and the recorded completion tokens are charged
+  (outcome ``expired_charged``); otherwise everything is released and nothing is charged (outcome
+  ``expired_released``). Either way a usage event records it, and a late settlement is a no-op.
+* An operation whose batch was not committed when the process died was never acknowledged: its
+  caller sees an error and retries (reserve and settle are idempotent by request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from serving.tenancy import (
+    RateLimitState,
+    TenancyError,
+    TenantCreate,
+    TenantUpdate,
+    UsageRow,
+    UsageSummary,
+    ucredits_to_credits,
+)
+
+from ._admin import AdminOps, key_view, load_state, tenant_view
+from ._config import MeteringConfig
+from ._policy import ModelPrice
+from ._state import LedgerState
+from ._stats import LedgerStats
+from ._store import EXPORT_COLUMNS, LedgerStore
+
+__all__ = ["LedgerCore", "LedgerLockedError"]
+
+
+class LedgerLockedError(RuntimeError):
+    """Another process holds the ledger file (the gateway is running: use the admin API)."""
+
+
+class LedgerCore:
+    """The single writer. Create, ``await start()``, then call :meth:`apply` and :meth:`read`."""
+
+    def __init__(
+        self,
+        config: MeteringConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._wall = wall
+        self._state = self._new_state()
+        self._admin = AdminOps(self._state)
+        self._store: LedgerStore | None = None
+        self._wexec = ThreadPoolExecutor(1, thread_name_prefix="ledger-commit")
+        self._rexec = ThreadPoolExecutor(1, thread_name_prefix="ledger-read")
+        self._wake = asyncio.Event()
+        self._next: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock_fd: int | None = None
+        self._stats = LedgerStats()
+
+    def _new_state(self) -> LedgerState:
+        c = self.config
+        return LedgerState(
+            c.price_table(), c.default_price.to_price(), c.default_max_tokens, c.reservation_ttl_s
+        )
+
+    async def start(self) -> None:
+        path = self.config.ledger_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(fd)
+            raise LedgerLockedError(f"{path} is in use by another ledger process") from e
+        self._lock_fd = fd
+        loop = asyncio.get_running_loop()
+        self._store = await loop.run_in_executor(self._wexec, LedgerStore, path)
+        await self._load()
+        self._tasks = [asyncio.create_task(self._committer()), asyncio.create_task(self._expirer())]
+
+    async def _load(self) -> None:
+        assert self._store is not None
+        rows = await asyncio.get_running_loop().run_in_executor(self._wexec, self._store.load)
+        self._state = self._new_state()
+        self._admin = AdminOps(self._state)
+        load_state(self._state, rows, self._clock(), self._wall(), self.config.restart_grace_s)
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the file."""
+        if self._state.batch and self._tasks:
+            await self._durable()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._store is not None:
+            await asyncio.get_running_loop().run_in_executor(self._wexec, self._store.close)
+            self._store = None
+        self._wexec.shutdown()
+        self._rexec.shutdown()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- write path --------------------------------------------------------------------------------
+    def _durable(self) -> asyncio.Future[None]:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        return self._next
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._store is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            fut, self._next = self._next, None
+            batch = self._state.take_batch()
+            if fut is None:
+                continue
+            if not batch:
+                fut.set_result(None)
+                continue
+            t0 = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._wexec, self._store.commit, batch)
+            except Exception as e:  # disk full, I/O error: memory is ahead of the file; rebuild it
+                err = RuntimeError(f"ledger commit failed: {e}")
+                fut.set_exception(err)
+                nxt, self._next = self._next, None
+                if nxt is not None:
+                    nxt.set_exception(err)
+                await self._load()
+                continue
+            self._stats.commit_latency.observe(time.perf_counter() - t0)
+            self._stats.commits_total += 1
+            fut.set_result(None)
+
+    async def _expirer(self) -> None:
+        interval_s = min(5.0, self.config.reservation_ttl_s / 4, max(0.05, self.config.restart_grace_s / 4))
+        while True:
+            await asyncio.sleep(interval_s)  # a periodic timer, not a wait for a condition
+            await self.expire_due()
+
+    async def expire_due(self) -> int:
+        """Resolve expired reservations by the crash rule now; return how many (runs periodically)."""
+        done = self._state.expire(self._clock(), self._wall())
+        if done:
+            await self._durable()
+        return len(done)
+
+    async def apply(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+        """Apply operations in order; return their results once every change is durable.
+
+        Operations: ``("reserve", request_id, key_hash, model, prompt_tokens, max_tokens|None,
+        model_max_len|None)``, ``("settle", request_id, prompt_tokens, completion_tokens, outcome,
+        pool, gpu_type)``, ``("progress", request_id, completion_tokens)``, and the admin ones
+        (``create_tenant``, ``update_tenant``, ``top_up``, ``add_key``, ``revoke_key``). An admin
+        operation that fails returns its :class:`TenancyError` as the result.
+        """
+        now, ts = self._clock(), self._wall()
+        st, results, wrote = self._state, [], False
+        for op in ops:
+            kind = op[0]
+            if kind == "reserve":
+                res: Any = st.reserve(op[1], op[2], op[3], op[4], op[5], op[6], now, ts)
+                wrote = wrote or hasattr(res, "reserved_ucredits")
+            elif kind == "settle":
+                charge = None
+                if op[1] not in st.open and op[1] not in st.recent_settled and self._store is not None:
+                    charge = self._store.settled_charge(op[1])  # rare: a settlement replayed after restart
+                res = st.settle(op[1], op[2], op[3], op[4], op[5], op[6], now, ts, charge)
+                wrote = wrote or not (res.duplicate or res.unknown)
+            elif kind == "progress":
+                res = st.progress(op[1], op[2])
+                wrote = wrote or res
+            else:
+                try:
+                    res = self._apply_admin(op, now, ts)
+                    wrote = True
+                except TenancyError as e:
+                    res = e
+            results.append(res)
+        self._stats.ops_total += len(ops)
+        if wrote:
+            await self._durable()
+        return results
+
+    def _apply_admin(self, op: tuple[Any, ...], now: float, ts: float) -> Any:
+        a = self._admin
+        if op[0] == "create_tenant":
+            return a.create_tenant(TenantCreate.model_validate(op[1]), now, ts)
+        if op[0] == "update_tenant":
+            return a.update_tenant(op[1], TenantUpdate.model_validate(op[2]), now, ts)
+        if op[0] == "top_up":
+            return a.top_up(op[1], op[2], op[3], ts)
+        if op[0] == "add_key":
+            return a.add_key(op[1], op[2], op[3], op[4], op[5], ts)
+        if op[0] == "revoke_key":
+            return a.revoke_key(op[1], ts)
+        raise ValueError(f"unknown ledger operation {op[0]!r}")
+
+    # -- read path ---------------------------------------------------------------------------------
+    async def read(self, name: str, *args: Any) -> Any:
+        """Reads: ``list_tenants``, ``get_tenant``, ``list_keys``, ``tenant_for_key_hash``,
+        ``usage_summary``, ``export_usage``, ``stats``, ``audit``. Errors are returned, not raised."""
+        try:
+            return await getattr(self, f"_read_{name}")(*args)
+        except TenancyError as e:
+            return e
+
+    async def _in_reader(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
+
+    async def _read_list_tenants(self) -> Any:
+        return [tenant_view(t) for t in self._state.tenants.values()]
+
+    async def _read_get_tenant(self, tenant_id: str) -> Any:
+        return tenant_view(self._admin.tenant(tenant_id))
+
+    async def _read_list_keys(self, tenant_id: str) -> Any:
+        self._admin.tenant(tenant_id)
+        return [key_view(k) for k in self._state.keys_by_id.values() if k.tenant_id == tenant_id]
+
+    async def _read_tenant_for_key_hash(self, key_hash: str) -> Any:
+        k = self._state.keys_by_hash.get(key_hash)
+        return None if k is None or k.revoked_at is not None else k.tenant_id
+
+    async def _read_usage_summary(self, tenant_id: str, since_ts: float | None) -> Any:
+        t = self._admin.tenant(tenant_id)
+        assert self._store is not None
+        rows = await self._in_reader(self._store.usage_by_day, tenant_id, since_ts)
+        now = self._clock()
+        rate = {
+            kind: RateLimitState(limit=b.capacity, remaining=int(b.level(now)), reset_s=b.reset_s(now))
+            for kind, b in (("requests", t.rpm), ("tokens", t.tpm))
+            if b is not None
+        }
+        v = tenant_view(t)
+        return UsageSummary(
+            tenant_id=t.tenant_id,
+            name=t.name,
+            credits=v.credits,
+            reserved_credits=v.reserved_credits,
+            available_credits=v.available_credits,
+            in_flight=t.in_flight,
+            limits=t.limits,
+            rate_limits=rate,
+            usage=[
+                UsageRow(
+                    day=d,
+                    model=m,
+                    requests=n,
+                    prompt_tokens=p,
+                    completion_tokens=c,
+                    credits=ucredits_to_credits(u),
+                )
+                for d, m, n, p, c, u in rows
+            ],
+        )
+
+    async def _read_export_usage(
+        self, tenant_id: str | None, since: float | None, until: float | None, fmt: str
+    ) -> Any:
+        if tenant_id is not None:
+            self._admin.tenant(tenant_id)
+        assert self._store is not None
+        rows = await self._in_reader(self._store.export, tenant_id, since, until)
+        if fmt == "json":
+            return json.dumps([dict(zip(EXPORT_COLUMNS, r, strict=True)) for r in rows])
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(EXPORT_COLUMNS)
+        w.writerows(rows)
+        return buf.getvalue()
+
+    async def _read_audit(self) -> Any:
+        assert self._store is not None
+        return await self._in_reader(self._store.audit)
+
+    async def _read_stats(self) -> Any:
+        st, now = self._state, self._clock()
+        s = self._stats
+        snap = LedgerStats(
+            dict(st.counters.tokens),
+            dict(st.counters.refused),
+            commit_latency=s.commit_latency,
+            commits_total=s.commits_total,
+            ops_total=s.ops_total,
+        )
+        for t in st.tenants.values():
+            snap.credits_remaining[t.tenant_id] = ucredits_to_credits(t.balance_ucredits)
+            snap.credits_reserved[t.tenant_id] = ucredits_to_credits(t.reserved_ucredits)
+            snap.in_flight[t.tenant_id] = t.in_flight
+            for kind, b in (("requests", t.rpm), ("tokens", t.tpm)):
+                if b is not None:
+                    snap.rate_limit_utilisation[(t.tenant_id, kind)] = 1.0 - b.level(now) / b.capacity
+            if t.limits.max_concurrency is not None:
+                snap.rate_limit_utilisation[(t.tenant_id, "concurrency")] = (
+                    t.in_flight / t.limits.max_concurrency
+                )
+        return snap
+
+    def price(self, model: str) -> ModelPrice:
+        return self._state.price(model)

@@ -1,0 +1,104 @@
+"""What the gateway calls on every request: authorize before dispatch, settle after.
+
+::
+
+    meter = Meter(LedgerClient(ActorTransport(get_or_create_ledger_actor(cfg))))
+    res = await meter.authorize(api_key, model, prompt_tokens, body.max_tokens, request_id,
+                                model_max_len=ctx_len)       # raises QuotaError subclasses
+    try:
+        ...  # dispatch with max_tokens=res.max_tokens; send res.headers on the response
+    finally:
+        await meter.settle(res, usage.prompt_tokens, usage.completion_tokens, outcome, pool, gpu)
+"""
+
+from __future__ import annotations
+
+from serving.tenancy import hash_api_key, looks_like_api_key
+
+from ._client import LedgerClient
+from ._stats import LedgerCollector, LedgerStats
+from ._types import InvalidApiKeyError, Refusal, Reservation, Settlement, error_for
+
+__all__ = ["Meter"]
+
+
+class Meter:
+    """The metering facade of one gateway replica. ``enabled=False`` checks and charges nothing."""
+
+    def __init__(
+        self, client: LedgerClient | None, *, enabled: bool = True, default_max_tokens: int = 4096
+    ) -> None:
+        if enabled and client is None:
+            raise ValueError("an enabled Meter needs a LedgerClient")
+        self.client = client
+        self.enabled = enabled
+        self.default_max_tokens = default_max_tokens
+        self.collector = LedgerCollector()
+
+    async def authorize(
+        self,
+        api_key: str,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        request_id: str,
+        *,
+        model_max_len: int | None = None,
+    ) -> Reservation:
+        """Reserve ``prompt + max_tokens`` credits and the rate limits, or raise a :class:`QuotaError`.
+
+        ``max_tokens=None`` reserves what the model length, the tenant's cap, its TPM limit and its
+        balance allow; the granted value is ``Reservation.max_tokens`` and must bound the engine.
+        """
+        if not self.enabled:
+            bound = (
+                max_tokens
+                if max_tokens is not None
+                else (model_max_len - prompt_tokens if model_max_len is not None else self.default_max_tokens)
+            )
+            return Reservation(request_id, "default", "", model, prompt_tokens, max(1, bound), 0)
+        if not looks_like_api_key(api_key):
+            raise InvalidApiKeyError(Refusal("invalid_api_key", "Incorrect API key provided."))
+        assert self.client is not None
+        result = await self.client.reserve(
+            request_id, hash_api_key(api_key), model, prompt_tokens, max_tokens, model_max_len
+        )
+        if isinstance(result, Refusal):
+            raise error_for(result)
+        return result
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        prompt_tokens: int,
+        completion_tokens: int,
+        outcome: str = "completed",
+        pool: str = "",
+        gpu_type: str = "",
+    ) -> Settlement:
+        """Charge exactly the tokens produced and release the rest (idempotent by request id).
+
+        Call it on every path: completion, engine error, client disconnect (``outcome`` names it).
+        """
+        if not self.enabled:
+            return Settlement(reservation.request_id, 0, 0)
+        assert self.client is not None
+        return await self.client.settle(
+            reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type
+        )
+
+    async def progress(self, reservation: Reservation, completion_tokens: int) -> None:
+        """Optionally record tokens produced so far, so that a request whose gateway dies is charged
+        for them (see the crash rule in :mod:`serving.metering._core`). Cheap: it is batched."""
+        if self.enabled:
+            assert self.client is not None
+            await self.client.progress(reservation.request_id, completion_tokens)
+
+    async def refresh_metrics(self) -> LedgerStats:
+        """Fetch the ledger's stats into :attr:`collector` (call before rendering ``/metrics``)."""
+        if not self.enabled:
+            return self.collector.stats
+        assert self.client is not None
+        stats = await self.client.stats()
+        self.collector.update(stats)
+        return stats

@@ -1,0 +1,145 @@
+"""Quota arithmetic: token buckets, prices, reservation sizes and rate-limit headers.
+
+Pure and clock-free: every call takes ``now`` (seconds on a monotonic clock). No I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "ModelPrice",
+    "TokenBucket",
+    "bucket_rate",
+    "format_reset",
+    "headers_from_rate",
+    "rate_limit_headers",
+]
+
+
+class TokenBucket:
+    """A bucket of ``capacity`` tokens refilled continuously at ``capacity / period_s`` per second.
+
+    Used for RPM (cost 1 per request) and TPM (cost = tokens). Starts full.
+    """
+
+    __slots__ = ("_level", "_updated", "capacity", "rate_per_s")
+
+    def __init__(self, capacity: int, now: float, period_s: float = 60.0) -> None:
+        self.capacity = capacity
+        self.rate_per_s = capacity / period_s
+        self._level = float(capacity)
+        self._updated = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._updated:
+            self._level = min(float(self.capacity), self._level + (now - self._updated) * self.rate_per_s)
+            self._updated = now
+
+    def level(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        self._refill(now)
+        return self._level
+
+    def has_capacity(self, cost: float, now: float) -> bool:
+        """Whether ``cost`` could be taken at ``now`` (does not take it)."""
+        return self.level(now) >= cost
+
+    def consume(self, cost: float, now: float) -> bool:
+        """Take ``cost`` if available; return whether it was taken."""
+        if not self.has_capacity(cost, now):
+            return False
+        self._level -= cost
+        return True
+
+    def refund(self, amount: float, now: float) -> None:
+        """Give back ``amount`` (unused reserved tokens), never above capacity."""
+        self._refill(now)
+        self._level = min(float(self.capacity), self._level + amount)
+
+    def retry_after_s(self, cost: float, now: float) -> float | None:
+        """Seconds until ``cost`` fits; ``None`` when it never can (cost above capacity)."""
+        if cost > self.capacity:
+            return None
+        missing = cost - self.level(now)
+        return 0.0 if missing <= 0 else missing / self.rate_per_s
+
+    def reset_s(self, now: float) -> float:
+        """Seconds until the bucket is full again."""
+        return (self.capacity - self.level(now)) / self.rate_per_s
+
+    def resize(self, capacity: int, now: float, period_s: float = 60.0) -> None:
+        """Change the limit, keeping the fraction used."""
+        fraction = self.level(now) / self.capacity
+        self.capacity = capacity
+        self.rate_per_s = capacity / period_s
+        self._level = fraction * capacity
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A model's price in micro-credits per 1,000 tokens (the default makes 1 credit = 1 token)."""
+
+    prompt_ucredits_per_1k: int = 1_000_000_000
+    completion_ucredits_per_1k: int = 1_000_000_000
+
+    def prompt_cost(self, tokens: int) -> int:
+        """Micro-credits for ``tokens`` prompt tokens (rounded up)."""
+        return -(-tokens * self.prompt_ucredits_per_1k // 1000)
+
+    def completion_cost(self, tokens: int) -> int:
+        """Micro-credits for ``tokens`` completion tokens (rounded up)."""
+        return -(-tokens * self.completion_ucredits_per_1k // 1000)
+
+    def affordable_completion_tokens(self, budget_ucredits: int) -> int:
+        """The most completion tokens ``budget_ucredits`` pays for."""
+        if self.completion_ucredits_per_1k == 0:
+            return 2**62
+        return max(0, budget_ucredits * 1000 // self.completion_ucredits_per_1k)
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format: ``"20ms"``, ``"1.5s"``, ``"6m0s"``."""
+    if seconds < 1.0:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60.0:
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def bucket_rate(
+    rpm_bucket: TokenBucket | None, tpm_bucket: TokenBucket | None, now: float
+) -> tuple[tuple[str, int, float, float], ...]:
+    """``(kind, limit, remaining, reset_s)`` per limited kind, the raw form of the headers."""
+    return tuple(
+        (kind, b.capacity, b.level(now), b.reset_s(now))
+        for kind, b in (("requests", rpm_bucket), ("tokens", tpm_bucket))
+        if b is not None
+    )
+
+
+def headers_from_rate(rate: tuple[tuple[str, int, float, float], ...]) -> dict[str, str]:
+    """Format :func:`bucket_rate` as OpenAI's headers."""
+    headers: dict[str, str] = {}
+    for kind, limit, remaining, reset_s in rate:
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
+        headers[f"x-ratelimit-reset-{kind}"] = format_reset(reset_s)
+    return headers
+
+
+def rate_limit_headers(
+    rpm_bucket: TokenBucket | None, tpm_bucket: TokenBucket | None, now: float
+) -> dict[str, str]:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` from the buckets (absent if unlimited)."""
+    return headers_from_rate(bucket_rate(rpm_bucket, tpm_bucket, now))
+
+
+def retry_headers(retry_after_s: float) -> dict[str, str]:
+    """``retry-after`` (whole seconds, rounded up, at least 1) and ``retry-after-ms``."""
+    return {
+        "retry-after": str(max(1, math.ceil(retry_after_s))),
+        "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000))),
+    }

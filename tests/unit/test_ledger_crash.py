@@ -1,0 +1,117 @@
+"""kill -9 of the ledger's process in the middle of a load, then a restart on the same file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving.metering import LedgerClient, LedgerCore, LocalTransport, MeteringConfig, local_ledger
+from serving.tenancy import TenantCreate
+
+U = 1_000_000
+INITIAL = 1_000_000
+
+# The child is a ledger process with 8 concurrent request loops: it prints R after a reservation and
+# S after a settlement is acknowledged (acknowledged == durable). Every 5th request is left open,
+# as if its gateway died.
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from serving.metering import Meter, MeteringConfig, local_ledger
+
+async def main(state_dir, key):
+    async with local_ledger(MeteringConfig(state_dir=Path(state_dir))) as client:
+        meter = Meter(client)
+        async def loop(w):
+            i = 0
+            while True:
+                i += 1
+                r = await meter.authorize(key, "m", 10, 40, f"w{w}-{i}")
+                print("R", r.request_id, flush=True)
+                if i % 5:
+                    s = await meter.settle(r, 10, i % 41, "completed")
+                    print("S", r.request_id, s.charged_ucredits, flush=True)
+        await asyncio.gather(*(loop(w) for w in range(8)))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def db_rows(state_dir: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(state_dir / "ledger.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_load_then_restart_is_consistent(tmp_path: Path) -> None:
+    cfg = MeteringConfig(state_dir=tmp_path)
+    async with local_ledger(cfg) as client:
+        await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=INITIAL))
+        key = (await client.create_key("t")).api_key
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(tmp_path), key, stdout=asyncio.subprocess.PIPE, cwd=os.getcwd()
+    )
+    assert proc.stdout is not None
+    settled: dict[str, int] = {}
+    reserved: set[str] = set()
+
+    def take(line: bytes) -> None:
+        parts = line.decode().split()
+        if parts and parts[0] == "R":
+            reserved.add(parts[1])
+        elif parts and parts[0] == "S":
+            settled[parts[1]] = int(parts[2])
+
+    while len(settled) < 400:  # mid-load: hundreds acknowledged, more in flight
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert line, "ledger child exited early"
+        take(line)
+    os.kill(proc.pid, signal.SIGKILL)
+    for line in (await proc.stdout.read()).splitlines():  # acknowledged before the kill
+        take(line)
+    assert await proc.wait() == -signal.SIGKILL
+
+    # Restart on the same file, as a gateway that survived would see it.
+    core = LedgerCore(MeteringConfig(state_dir=tmp_path, restart_grace_s=3600))
+    await core.start()
+    client = LedgerClient(LocalTransport(core))
+    assert await client.audit() == []  # balance == grants - charges
+    events = dict(db_rows(tmp_path, "SELECT request_id, ucredits FROM usage_events"))
+    open_ids = {r for (r,) in db_rows(tmp_path, "SELECT request_id FROM reservations")}
+    for rid, charge in settled.items():
+        assert events[rid] == charge  # every acknowledged settlement is charged, once
+    assert reserved <= set(events) | open_ids  # every acknowledged reservation is durable
+    assert open_ids and not set(events) & open_ids  # some requests were left open by the kill
+    tenant = await client.get_tenant("t")
+    total = sum(events.values())
+    assert total <= INITIAL * U and round(tenant.credits * U) == INITIAL * U - total
+    assert tenant.in_flight == len(open_ids) and round(tenant.reserved_credits) == 50 * len(open_ids)
+
+    # Surviving gateways settle some open requests after the restart; replays are no-ops.
+    to_settle = sorted(open_ids)[: len(open_ids) // 2]
+    for rid in to_settle:
+        s = await client.settle(rid, 10, 3, "completed", "", "")
+        assert s.charged_ucredits == 13 * U
+    for rid in list(settled)[:20]:
+        assert (await client.settle(rid, 10, 40, "completed", "", "")).duplicate
+    await core.close()
+
+    # Restart again with no grace: the rest are resolved by the rule (no progress: release).
+    core = LedgerCore(MeteringConfig(state_dir=tmp_path, restart_grace_s=0))
+    await core.start()
+    await core.expire_due()
+    client = LedgerClient(LocalTransport(core))
+    tenant = await client.get_tenant("t")
+    assert tenant.in_flight == 0 and tenant.reserved_credits == 0
+    outcomes = dict(db_rows(tmp_path, "SELECT request_id, outcome FROM usage_events"))
+    assert {outcomes[r] for r in open_ids - set(to_settle)} <= {"expired_released"}
+    assert await client.audit() == []
+    assert db_rows(tmp_path, "SELECT count(*) FROM reservations") == [(0,)]
+    await core.close()
