@@ -172,7 +172,9 @@ def _write_model(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: content-hashed cache)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: content-hashed cache)"
+    )
     args = parser.parse_args(argv)
     print(build_tiny_model(args.out))
     return 0

@@ -36,7 +36,7 @@ def build_app(cfg: TokenweirConfig) -> Application:
             entries[pool.model] = entry.model_dump()
             tokenizer_sources[pool.model] = resolve_source(entry.tokenizer or entry.source)
         weights = resolve_source(entry.source) if pool.engine == "vllm" else ""
-        dep = serve.deployment(PoolReplica).options(
+        dep = serve.deployment(PoolReplica).options(  # type: ignore[attr-defined]
             name=pool_deployment_name(pool),
             num_replicas=pool.replicas,
             max_ongoing_requests=pool.max_ongoing_requests,
@@ -46,7 +46,7 @@ def build_app(cfg: TokenweirConfig) -> Application:
             graceful_shutdown_timeout_s=5,
         )
         handles[pool.name] = dep.bind(pool.model_dump(mode="json"), entries[pool.model], weights)
-    gateway = serve.deployment(Gateway).options(
+    gateway = serve.deployment(Gateway).options(  # type: ignore[attr-defined]
         name=GATEWAY_DEPLOYMENT,
         num_replicas=cfg.gateway.replicas,
         max_ongoing_requests=cfg.gateway.max_ongoing_requests,

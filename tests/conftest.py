@@ -26,16 +26,21 @@ def tiny_model_path() -> str:
     return str(build_tiny_model())
 
 
+ADMIN_KEY = "tw-admin-test-" + "k" * 24
+
+
 @pytest.fixture(scope="session")
-def gateway_url(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start Ray, deploy the tiny-model pool on vLLM's CPU build, yield the gateway's base URL."""
+def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Start Ray, deploy two gateway replicas and the tiny-model pool on vLLM's CPU build with
+    metering on; yield the base URL, the admin key and the demo tenant's key."""
     from serving.cli import runtime
     from serving.config import parse_config
 
     state = tmp_path_factory.mktemp("state")
     cfg = parse_config(
         {
-            "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536},
+            "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536, "replicas": 2},
+            "metering": {"admin_key": ADMIN_KEY},
             "ray": {"num_cpus": 8},
             "state_dir": str(state),
             "pools": [
@@ -53,6 +58,17 @@ def gateway_url(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) 
     try:
         url = runtime.deploy(cfg)
         runtime.wait_ready(url, timeout_s=600)
-        yield url
+        demo_key = runtime.ensure_demo_key(cfg)
+        yield {"url": url, "admin_key": ADMIN_KEY, "api_key": demo_key, "state_dir": str(state)}
     finally:
         runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(live: dict) -> str:
+    return str(live["url"])
+
+
+@pytest.fixture(scope="session")
+def api_key(live: dict) -> str:
+    return str(live["api_key"])

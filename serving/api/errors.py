@@ -31,7 +31,14 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error body."""
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class InvalidRequestError(APIError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_N = 16
 MAX_STOP = 16
@@ -49,7 +49,7 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 
 class _SamplingFields(BaseModel):
@@ -59,16 +59,16 @@ class _SamplingFields(BaseModel):
     max_tokens: PositiveInt | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: StrictInt = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -99,7 +99,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` wins over the older ``max_tokens``."""
@@ -118,7 +118,7 @@ class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
 
     prompt: str | list[int] | list[str] = Field()
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     echo: StrictBool = False
     suffix: str | None = None
 

@@ -105,7 +105,9 @@ class Renderer:
                     "logprobs": _completion_logprobs(d.logprobs, off) if d.logprobs else None,
                     "finish_reason": d.finish_reason,
                 }
-            out.append(b"data: " + self._head + b'"choices":[' + _dumps(choice).encode() + b"]" + tail + b"\n\n")
+            out.append(
+                b"data: " + self._head + b'"choices":[' + _dumps(choice).encode() + b"]" + tail + b"\n\n"
+            )
         return b"".join(out)
 
     def usage_event(self, prompt_tokens: int, completion_tokens: int) -> bytes:

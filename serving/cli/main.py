@@ -15,8 +15,10 @@ from serving.config import ConfigError, load_config
 def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.cli import runtime
 
-    cfg = load_config(args.config)
-    print(f"tokenweir: starting Ray and deploying {len(cfg.pools)} pool(s); the first start of vLLM takes ~1 min")
+    cfg = runtime.with_admin_key(load_config(args.config))
+    print(
+        f"tokenweir: starting Ray and deploying {len(cfg.pools)} pool(s); the first start of vLLM takes ~1 min"
+    )
     runtime.init_ray(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -26,10 +28,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ready = runtime.wait_ready(url, timeout_s=args.ready_timeout_s)
         print(f"tokenweir: ready at {url}  (pools: {', '.join(ready['pools'])})")
         model = cfg.pools[0].model
+        key = runtime.ensure_demo_key(cfg)
+        auth = ""
+        if key:
+            print(f"tokenweir: demo tenant API key: {key}")
+            auth = f"-H 'Authorization: Bearer {key}' "
+        elif cfg.metering.enabled:
+            print(
+                "tokenweir: demo tenant exists but its key file is gone; create one: tokenweir keys create demo"
+            )
         print(
             "try:\n"
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n"
+            f"  curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}\'\n'
             "stop with Ctrl-C",
             flush=True,
         )
@@ -49,12 +60,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     replicas: dict[str, dict[str, int]] = {}
     try:
+        import os
+
         import ray
         from ray import serve
 
         from serving.cli.runtime import LOOPBACK_ENV
-
-        import os
 
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)
@@ -112,10 +123,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plans, names, failures = [], [], []
     for pool in cfg.pools:
         if pool.accelerator == "CPU":
-            failures.append(f"{pool.name}: CPU pool, no hardware plan (engine settings come from the catalog)")
+            failures.append(
+                f"{pool.name}: CPU pool, no hardware plan (engine settings come from the catalog)"
+            )
             continue
         try:
-            plans.append(plan_pool(pool, deployed_entry(catalog[pool.model], cfg.models.get(pool.model)), cfg.gpu_prices))
+            plans.append(
+                plan_pool(
+                    pool, deployed_entry(catalog[pool.model], cfg.models.get(pool.model)), cfg.gpu_prices
+                )
+            )
             names.append(pool.name)
         except PlanError as e:
             failures.append(f"{pool.name}: cannot plan: {e}")
@@ -156,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="the hardware plan of every GPU pool: engine settings and predictions")
     pl.add_argument("--config")
     pl.set_defaults(fn=_cmd_plan)
+
+    from serving.cli.tenancy_cmds import add_parsers
+
+    add_parsers(sub)
 
     sub.add_parser("load", help="run the load-test harness (see `tokenweir load --help`)", add_help=False)
     return p

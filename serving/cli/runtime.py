@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +46,51 @@ def deploy(cfg: TokenweirConfig) -> str:
     serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+
+
+def with_admin_key(cfg: TokenweirConfig) -> TokenweirConfig:
+    """Fill ``metering.admin_key`` from the environment or ``<state_dir>/admin_key`` (created, mode
+    0600, on first use) so the admin API and the CLI share one key."""
+    m = cfg.metering_config()
+    if not m.enabled or m.admin_key:
+        return cfg
+    key = os.environ.get(m.admin_key_env) or _read_or_create_secret(Path(str(m.state_dir)) / "admin_key")
+    return cfg.model_copy(update={"metering": cfg.metering.model_copy(update={"admin_key": key})})
+
+
+def _read_or_create_secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "tw-admin-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def ensure_demo_key(cfg: TokenweirConfig) -> str | None:
+    """Create the demo tenant and its key on first start (kept in ``<state_dir>/demo_key``, 0600);
+    later starts print the same key from there. None when metering is off."""
+    import asyncio
+
+    from serving.metering import ActorTransport, LedgerClient, get_or_create_ledger_actor
+    from serving.tenancy import ensure_demo_tenant
+
+    m = cfg.metering_config()
+    if not m.enabled:
+        return None
+    path = Path(str(m.state_dir)) / "demo_key"
+    client = LedgerClient(ActorTransport(get_or_create_ledger_actor(m, namespace=cfg.ray.namespace)))
+    _, key = asyncio.run(ensure_demo_tenant(client))
+    if key:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+    return path.read_text().strip() if path.exists() else None
 
 
 def wait_ready(base_url: str, timeout_s: float = 600.0) -> dict[str, Any]:

@@ -1,7 +1,14 @@
 """Typed configuration (pydantic, `extra="forbid"`) loaded from one YAML file."""
 
 from serving.config.loader import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
-from serving.config.schema import GatewayConfig, ModelOverride, PoolConfig, RayConfig, SloConfig, TokenweirConfig
+from serving.config.schema import (
+    GatewayConfig,
+    ModelOverride,
+    PoolConfig,
+    RayConfig,
+    SloConfig,
+    TokenweirConfig,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.metering import MeteringConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
@@ -101,6 +103,8 @@ class TokenweirConfig(_Strict):
     """Directory of durable state (the ledger's SQLite file)."""
     catalog: str | None = None
     """Path of a model catalog file (None: the one shipped in `models/catalog.yaml`)."""
+    metering: MeteringConfig = MeteringConfig()
+    """Tenant keys, credits, rate limits and the ledger (on by default)."""
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     """Per-model overrides of catalog entries, keyed by served name."""
     gpu_prices: dict[str, float] = Field(default_factory=dict)
@@ -114,8 +118,9 @@ class TokenweirConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pools: duplicate pool names {dupes}")
-        from models.catalog import CATALOG_PATH, load_catalog
         from pathlib import Path
+
+        from models.catalog import CATALOG_PATH, load_catalog
 
         catalog = load_catalog(Path(self.catalog) if self.catalog else CATALOG_PATH)
         from serving.hardware import CATALOG
@@ -138,6 +143,13 @@ class TokenweirConfig(_Strict):
             if gpu not in CATALOG or price <= 0:
                 raise ValueError(f"gpu_prices.{gpu}: unknown accelerator or non-positive price ({price!r})")
         return self
+
+    def metering_config(self) -> MeteringConfig:
+        """The metering section with its state directory resolved."""
+        from pathlib import Path
+
+        state = self.metering.state_dir or Path(self.state_dir)
+        return self.metering.model_copy(update={"state_dir": Path(state).expanduser()})
 
     def served_models(self) -> list[str]:
         """Served model names, in pool order, without repeats."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -12,9 +13,10 @@ from ray import serve
 from starlette.responses import Response
 
 from models.catalog import ModelEntry
-from serving.api.errors import APIError, ServiceUnavailableError
+from serving.api.errors import APIError, AuthenticationError, ServiceUnavailableError
 from serving.config.schema import TokenweirConfig
 from serving.gateway.http import (
+    bearer_token,
     error_response,
     install_error_handlers,
     json_response,
@@ -25,6 +27,8 @@ from serving.gateway.http import (
 from serving.gateway.pool_client import PoolRef
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
+from serving.metering import ActorTransport, LedgerClient, Meter, QuotaError, get_or_create_ledger_actor
+from serving.tenancy import make_tenancy_router
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -36,7 +40,7 @@ install_error_handlers(app)
 class Gateway:
     """One gateway replica: tokenizes, meters, routes and relays streams."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
         self,
         config: dict[str, Any],
         entries: dict[str, dict[str, Any]],
@@ -52,20 +56,40 @@ class Gateway:
         pools = [
             PoolRef(p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name]) for p in self.cfg.pools
         ]
-        self.service = GatewayService(self.entries, tokenizers, pools, self.cfg.gateway.first_token_timeout_s)
+        self.meter = self._make_meter()
+        self.service = GatewayService(
+            self.entries, tokenizers, pools, self.cfg.gateway.first_token_timeout_s, self.meter
+        )
         self.created = int(time.time())
+
+    def _make_meter(self) -> Meter:
+        """Metering on: one LedgerClient per replica, all sharing the one ledger actor; mount the
+        admin and self-service routes on the app."""
+        mcfg = self.cfg.metering_config()
+        if not mcfg.enabled:
+            return Meter(None, enabled=False)
+        actor = get_or_create_ledger_actor(mcfg, namespace=self.cfg.ray.namespace)
+        client = LedgerClient(ActorTransport(actor), max_batch_ops=mcfg.max_batch_ops)
+        admin_key = mcfg.admin_key or os.environ.get(mcfg.admin_key_env)
+        if not any(getattr(r, "path", "").startswith("/admin/v1") for r in app.routes):
+            app.include_router(make_tenancy_router(client, admin_key))
+        return Meter(client, default_max_tokens=mcfg.default_max_tokens)
 
     async def _generate(self, kind: str, request: Request) -> Response:
         rid = request_id_of(request)
         try:
+            api_key = bearer_token(request)
+            if self.meter.enabled and not api_key:
+                raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
             body = await read_json(request, self.cfg.gateway.max_body_bytes)
             prepared = self.service.prepare(kind, body, rid)  # type: ignore[arg-type]
+            await self.service.authorize(prepared, api_key)
             if prepared.stream:
                 stream, _ = await self.service.stream(prepared)
                 return sse_response(stream, rid, prepared.extra_headers)
             result = await self.service.complete(prepared)
             return json_response(result, rid, prepared.extra_headers)
-        except APIError as e:
+        except (APIError, QuotaError) as e:
             return error_response(e, rid)
 
     @app.post("/v1/chat/completions")

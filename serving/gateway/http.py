@@ -18,16 +18,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.api.errors import APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from serving.metering import QuotaError
 
 log = logging.getLogger("tokenweir.http")
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def error_response(e: APIError, request_id: str) -> JSONResponse:
-    """The one mapping from an APIError to an HTTP response."""
-    headers = dict(e.headers)  # Ray Serve's proxy adds x-request-id to every response
-    return JSONResponse(e.body(), status_code=e.status_code, headers=headers)
+def error_response(e: APIError | QuotaError, request_id: str) -> JSONResponse:
+    """The one mapping from a client-visible error to an HTTP response.
+
+    Ray Serve's proxy adds ``x-request-id`` to every response, errors included.
+    """
+    body = e.body() if isinstance(e, APIError) else e.to_openai()
+    return JSONResponse(body, status_code=e.status_code, headers=dict(e.headers))
+
+
+def bearer_token(request: Request) -> str:
+    """The API key of ``Authorization: Bearer <key>`` (empty when absent)."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def request_id_of(request: Request) -> str:
@@ -40,7 +51,9 @@ async def read_json(request: Request, max_body_bytes: int) -> Any:
     """Read the body within the size limit and parse it as JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes")
+        raise PayloadTooLargeError(
+            f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"
+        )
     chunks, size = [], 0
     async for part in request.stream():
         size += len(part)

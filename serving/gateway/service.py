@@ -5,6 +5,8 @@ meter, dispatch to a pool, relay the stream, settle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -25,9 +27,9 @@ from serving.api.errors import (
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
-from serving.gateway.metering_hook import Meter, NullMeter, Reservation
 from serving.gateway.pool_client import PoolRef, pick_pool
 from serving.gateway.tokenization import PromptTokenizer
+from serving.metering import Meter, Reservation
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -44,6 +46,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     user: str | None
+    requested_max_tokens: int | None = None
+    """``max_tokens`` as the client sent it (None: as many as the model length and quota allow)."""
     reservation: Reservation | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
 
@@ -63,7 +67,9 @@ def _validation_error(e: ValidationError) -> InvalidRequestError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
     msg = err["msg"].removeprefix("Value error, ")
-    return InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=str(err["loc"][0]) if err["loc"] else None)
+    return InvalidRequestError(
+        f"{loc}: {msg}" if loc else msg, param=str(err["loc"][0]) if err["loc"] else None
+    )
 
 
 class GatewayService:
@@ -81,20 +87,27 @@ class GatewayService:
         self.tokenizers = tokenizers
         self.pools = pools
         self.first_token_timeout_s = first_token_timeout_s
-        self.meter: Meter = meter or NullMeter()
+        self.meter: Meter = meter or Meter(None, enabled=False)
+        self._settling: set[asyncio.Task[None]] = set()
         self._by_model: dict[str, list[PoolRef]] = {}
         for p in pools:
             self._by_model.setdefault(p.model, []).append(p)
 
     # ----------------------------------------------------------------- preparation
-    def prepare(self, kind: Literal["chat", "completion"], body: Any, request_id: str | None = None) -> Prepared:
+    def prepare(
+        self, kind: Literal["chat", "completion"], body: Any, request_id: str | None = None
+    ) -> Prepared:
         """Validate and tokenize; raise :class:`APIError` on bad input."""
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         model_name = body.get("model")
         try:
             req: ChatCompletionRequest | CompletionRequest
-            req = ChatCompletionRequest.model_validate(body) if kind == "chat" else CompletionRequest.model_validate(body)
+            req = (
+                ChatCompletionRequest.model_validate(body)
+                if kind == "chat"
+                else CompletionRequest.model_validate(body)
+            )
         except ValidationError as e:
             raise _validation_error(e) from e
         entry = self.entries.get(req.model)
@@ -114,15 +127,17 @@ class GatewayService:
             if req.suffix:
                 raise InvalidRequestError("suffix is not supported", param="suffix")
             if isinstance(req.prompt, list):
-                ids = list(req.prompt)
+                ids = [int(t) for t in req.prompt]
                 bad = [t for t in ids if not 0 <= t < tok.vocab_size]
                 if bad:
-                    raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+                    raise InvalidRequestError(
+                        f"prompt token id {bad[0]} is outside the vocabulary", param="prompt"
+                    )
             else:
                 ids = tok.text(req.prompt)
         limit = entry.max_model_len
         n_prompt = len(ids)
-        max_tokens = req.requested_max_tokens()
+        max_tokens = requested = req.requested_max_tokens()
         if n_prompt >= limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has "
@@ -164,7 +179,30 @@ class GatewayService:
             stream=req.stream,
             include_usage=req.include_usage(),
             user=req.user,
+            requested_max_tokens=requested,
         )
+
+    async def authorize(self, p: Prepared, api_key: str) -> None:
+        """Reserve credits and rate limits for a prepared request (raises QuotaError subclasses).
+
+        The engine's ``max_tokens`` becomes the reservation's: a request without ``max_tokens`` gets
+        what the model length, the tenant's cap and its balance allow.
+        """
+        res = await self.meter.authorize(
+            api_key,
+            p.entry.name,
+            len(p.prompt_ids),
+            p.requested_max_tokens,
+            p.request_id,
+            model_max_len=p.entry.max_model_len,
+        )
+        p.reservation = res
+        if self.meter.enabled:
+            p.extra_headers.update(res.headers)
+        if res.max_tokens != p.sampling.max_tokens:
+            p.sampling = dataclasses.replace(
+                p.sampling, max_tokens=res.max_tokens, min_tokens=min(p.sampling.min_tokens, res.max_tokens)
+            )
 
     # ----------------------------------------------------------------- dispatch
     def _engine_request(self, p: Prepared) -> EngineRequest:
@@ -187,10 +225,19 @@ class GatewayService:
             raise _map_dispatch_error(e, self.first_token_timeout_s) from e
         return pool, gen, first
 
+    async def _open_or_settle(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
+        """``_open``, releasing the reservation when nothing was produced."""
+        try:
+            return await self._open(p, outcome)
+        except BaseException as e:
+            outcome.status = "disconnected" if isinstance(e, asyncio.CancelledError) else "engine_error"
+            await self._settle_shielded(p, outcome)
+            raise
+
     async def stream(self, p: Prepared) -> tuple[AsyncIterator[bytes], Outcome]:
         """Open the stream (errors before the first token raise) and return the SSE body iterator."""
         outcome = Outcome(prompt_tokens=len(p.prompt_ids))
-        pool, gen, first = await self._open(p, outcome)
+        pool, gen, first = await self._open_or_settle(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, p.include_usage)
         return self._relay(p, pool, gen, first, renderer, outcome), outcome
 
@@ -232,7 +279,7 @@ class GatewayService:
                 gen.cancel()
                 if outcome.status == "ok":
                     outcome.status = "disconnected"
-            await self._settle(p, outcome)
+            await self._settle_shielded(p, outcome)
 
     async def complete(self, p: Prepared) -> dict[str, Any]:
         """Run a non-streamed request to the end and build its body."""
@@ -243,7 +290,7 @@ class GatewayService:
         lps: dict[int, list[TokenLogprob]] | None = (
             {i: [] for i in range(p.sampling.n)} if p.sampling.logprobs is not None else None
         )
-        pool, gen, chunk = await self._open(p, outcome)
+        pool, gen, chunk = await self._open_or_settle(p, outcome)
         try:
             while True:
                 for d in chunk.deltas:
@@ -252,7 +299,10 @@ class GatewayService:
                         finish[d.index] = d.finish_reason
                     if lps is not None and d.logprobs:
                         lps.setdefault(d.index, []).extend(d.logprobs)
-                outcome.prompt_tokens, outcome.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                outcome.prompt_tokens, outcome.completion_tokens = (
+                    chunk.prompt_tokens,
+                    chunk.completion_tokens,
+                )
                 if chunk.finished:
                     finished = True
                     break
@@ -271,19 +321,41 @@ class GatewayService:
             pool.in_flight -= 1
             if not finished:
                 gen.cancel()
-            await self._settle(p, outcome)
+            await self._settle_shielded(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, False)
         return renderer.final_body(
-            {i: "".join(t) for i, t in texts.items()}, finish, lps, outcome.prompt_tokens, outcome.completion_tokens
+            {i: "".join(t) for i, t in texts.items()},
+            finish,
+            lps,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
         )
 
+    async def _settle_shielded(self, p: Prepared, outcome: Outcome) -> None:
+        """Settle even while this task is being cancelled (a dropped client must still be charged)."""
+        task = asyncio.ensure_future(self._settle(p, outcome))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
     async def _settle(self, p: Prepared, outcome: Outcome) -> None:
-        if p.reservation is None:
+        if p.reservation is None or not self.meter.enabled:
             return
         try:
-            await self.meter.settle(p.reservation, outcome)
-        except Exception:  # settlement must never break the response path; the ledger reconciles
+            await self.meter.settle(
+                p.reservation,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                _SETTLE_OUTCOME.get(outcome.status, "error"),
+                outcome.pool,
+                outcome.accelerator,
+            )
+        except Exception:  # never break the response path; the ledger's crash rule resolves it
             log.exception("settling %s failed", p.request_id)
+
+
+_SETTLE_OUTCOME = {"ok": "completed", "engine_error": "error", "disconnected": "aborted"}
 
 
 def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
@@ -295,7 +367,16 @@ def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
     name = type(e).__name__
     text = str(e)
     if "BackPressureError" in name or "BackPressure" in text:
-        return ServiceUnavailableError("the model pool is saturated; retry shortly", headers={"Retry-After": "1"})
-    if "EngineDeadError" in text or "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
-        return ServiceUnavailableError("the model replica is unavailable; retry shortly", headers={"Retry-After": "1"})
+        return ServiceUnavailableError(
+            "the model pool is saturated; retry shortly", headers={"Retry-After": "1"}
+        )
+    if (
+        "EngineDeadError" in text
+        or "ActorDied" in name
+        or "ActorUnavailable" in name
+        or "RayActorError" in name
+    ):
+        return ServiceUnavailableError(
+            "the model replica is unavailable; retry shortly", headers={"Retry-After": "1"}
+        )
     return EngineFailureError("the engine failed while serving this request")

@@ -28,7 +28,9 @@ class PromptTokenizer:
         try:
             ids = self._tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
         except Exception as e:  # jinja errors from templates that reject a role order, etc.
-            raise InvalidRequestError(f"messages could not be rendered by the chat template: {e}", param="messages") from e
+            raise InvalidRequestError(
+                f"messages could not be rendered by the chat template: {e}", param="messages"
+            ) from e
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

@@ -36,8 +36,8 @@ class MeteringConfig(BaseModel):
 
     enabled: bool = True
     """Off: no keys are checked and nothing is charged (for benchmarks only)."""
-    state_dir: Path = Path(".state")
-    """Directory of the ledger file (``ledger.sqlite3``)."""
+    state_dir: Path | None = None
+    """Directory of the ledger file (``ledger.sqlite3``); None: the top-level ``state_dir``."""
     ledger_file: str = "ledger.sqlite3"
     """File name of the ledger under ``state_dir``."""
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
@@ -69,7 +69,9 @@ class MeteringConfig(BaseModel):
     @property
     def ledger_path(self) -> Path:
         """Full path of the ledger file."""
-        return self.state_dir / self.ledger_file
+        if self.state_dir is None:
+            raise ValueError("metering.state_dir is unset; resolve it from the top-level state_dir first")
+        return self.state_dir.expanduser() / self.ledger_file
 
     def price_table(self) -> dict[str, ModelPrice]:
         """Model name to integer price."""

@@ -34,7 +34,9 @@ def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engi
 class PoolReplica:
     """The body of a pool deployment replica."""
 
-    async def __init__(self, pool: dict[str, Any], entry: dict[str, Any], model_source: str) -> None:
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
+        self, pool: dict[str, Any], entry: dict[str, Any], model_source: str
+    ) -> None:
         self.pool = PoolConfig.model_validate(pool)
         self.entry = ModelEntry.model_validate(entry)
         self._engine = build_engine(self.pool, self.entry, model_source)

@@ -12,8 +12,13 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def client(gateway_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(gateway_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def auth(api_key: str) -> dict:
+    return {"Authorization": f"Bearer {api_key}"}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,13 @@ def _chat_prompt_len(tokenizer, messages) -> int:
 
 
 def test_chat_completion_usage_is_exact(client: openai.OpenAI, tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about weirs."}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, extra_body={"ignore_eos": True})
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about weirs."},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, extra_body={"ignore_eos": True}
+    )
     assert r.object == "chat.completion"
     assert r.model == MODEL
     assert r.choices[0].message.role == "assistant"
@@ -61,7 +71,9 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_seed_makes_sampling_reproducible_and_n_gives_choices(client: openai.OpenAI) -> None:
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=16, seed=7, temperature=1.0)
+    kw = dict(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=16, seed=7, temperature=1.0
+    )
     a = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
     b = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
     assert a.choices[0].message.content == b.choices[0].message.content
@@ -71,7 +83,14 @@ def test_seed_makes_sampling_reproducible_and_n_gives_choices(client: openai.Ope
 
 
 def test_stop_sequence_ends_with_stop(client: openai.OpenAI) -> None:
-    kw = dict(model=MODEL, prompt="The river", max_tokens=40, seed=11, temperature=1.0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        prompt="The river",
+        max_tokens=40,
+        seed=11,
+        temperature=1.0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), full
@@ -97,13 +116,19 @@ def test_completions_stream_and_token_id_prompt(client: openai.OpenAI, tokenizer
 
 def test_logprobs_chat_and_completions(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4, logprobs=True, top_logprobs=3,
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
         extra_body={"ignore_eos": True},
     )
     content = r.choices[0].logprobs.content
     assert len(content) == 4
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
-    c = client.completions.create(model=MODEL, prompt="x", max_tokens=3, logprobs=2, extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=3, logprobs=2, extra_body={"ignore_eos": True}
+    )
     assert len(c.choices[0].logprobs.tokens) == 3
     assert all(len(d) <= 2 for d in c.choices[0].logprobs.top_logprobs)
 
@@ -118,8 +143,8 @@ def test_models_health_ready_and_request_ids(gateway_url: str, client: openai.Op
     assert httpx.get(gateway_url + "/readyz").json()["pools"] == {"tiny-cpu": "ready"}
 
 
-def _post(url: str, path: str, **kw) -> httpx.Response:
-    return httpx.post(url + path, timeout=60, **kw)
+def _post(url: str, path: str, auth: dict, **kw) -> httpx.Response:
+    return httpx.post(url + path, timeout=60, headers={**auth, **kw.pop("headers", {})}, **kw)
 
 
 def _assert_openai_error(r: httpx.Response, status: int, *fragments: str) -> dict:
@@ -145,18 +170,24 @@ def _assert_openai_error(r: httpx.Response, status: int, *fragments: str) -> dic
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ],
 )
-def test_bad_chat_bodies_get_400(gateway_url: str, body: dict, fragment: str) -> None:
-    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", json=body), 400, fragment)
+def test_bad_chat_bodies_get_400(gateway_url: str, auth: dict, body: dict, fragment: str) -> None:
+    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", auth, json=body), 400, fragment)
     assert err["type"] == "invalid_request_error"
 
 
-def test_malformed_json_and_non_object(gateway_url: str) -> None:
+def test_malformed_json_and_non_object(gateway_url: str, auth: dict) -> None:
     _assert_openai_error(
-        _post(gateway_url, "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        _post(
+            gateway_url,
+            "/v1/chat/completions",
+            auth,
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        ),
         400,
         "not valid JSON",
     )
-    _assert_openai_error(_post(gateway_url, "/v1/completions", json=[1, 2]), 400, "JSON object")
+    _assert_openai_error(_post(gateway_url, "/v1/completions", auth, json=[1, 2]), 400, "JSON object")
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -165,23 +196,27 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert ei.value.body["code"] == "model_not_found"
 
 
-def test_context_length_error_names_both_numbers(gateway_url: str, tokenizer) -> None:
+def test_context_length_error_names_both_numbers(gateway_url: str, auth: dict, tokenizer) -> None:
     msgs = [{"role": "user", "content": "hello"}]
     n_prompt = _chat_prompt_len(tokenizer, msgs)
-    r = _post(gateway_url, "/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 5000})
+    r = _post(
+        gateway_url, "/v1/chat/completions", auth, json={"model": MODEL, "messages": msgs, "max_tokens": 5000}
+    )
     err = _assert_openai_error(r, 400, "2048", str(n_prompt), "5000")
     assert err["code"] == "context_length_exceeded"
     huge = "weir " * 3000
-    r = _post(gateway_url, "/v1/completions", json={"model": MODEL, "prompt": huge, "max_tokens": 1})
+    r = _post(gateway_url, "/v1/completions", auth, json={"model": MODEL, "prompt": huge, "max_tokens": 1})
     _assert_openai_error(r, 400, "2048")
 
 
-def test_body_over_limit_is_413(gateway_url: str) -> None:
+def test_body_over_limit_is_413(gateway_url: str, auth: dict) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}
-    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", json=body), 413, "65536")
+    err = _assert_openai_error(_post(gateway_url, "/v1/chat/completions", auth, json=body), 413, "65536")
     assert err["code"] == "payload_too_large"
 
 
 def test_gateway_serves_after_errors(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still up?"}], max_tokens=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "still up?"}], max_tokens=2
+    )
     assert r.usage.completion_tokens >= 1

@@ -30,7 +30,7 @@ def _wait_for(cond, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}; last={last!r}")
 
 
-def test_client_disconnect_aborts_generation(gateway_url: str) -> None:
+def test_client_disconnect_aborts_generation(gateway_url: str, api_key: str) -> None:
     before = _pool_stats(gateway_url)
     body = {
         "model": MODEL,
@@ -40,7 +40,15 @@ def test_client_disconnect_aborts_generation(gateway_url: str) -> None:
         "stream": True,
     }
     seen = 0
-    with httpx.Client(timeout=60) as c, c.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as r:
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream(
+            "POST",
+            f"{gateway_url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {api_key}"},
+        ) as r,
+    ):
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -53,7 +61,11 @@ def test_client_disconnect_aborts_generation(gateway_url: str) -> None:
     # long before 2000 tokens could have been generated, and the replica must record an abort.
     t0 = time.monotonic()
     after = _wait_for(
-        lambda: (s := _pool_stats(gateway_url))["num_unfinished"] == 0 and s["requests_aborted"] > before["requests_aborted"] and s,
+        lambda: (
+            (s := _pool_stats(gateway_url))["num_unfinished"] == 0
+            and s["requests_aborted"] > before["requests_aborted"]
+            and s
+        ),
         timeout_s=20,
         what="the engine to drop the aborted request",
     )
@@ -61,8 +73,8 @@ def test_client_disconnect_aborts_generation(gateway_url: str) -> None:
     assert time.monotonic() - t0 < 20
 
 
-async def test_concurrent_streams_all_complete(gateway_url: str) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+async def test_concurrent_streams_all_complete(gateway_url: str, api_key: str) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
     async def one(i: int) -> int:
         stream = await client.chat.completions.create(
@@ -87,9 +99,11 @@ async def test_concurrent_streams_all_complete(gateway_url: str) -> None:
     assert stats["num_unfinished"] == 0 and stats["gateway_in_flight"] == 0
 
 
-def test_sse_framing_on_the_wire(gateway_url: str) -> None:
+def test_sse_framing_on_the_wire(gateway_url: str, api_key: str) -> None:
     body = {"model": MODEL, "prompt": "weir", "max_tokens": 3, "stream": True, "ignore_eos": True}
-    raw = httpx.post(f"{gateway_url}/v1/completions", json=body, timeout=60)
+    raw = httpx.post(
+        f"{gateway_url}/v1/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
+    )
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [e for e in raw.text.split("\n\n") if e]
     assert events[-1] == "data: [DONE]"

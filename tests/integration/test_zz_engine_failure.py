@@ -27,13 +27,18 @@ def _engine_core_pids() -> list[int]:
     return pids
 
 
-def test_engine_death_gives_openai_error_and_gateway_stays_up(gateway_url: str) -> None:
+def test_engine_death_gives_openai_error_and_gateway_stays_up(gateway_url: str, api_key: str) -> None:
     pids = _engine_core_pids()
     assert pids, "no vLLM EngineCore process found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
-    r = httpx.post(f"{gateway_url}/v1/chat/completions", json=body, timeout=120)
+    r = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        json=body,
+        timeout=120,
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
     assert r.status_code in (500, 503), r.text
     err = r.json()["error"]
     assert err["type"] == "server_error"
