@@ -45,7 +45,9 @@ def build_app(cfg: TokenweirConfig) -> Application:
             health_check_timeout_s=60,
             graceful_shutdown_timeout_s=5,
         )
-        handles[pool.name] = dep.bind(pool.model_dump(mode="json"), entries[pool.model], weights)
+        handles[pool.name] = dep.bind(
+            pool.model_dump(mode="json"), entries[pool.model], weights, cfg.ray.namespace
+        )
     gateway = serve.deployment(Gateway).options(  # type: ignore[attr-defined]
         name=GATEWAY_DEPLOYMENT,
         num_replicas=cfg.gateway.replicas,

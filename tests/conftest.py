@@ -41,6 +41,7 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         {
             "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536, "replicas": 2},
             "metering": {"admin_key": ADMIN_KEY},
+            "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
             "ray": {"num_cpus": 8},
             "state_dir": str(state),
             "pools": [
@@ -50,7 +51,26 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     "accelerator": "CPU",
                     "engine": "vllm",
                     "engine_args": {"kv_cache_space_gib": 1, "max_num_seqs": 64},
-                }
+                    # Generous targets: these tests are about the API, not admission under a loaded CPU.
+                    "slo": {"ttft_ms": 60000, "tpot_ms": 5000},
+                },
+                # A simulated two-type fleet of an 8B model (performance model, no GPU needed).
+                {
+                    "name": "sim-h100",
+                    "model": "llama-3.1-8b-instruct",
+                    "accelerator": "H100",
+                    "engine": "sim",
+                    "sim_speedup": 20,
+                    "slo": {"ttft_ms": 2000, "tpot_ms": 60},
+                },
+                {
+                    "name": "sim-a10",
+                    "model": "llama-3.1-8b-instruct",
+                    "accelerator": "A10",
+                    "engine": "sim",
+                    "sim_speedup": 20,
+                    "slo": {"ttft_ms": 2000, "tpot_ms": 60},
+                },
             ],
         }
     )

@@ -32,6 +32,8 @@ class GatewayConfig(_Strict):
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Concurrent requests per gateway replica before Ray Serve queues or rejects."""
+    allow_gpu_pinning: bool = True
+    """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
 
 
 class SloConfig(_Strict):
@@ -70,6 +72,21 @@ class PoolConfig(_Strict):
     """For `engine: sim`: how much faster than real time the simulated engine runs."""
     slo: SloConfig = SloConfig()
     """Latency targets used by planning and admission."""
+    admission: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the admission core's settings (`serving.batching.AdmissionConfig`), e.g. `queue_deadline_s`."""
+
+    @model_validator(mode="after")
+    def _check_admission(self) -> PoolConfig:
+        from serving.batching import AdmissionConfig
+
+        reserved = {"max_num_seqs", "kv_capacity_tokens", "ttft_slo_ms", "tpot_slo_ms"}
+        bad = sorted(reserved & set(self.admission))
+        if bad:
+            raise ValueError(
+                f"pools.{self.name}.admission: {bad} come from the engine and `slo`, not from here"
+            )
+        AdmissionConfig(max_num_seqs=1, kv_capacity_tokens=1, ttft_slo_ms=1, tpot_slo_ms=1, **self.admission)
+        return self
 
 
 class RayConfig(_Strict):

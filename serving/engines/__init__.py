@@ -3,6 +3,7 @@
 from serving.engines.base import (
     ChoiceDelta,
     Engine,
+    EngineCapacity,
     EngineChunk,
     EngineDeadError,
     EngineError,
@@ -14,6 +15,7 @@ from serving.engines.base import (
 __all__ = [
     "ChoiceDelta",
     "Engine",
+    "EngineCapacity",
     "EngineChunk",
     "EngineDeadError",
     "EngineError",

@@ -84,6 +84,14 @@ class EngineChunk:
     """Monotonic time (engine side) the first token was produced, when known."""
 
 
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    """What one engine can hold at once (the admission core's upper bounds)."""
+
+    max_num_seqs: int
+    kv_capacity_tokens: int
+
+
 class EngineError(Exception):
     """A request failed inside a live engine (recoverable: other requests go on)."""
 
@@ -102,6 +110,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream the request's output; cancelling the iterator aborts the request."""
+
+    @abc.abstractmethod
+    def capacity(self) -> EngineCapacity:
+        """Batch and KV-cache bounds of the started engine."""
 
     @abc.abstractmethod
     def num_unfinished(self) -> int:

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from serving.engines._sim_clock import Clock, FakeClock, LoopClock
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.engines._sim_stream import SimStream, seq_hash
-from serving.engines.base import Engine, EngineChunk, EngineDeadError, EngineError, EngineRequest
+from serving.engines.base import (
+    Engine,
+    EngineCapacity,
+    EngineChunk,
+    EngineDeadError,
+    EngineError,
+    EngineRequest,
+)
 from serving.hardware.catalog import GpuProfile
 from serving.hardware.perfmodel import ModelArch, PerfFactors, PerfModel
 from serving.hardware.plan import EngineSettings
@@ -98,6 +105,9 @@ class SimEngine(Engine):
     @property
     def kv_capacity_tokens(self) -> int:
         return self._sched.kv_capacity_tokens
+
+    def capacity(self) -> EngineCapacity:
+        return EngineCapacity(self.settings.max_num_seqs, self._sched.kv_capacity_tokens)
 
     # ---- Engine interface -----------------------------------------------------------------------
     async def start(self) -> None:

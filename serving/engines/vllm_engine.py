@@ -15,6 +15,7 @@ from typing import Any
 from serving.engines.base import (
     ChoiceDelta,
     Engine,
+    EngineCapacity,
     EngineChunk,
     EngineDeadError,
     EngineError,
@@ -104,6 +105,19 @@ class VllmEngine(Engine):
             raise EngineDeadError(f"vLLM engine died: {e}") from e
         except EngineGenerateError as e:
             raise EngineError(f"vLLM failed the request: {e}") from e
+
+    def capacity(self) -> EngineCapacity:
+        cfg = self._llm.vllm_config
+        blocks = cfg.cache_config.num_gpu_blocks
+        if blocks:
+            kv_tokens = int(blocks) * int(cfg.cache_config.block_size)
+        else:  # not reported to the front-end process: estimate from the CPU KV space
+            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+            mc = cfg.model_config
+            per_token = 2 * mc.get_num_layers(cfg.parallel_config) * mc.get_num_kv_heads(cfg.parallel_config)
+            per_token *= mc.get_head_size() * mc.dtype.itemsize
+            kv_tokens = int(gib * 2**30 // per_token)
+        return EngineCapacity(int(cfg.scheduler_config.max_num_seqs), kv_tokens)
 
     def num_unfinished(self) -> int:
         if self._llm is None:

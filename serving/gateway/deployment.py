@@ -13,7 +13,12 @@ from ray import serve
 from starlette.responses import Response
 
 from models.catalog import ModelEntry
-from serving.api.errors import APIError, AuthenticationError, ServiceUnavailableError
+from serving.api.errors import (
+    APIError,
+    AuthenticationError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
 from serving.config.schema import TokenweirConfig
 from serving.gateway.http import (
     bearer_token,
@@ -24,10 +29,13 @@ from serving.gateway.http import (
     request_id_of,
     sse_response,
 )
-from serving.gateway.pool_client import PoolRef
+from serving.gateway.pools import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import ActorTransport, LedgerClient, Meter, QuotaError, get_or_create_ledger_actor
+from serving.metrics import BoardCollector, render
+from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
+from serving.pools.replica import replica_id
 from serving.tenancy import make_tenancy_router
 
 log = logging.getLogger("tokenweir.gateway")
@@ -53,14 +61,37 @@ class Gateway:
         tokenizers = {}
         for model in self.cfg.served_models():
             tokenizers[model] = await loop.run_in_executor(None, PromptTokenizer, sources[model])
-        pools = [
-            PoolRef(p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name]) for p in self.cfg.pools
+        refs = [
+            PoolRef(
+                p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name], p.slo.ttft_ms, p.slo.tpot_ms
+            )
+            for p in self.cfg.pools
         ]
+        infos = [pool_info(p, self.entries[p.model], self.cfg.gpu_prices) for p in self.cfg.pools]
+        self.pools = PoolDirectory(refs, infos)
         self.meter = self._make_meter()
         self.service = GatewayService(
-            self.entries, tokenizers, pools, self.cfg.gateway.first_token_timeout_s, self.meter
+            self.entries, tokenizers, self.pools, self.cfg.gateway.first_token_timeout_s, self.meter
         )
         self.created = int(time.time())
+        self.board = get_board(self.cfg.ray.namespace)
+        self._replica = replica_id()
+        self._tasks = [
+            loop.create_task(self.pools.follow_board(self.board)),
+            loop.create_task(self._publish_stats()),
+        ]
+
+    async def _publish_stats(self) -> None:
+        """Publish this replica's counters so any replica's /metrics covers all of them."""
+        while True:
+            st = self.service.stats
+            st.routing_total = {k: v for k, v in self.pools.router.stats().decisions_total.items()}
+            st.in_flight = sum(p.in_flight for p in self.pools.pools)
+            try:
+                self.board.publish.remote("gateway", self._replica, st)
+            except Exception:
+                log.debug("publishing gateway stats failed", exc_info=True)
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
 
     def _make_meter(self) -> Meter:
         """Metering on: one LedgerClient per replica, all sharing the one ledger actor; mount the
@@ -83,6 +114,13 @@ class Gateway:
                 raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
             body = await read_json(request, self.cfg.gateway.max_body_bytes)
             prepared = self.service.prepare(kind, body, rid)  # type: ignore[arg-type]
+            pin = request.headers.get("x-tokenweir-gpu")
+            if pin:
+                if not self.cfg.gateway.allow_gpu_pinning:
+                    raise PermissionDeniedError(
+                        "GPU pinning is disabled on this gateway", code="gpu_pinning_disabled"
+                    )
+                prepared.pinned_gpu = pin
             await self.service.authorize(prepared, api_key)
             if prepared.stream:
                 stream, _ = await self.service.stream(prepared)
@@ -112,7 +150,7 @@ class Gateway:
                 "created": self.created,
                 "owned_by": "tokenweir",
                 "max_model_len": self.entries[name].max_model_len,
-                "pools": [p.name for p in self.service.pools if p.model == name],
+                "pools": [p.name for p in self.pools.pools if p.model == name],
             }
             for name in self.cfg.served_models()
         ]
@@ -136,17 +174,26 @@ class Gateway:
             except Exception as e:
                 results[pool.name] = f"not ready: {type(e).__name__}"
 
-        await asyncio.gather(*(probe(p) for p in self.service.pools))
+        await asyncio.gather(*(probe(p) for p in self.pools.pools))
         if all(v == "ready" for v in results.values()):
             return json_response({"status": "ready", "pools": results}, rid)
         err = ServiceUnavailableError(f"pools not ready: {results}", code="not_ready")
         return error_response(err, rid)
 
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition, complete across gateway replicas, pool replicas and the ledger."""
+        collectors: list[Any] = [BoardCollector(await self.board.read.remote())]
+        if self.meter.enabled:
+            await self.meter.refresh_metrics()
+            collectors.append(self.meter.collector)
+        return Response(render(collectors), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/internal/pools")
     async def pool_stats(self, request: Request) -> Response:
         """Per-pool engine counters (one replica each), for `tokenweir status` and tests."""
         out = {}
-        for p in self.service.pools:
+        for p in self.pools.pools:
             try:
                 out[p.name] = await asyncio.wait_for(p.stats(), timeout=5.0)
             except Exception as e:

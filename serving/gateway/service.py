@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,14 +24,18 @@ from serving.api.errors import (
     EngineFailureError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitError,
     ServiceUnavailableError,
 )
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
+from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
-from serving.gateway.pool_client import PoolRef, pick_pool
+from serving.gateway.pools import PoolDirectory, PoolRef
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation
+from serving.metrics import GatewayStats
+from serving.routing import NoPoolForGpuError
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -46,6 +52,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     user: str | None
+    pinned_gpu: str | None = None
+    """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
     requested_max_tokens: int | None = None
     """``max_tokens`` as the client sent it (None: as many as the model length and quota allow)."""
     reservation: Reservation | None = None
@@ -61,6 +69,7 @@ class Outcome:
     status: str = "ok"
     pool: str = ""
     accelerator: str = ""
+    ttft_s: float | None = None
 
 
 def _validation_error(e: ValidationError) -> InvalidRequestError:
@@ -79,7 +88,7 @@ class GatewayService:
         self,
         entries: dict[str, ModelEntry],
         tokenizers: dict[str, PromptTokenizer],
-        pools: list[PoolRef],
+        pools: PoolDirectory,
         first_token_timeout_s: float,
         meter: Meter | None = None,
     ) -> None:
@@ -88,10 +97,8 @@ class GatewayService:
         self.pools = pools
         self.first_token_timeout_s = first_token_timeout_s
         self.meter: Meter = meter or Meter(None, enabled=False)
+        self.stats = GatewayStats()
         self._settling: set[asyncio.Task[None]] = set()
-        self._by_model: dict[str, list[PoolRef]] = {}
-        for p in pools:
-            self._by_model.setdefault(p.model, []).append(p)
 
     # ----------------------------------------------------------------- preparation
     def prepare(
@@ -111,7 +118,7 @@ class GatewayService:
         except ValidationError as e:
             raise _validation_error(e) from e
         entry = self.entries.get(req.model)
-        if entry is None or req.model not in self._by_model:
+        if entry is None or not self.pools.serves(req.model):
             raise NotFoundError(f"The model `{model_name}` does not exist.", param="model")
         tok = self.tokenizers[req.model]
         if isinstance(req, ChatCompletionRequest):
@@ -188,20 +195,28 @@ class GatewayService:
         The engine's ``max_tokens`` becomes the reservation's: a request without ``max_tokens`` gets
         what the model length, the tenant's cap and its balance allow.
         """
+        n = p.sampling.n
         res = await self.meter.authorize(
             api_key,
             p.entry.name,
             len(p.prompt_ids),
-            p.requested_max_tokens,
+            p.requested_max_tokens * n if p.requested_max_tokens is not None else None,
             p.request_id,
-            model_max_len=p.entry.max_model_len,
+            model_max_len=(p.entry.max_model_len - len(p.prompt_ids)) * n + len(p.prompt_ids),
         )
         p.reservation = res
         if self.meter.enabled:
             p.extra_headers.update(res.headers)
-        if res.max_tokens != p.sampling.max_tokens:
+        # The reservation covers every choice: each of the n gets an equal share of it.
+        per_choice = res.max_tokens // n
+        if per_choice < 1:
+            await self.meter.settle(res, 0, 0, "error", "", "")
+            raise InvalidRequestError(
+                f"n={n} choices do not fit in the granted {res.max_tokens} tokens", param="n"
+            )
+        if per_choice != p.sampling.max_tokens:
             p.sampling = dataclasses.replace(
-                p.sampling, max_tokens=res.max_tokens, min_tokens=min(p.sampling.min_tokens, res.max_tokens)
+                p.sampling, max_tokens=per_choice, min_tokens=min(p.sampling.min_tokens, per_choice)
             )
 
     # ----------------------------------------------------------------- dispatch
@@ -211,19 +226,42 @@ class GatewayService:
         return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight)
 
     async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
-        """Dispatch and wait for the first chunk, so failures before it become HTTP errors."""
-        candidates = self._by_model[p.entry.name]
-        pool = pick_pool(candidates)
-        outcome.pool, outcome.accelerator = pool.name, pool.accelerator
-        gen = pool.stream(self._engine_request(p))
-        pool.in_flight += 1
-        try:
-            first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
-        except BaseException as e:
-            pool.in_flight -= 1
-            gen.cancel()
-            raise _map_dispatch_error(e, self.first_token_timeout_s) from e
-        return pool, gen, first
+        """Route, dispatch and wait for the first chunk, so failures before it become HTTP errors.
+
+        A replica that dies or times out before the first token gets one retry elsewhere.
+        """
+        request = self._engine_request(p)
+        failed: str | None = None
+        for attempt in (1, 2):
+            try:
+                pool, _decision = self.pools.choose(
+                    p.entry.name,
+                    len(p.prompt_ids),
+                    p.sampling.max_tokens * p.sampling.n,
+                    p.pinned_gpu,
+                    failed,
+                )
+            except NoPoolForGpuError as e:
+                raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
+            outcome.pool, outcome.accelerator = pool.name, pool.accelerator
+            gen = pool.stream(request)
+            pool.in_flight += 1
+            t0 = time.monotonic()
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+                outcome.ttft_s = time.monotonic() - t0
+                p.extra_headers["x-tokenweir-pool"] = pool.name
+                p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
+            except BaseException as e:
+                pool.in_flight -= 1
+                gen.cancel()
+                if attempt == 1 and _retryable(e):
+                    log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
+                    failed = pool.name
+                    continue
+                raise _map_dispatch_error(e, self.first_token_timeout_s) from e
+            return pool, gen, first
+        raise AssertionError("unreachable")
 
     async def _open_or_settle(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
         """``_open``, releasing the reservation when nothing was produced."""
@@ -340,6 +378,9 @@ class GatewayService:
             await asyncio.shield(task)
 
     async def _settle(self, p: Prepared, outcome: Outcome) -> None:
+        self.stats.count(
+            p.entry.name, outcome.pool, outcome.status, outcome.completion_tokens, outcome.ttft_s
+        )
         if p.reservation is None or not self.meter.enabled:
             return
         try:
@@ -358,10 +399,39 @@ class GatewayService:
 _SETTLE_OUTCOME = {"ok": "completed", "engine_error": "error", "disconnected": "aborted"}
 
 
+def _admission_refusal(e: BaseException) -> AdmissionRefused | None:
+    if isinstance(e, AdmissionRefused):
+        return e
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, AdmissionRefused) else None
+
+
+def _retryable(e: BaseException) -> bool:
+    """A replica death or timeout before the first token (not a refusal, not a cancellation)."""
+    if isinstance(e, asyncio.CancelledError) or _admission_refusal(e) is not None:
+        return False
+    if isinstance(e, asyncio.TimeoutError | TimeoutError):
+        return True
+    name = type(e).__name__
+    return any(
+        k in name for k in ("ActorDied", "ActorUnavailable", "RayActorError")
+    ) or "EngineDeadError" in str(e)
+
+
 def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
     """Map what a pool call raised to the client-visible error."""
     if isinstance(e, APIError):
         return e
+    refusal = _admission_refusal(e)
+    if refusal is not None:
+        retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
+        body = refusal.error_body()["error"]
+        err: APIError
+        if refusal.status_code == 429:
+            err = RateLimitError(str(body["message"]), code=str(body["code"]), headers=retry)
+        else:
+            err = ServiceUnavailableError(str(body["message"]), code=str(body["code"]), headers=retry)
+        return err
     if isinstance(e, asyncio.TimeoutError | TimeoutError):
         return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
     name = type(e).__name__

@@ -9,6 +9,7 @@ process (:class:`LocalTransport`) or the shared Ray actor (:class:`ActorTranspor
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from serving.tenancy import (
 
 from ._core import LedgerCore
 from ._stats import LedgerStats
+from ._types import LedgerUnavailableError, Refusal
 
 __all__ = ["LedgerClient", "LedgerTransport", "LocalTransport"]
 
@@ -81,7 +83,7 @@ class _Coalescer:
         self._futs.append(fut)
         if not self._scheduled and self._in_flight < self._max_in_flight:
             self._scheduled = True
-            loop.call_soon(self._launch)  # let the rest of this tick join the batch
+            loop.call_soon(self._launch, context=contextvars.Context())  # the rest of this tick joins
         return fut
 
     def _launch(self) -> None:
@@ -90,15 +92,24 @@ class _Coalescer:
             ops, futs = self._ops[: self._max_batch], self._futs[: self._max_batch]
             del self._ops[: self._max_batch], self._futs[: self._max_batch]
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._call(ops, futs))
+            # A fresh context: the call must not count as a child of whichever request's tick
+            # launched it, or Ray cancels it (and every other request's ops in the batch) when
+            # that request ends or is cancelled.
+            asyncio.get_running_loop().create_task(self._call(ops, futs), context=contextvars.Context())
 
     async def _call(self, ops: list[tuple[Any, ...]], futs: list[asyncio.Future[Any]]) -> None:
         try:
             results = await self._send(ops)
-        except Exception as e:
+        except BaseException as e:
             for f in futs:
                 if not f.done():
-                    f.set_exception(e)
+                    f.set_exception(
+                        e
+                        if isinstance(e, Exception)
+                        else LedgerUnavailableError(Refusal("ledger_unavailable", "ledger call cancelled"))
+                    )
+            if not isinstance(e, Exception):
+                raise
         else:
             for f, r in zip(futs, results, strict=True):
                 if not f.done():

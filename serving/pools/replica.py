@@ -1,19 +1,30 @@
-"""A pool replica: one engine (vLLM or simulated) for one model on one accelerator type.
+"""A pool replica: one engine (vLLM or simulated) for one model on one accelerator type, behind the
+tenant-fair admission core.
 
 Ray Serve runs this class as the deployment ``pool-<name>``; the gateway reaches it through a
-streaming deployment handle. Cancelling the handle's stream (client gone) cancels ``generate`` here,
-which aborts the request in the engine.
+streaming deployment handle. A request first waits in the admission queue (VTC fair share, adaptive
+in-flight limit); refusals raise :class:`AdmissionRefused`, which the gateway maps to 429/503.
+Cancelling the handle's stream (client gone) cancels ``generate`` here, which leaves the queue or
+aborts the request in the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from models.catalog import ModelEntry
+from serving.batching import AdmissionConfig, AdmissionCore, AsyncAdmission
 from serving.config.schema import PoolConfig
 from serving.engines.base import Engine, EngineChunk, EngineRequest
+from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
+
+log = logging.getLogger("tokenweir.pool")
 
 
 def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engine:
@@ -31,11 +42,24 @@ def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engi
     return build_sim_engine(pool, entry)
 
 
+def replica_id() -> str:
+    """This Serve replica's unique id (the process id outside Serve)."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return str(getattr(ctx.replica_id, "unique_id", None) or ctx.replica_tag)
+    except Exception:
+        import os
+
+        return f"pid-{os.getpid()}"
+
+
 class PoolReplica:
     """The body of a pool deployment replica."""
 
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
-        self, pool: dict[str, Any], entry: dict[str, Any], model_source: str
+        self, pool: dict[str, Any], entry: dict[str, Any], model_source: str, namespace: str = "tokenweir"
     ) -> None:
         self.pool = PoolConfig.model_validate(pool)
         self.entry = ModelEntry.model_validate(entry)
@@ -44,32 +68,88 @@ class PoolReplica:
         self._started = 0
         self._aborted = 0
         await self._engine.start()
+        cap = self._engine.capacity()
+        self.admission = AsyncAdmission(
+            AdmissionCore(
+                AdmissionConfig(
+                    max_num_seqs=cap.max_num_seqs,
+                    kv_capacity_tokens=cap.kv_capacity_tokens,
+                    ttft_slo_ms=self.pool.slo.ttft_ms,
+                    tpot_slo_ms=self.pool.slo.tpot_ms,
+                    **self.pool.admission,
+                )
+            )
+        )
+        self._id = replica_id()
+        self._board = get_board(namespace)
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream the request's output; the engine merges deltas while a message is being sent."""
-        stream = self._engine.generate(request)
+        """Wait for admission, then stream the engine's output."""
+        rid = request.request_id
+        n = request.sampling.n
+        await self.admission.acquire(
+            rid,
+            request.tenant_id,
+            request.tenant_weight,
+            len(request.prompt_token_ids),
+            request.sampling.max_tokens * n,
+        )
         self._started += 1
         finished = False
+        prompt_tokens = len(request.prompt_token_ids)
+        completion_tokens = 0
+        stream = self._engine.generate(request)
         try:
             async for chunk in stream:
                 finished = chunk.finished
+                new = chunk.completion_tokens - completion_tokens
+                completion_tokens = chunk.completion_tokens
+                prompt_tokens = chunk.prompt_tokens
+                if new:
+                    self.admission.on_tokens(rid, new)
                 yield chunk
                 if self._interval_s and not finished:
                     await asyncio.sleep(self._interval_s)
         finally:
             if not finished:
                 self._aborted += 1
+            self.admission.done(rid, prompt_tokens, completion_tokens)
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def stats(self) -> dict[str, Any]:
-        """The replica's engine counters, for status and tests."""
+    def _payload(self) -> dict[str, Any]:
+        core = self.admission.core
+        snap = dataclasses.replace(core.snapshot(self.admission.now()), taken_at_s=time.time())
         return {
             "pool": self.pool.name,
+            "accelerator": self.pool.accelerator,
+            "snapshot": snap,
+            "admission": core.stats(),
+            "engine_unfinished": self._engine.num_unfinished(),
+        }
+
+    async def _publish_forever(self) -> None:
+        while True:
+            try:
+                self._board.publish.remote("pool", f"{self.pool.name}/{self._id}", self._payload())
+            except Exception:  # the board restarts on its own; routing tolerates a missed beat
+                log.debug("load board publish failed", exc_info=True)
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    async def stats(self) -> dict[str, Any]:
+        """The replica's engine and admission counters, for status and tests."""
+        a = self.admission.core.stats()
+        return {
+            "pool": self.pool.name,
+            "replica": self._id,
             "accelerator": self.pool.accelerator,
             "engine": self.pool.engine,
             "num_unfinished": self._engine.num_unfinished(),
             "requests_started": self._started,
             "requests_aborted": self._aborted,
+            "queue_depth": a.queue_depth,
+            "in_flight_seqs": a.in_flight_seqs,
+            "seq_limit": a.seq_limit,
         }
 
     async def ready(self) -> bool:
@@ -82,4 +162,7 @@ class PoolReplica:
         await self._engine.check_health()
 
     async def __del__(self) -> None:
+        self._publisher.cancel()
+        with contextlib.suppress(BaseException):
+            await self._publisher
         await self._engine.shutdown()

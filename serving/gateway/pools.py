@@ -1,0 +1,143 @@
+"""The gateway's view of the pools: their handles, static facts for routing, and the load each
+publishes on the load board (refreshed every ``PUBLISH_INTERVAL_S``, so at most ~1 s stale)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.catalog import ModelEntry
+from serving.batching import AdmissionConfig, LoadSnapshot, merge_snapshots
+from serving.config.schema import PoolConfig
+from serving.engines.base import EngineRequest
+from serving.hardware import PerfModel, PlanError, get_gpu, with_prices
+from serving.pools.loadboard import PUBLISH_INTERVAL_S
+from serving.pools.planning import engine_args, model_arch, plan_pool
+from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest, price_per_mtok
+
+log = logging.getLogger("tokenweir.gateway.pools")
+
+
+@dataclass
+class PoolRef:
+    """A pool as the gateway sees it: config facts and its deployment handle."""
+
+    name: str
+    model: str
+    accelerator: str
+    replicas: int
+    handle: Any
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 100.0
+    in_flight: int = 0
+    board: list[dict[str, Any]] = field(default_factory=list)
+    """The latest payload of each replica from the load board (for /metrics and status)."""
+
+    def stream(self, request: EngineRequest) -> Any:
+        """A ``DeploymentResponseGenerator`` of engine chunks (cancel() aborts upstream)."""
+        return self.handle.options(stream=True).generate.remote(request)
+
+    async def stats(self) -> dict[str, Any]:
+        """One replica's stats (whichever Serve picks)."""
+        return dict(await self.handle.stats.remote())
+
+    async def ready(self) -> bool:
+        """Whether a replica answers its readiness probe."""
+        return bool(await self.handle.ready.remote())
+
+
+def pool_info(pool: PoolConfig, entry: ModelEntry, gpu_prices: dict[str, float]) -> PoolInfo:
+    """Static routing facts of a pool: its performance model, price per token, batch bounds."""
+    gpu = with_prices(gpu_prices)[pool.accelerator] if gpu_prices else get_gpu(pool.accelerator)
+    arch = model_arch(entry)
+    args = engine_args(pool, entry)
+    try:
+        tokens_per_s = plan_pool(pool, entry, gpu_prices).tokens_per_s
+    except PlanError:
+        tokens_per_s = 0.0
+    replica_gpus = 0 if pool.accelerator == "CPU" else pool.gpus_per_replica
+    price = (
+        price_per_mtok(gpu.price_per_hour_relative, tokens_per_s, max(replica_gpus, 1))
+        if tokens_per_s
+        else 0.0
+    )
+    deadline = AdmissionConfig(
+        max_num_seqs=1,
+        kv_capacity_tokens=1,
+        ttft_slo_ms=pool.slo.ttft_ms,
+        tpot_slo_ms=pool.slo.tpot_ms,
+        **pool.admission,
+    ).queue_deadline_s
+    return PoolInfo(
+        pool_id=pool.name,
+        model=pool.model,
+        gpu_type=pool.accelerator,
+        price_per_mtok=price,
+        predictor=PerfModel(arch, gpu),
+        chunk_tokens=int(args.get("max_num_batched_tokens", 2048)),
+        max_num_seqs=int(args.get("max_num_seqs", 256)),
+        queue_deadline_s=deadline,
+        replicas=pool.replicas,
+    )
+
+
+class PoolDirectory:
+    """Pools by model, the router over them, and the board reader that feeds it."""
+
+    def __init__(self, pools: list[PoolRef], infos: list[PoolInfo]) -> None:
+        self.pools = pools
+        self.by_name = {p.name: p for p in pools}
+        self.router = Router(infos)
+        self._by_model: dict[str, list[PoolRef]] = defaultdict(list)
+        for p in pools:
+            self._by_model[p.model].append(p)
+        self.gpu_types = {p.accelerator.lower() for p in pools}
+
+    def serves(self, model: str) -> bool:
+        """Whether some pool serves ``model``."""
+        return model in self._by_model
+
+    def choose(
+        self,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        pinned_gpu: str | None,
+        exclude: str | None = None,
+    ) -> tuple[PoolRef, RouteDecision | None]:
+        """The pool for one request (``exclude``: a pool just failed; take another if any)."""
+        candidates = self._by_model[model]
+        if exclude and len(candidates) > 1 and pinned_gpu is None:
+            others = [p for p in candidates if p.name != exclude]
+            return min(others, key=lambda p: p.in_flight / p.replicas), None
+        slo_ttft = min(p.ttft_slo_ms for p in candidates)
+        slo_tpot = min(p.tpot_slo_ms for p in candidates)
+        decision = self.router.route(
+            RouteRequest(model, prompt_tokens, max_tokens, slo_ttft, slo_tpot, pinned_gpu), time.time()
+        )
+        return self.by_name[decision.pool_id], decision
+
+    def apply_board(self, entries: list[tuple[str, str, float, Any]]) -> None:
+        """Take the board's pool entries: merge each pool's replica snapshots for the router."""
+        per_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for _kind, _key, _age, payload in entries:
+            per_pool[payload["pool"]].append(payload)
+        for name, ref in self.by_name.items():
+            payloads = per_pool.get(name, [])
+            ref.board = payloads
+            snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
+            if snaps:
+                self.router.update_snapshot(name, merge_snapshots(snaps))
+
+    async def follow_board(self, board: Any) -> None:
+        """Background task: read the board every publish interval (one small actor call)."""
+        while True:
+            try:
+                self.apply_board(await board.read.remote("pool"))
+            except Exception:  # keep routing on the last snapshots; they go stale and are ignored
+                log.debug("load board read failed", exc_info=True)
+            await asyncio.sleep(PUBLISH_INTERVAL_S)

@@ -1,0 +1,181 @@
+"""Prometheus exposition from plain-data stats (the hot paths only fill dataclasses and dicts).
+
+``/metrics`` on any gateway replica is complete: pool replicas and gateway replicas publish their
+stats to the load board, the ledger keeps tenant accounting; a scrape renders all of it. Labels are
+bounded: pools and replicas by the deployment, tenants by the tenant table, reasons by enums.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+P = "tokenweir"
+
+
+@dataclass
+class GatewayStats:
+    """One gateway replica's counters (cumulative since it started)."""
+
+    requests_total: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """By (model, pool, outcome)."""
+    completion_tokens_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Streamed/returned completion tokens by (model, pool)."""
+    ttft_seconds_sum: dict[str, float] = field(default_factory=dict)
+    ttft_seconds_count: dict[str, int] = field(default_factory=dict)
+    """Gateway-side time to first token by pool (sum and count, for a mean rate)."""
+    routing_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Routing decisions by (pool, reason)."""
+    in_flight: int = 0
+
+    def count(
+        self, model: str, pool: str, outcome: str, completion_tokens: int, ttft_s: float | None
+    ) -> None:
+        """Record one finished request."""
+        k = (model, pool, outcome)
+        self.requests_total[k] = self.requests_total.get(k, 0) + 1
+        kt = (model, pool)
+        self.completion_tokens_total[kt] = self.completion_tokens_total.get(kt, 0) + completion_tokens
+        if ttft_s is not None:
+            self.ttft_seconds_sum[pool] = self.ttft_seconds_sum.get(pool, 0.0) + ttft_s
+            self.ttft_seconds_count[pool] = self.ttft_seconds_count.get(pool, 0) + 1
+
+
+class BoardCollector(Collector):
+    """Metric families from load-board payloads (``pool`` and ``gateway`` entries)."""
+
+    def __init__(self, entries: Iterable[tuple[str, str, float, Any]]) -> None:
+        self.entries = list(entries)
+
+    def collect(self) -> Iterator[Metric]:
+        pools = [(k, p) for kind, k, _a, p in self.entries if kind == "pool"]
+        gateways = [p for kind, _k, _a, p in self.entries if kind == "gateway"]
+        yield from _pool_families(pools)
+        yield from _gateway_families(gateways)
+
+
+def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    lbl = ["pool", "replica", "gpu"]
+    gauges = {
+        "queue_depth": GaugeMetricFamily(
+            f"{P}_pool_queue_depth", "Requests waiting for admission.", labels=lbl
+        ),
+        "queued_tokens": GaugeMetricFamily(
+            f"{P}_pool_queued_tokens", "Prompt+max tokens queued.", labels=lbl
+        ),
+        "in_flight_seqs": GaugeMetricFamily(
+            f"{P}_pool_in_flight_seqs", "Sequences in the engine.", labels=lbl
+        ),
+        "in_flight_tokens": GaugeMetricFamily(
+            f"{P}_pool_in_flight_tokens", "KV tokens in flight.", labels=lbl
+        ),
+        "seq_limit": GaugeMetricFamily(
+            f"{P}_pool_seq_limit", "Adaptive in-flight sequence limit.", labels=lbl
+        ),
+        "token_limit": GaugeMetricFamily(
+            f"{P}_pool_token_limit", "Adaptive in-flight token limit.", labels=lbl
+        ),
+        "recent_slo_attainment": GaugeMetricFamily(
+            f"{P}_pool_slo_attainment_ratio", "Share of recent requests meeting both SLOs.", labels=lbl
+        ),
+        "recent_tpot_s": GaugeMetricFamily(
+            f"{P}_pool_measured_tpot_seconds", "Recent mean TPOT.", labels=lbl
+        ),
+        "recent_ttft_s": GaugeMetricFamily(
+            f"{P}_pool_measured_ttft_seconds", "Recent mean TTFT.", labels=lbl
+        ),
+    }
+    counters = {
+        "admitted_total": CounterMetricFamily(f"{P}_pool_admitted", "Requests admitted at once.", labels=lbl),
+        "released_total": CounterMetricFamily(
+            f"{P}_pool_released", "Requests released from the queue.", labels=lbl
+        ),
+        "finished_total": CounterMetricFamily(f"{P}_pool_finished", "Requests finished.", labels=lbl),
+        "slo_met_total": CounterMetricFamily(
+            f"{P}_pool_slo_met", "Finished requests meeting both SLOs.", labels=lbl
+        ),
+    }
+    refused = CounterMetricFamily(f"{P}_pool_refused", "Admission refusals.", labels=[*lbl, "reason"])
+    t_lbl = ["pool", "tenant"]
+    t_queued = GaugeMetricFamily(f"{P}_tenant_queued_tokens", "Tokens a tenant has queued.", labels=t_lbl)
+    t_served = CounterMetricFamily(
+        f"{P}_tenant_served_tokens", "Tokens served to a tenant.", labels=[*t_lbl, "kind"]
+    )
+    tenant_queued: dict[tuple[str, str], float] = defaultdict(float)
+    tenant_served: dict[tuple[str, str, str], float] = defaultdict(float)
+    for key, p in pools:
+        labels = [p["pool"], key.split("/", 1)[-1], p["accelerator"]]
+        st = p["admission"]
+        for name, fam in gauges.items():
+            v = getattr(st, name, None)
+            if v is not None:
+                fam.add_metric(labels, float(v))
+        for name, cfam in counters.items():
+            cfam.add_metric(labels, float(getattr(st, name, 0)))
+        for reason, n in sorted(st.refused_total.items()):
+            refused.add_metric([*labels, reason], float(n))
+        for tenant, ts in st.tenants.items():
+            tenant_queued[(p["pool"], tenant)] += ts.queued_tokens
+            tenant_served[(p["pool"], tenant, "prompt")] += ts.served_prompt_tokens
+            tenant_served[(p["pool"], tenant, "completion")] += ts.served_completion_tokens
+    for (pool, tenant), v in sorted(tenant_queued.items()):
+        t_queued.add_metric([pool, tenant], v)
+    for (pool, tenant, kind), v in sorted(tenant_served.items()):
+        t_served.add_metric([pool, tenant, kind], v)
+    yield from gauges.values()
+    yield from counters.values()
+    yield refused
+    yield t_queued
+    yield t_served
+
+
+def _gateway_families(gateways: list[GatewayStats]) -> Iterator[Metric]:
+    req = CounterMetricFamily(
+        f"{P}_requests", "Requests finished by the gateways.", labels=["model", "pool", "outcome"]
+    )
+    tok = CounterMetricFamily(
+        f"{P}_completion_tokens", "Completion tokens returned.", labels=["model", "pool"]
+    )
+    ttft_sum = CounterMetricFamily(f"{P}_ttft_seconds_sum", "Sum of gateway-side TTFT.", labels=["pool"])
+    ttft_cnt = CounterMetricFamily(f"{P}_ttft_seconds_count", "Requests with a first token.", labels=["pool"])
+    route = CounterMetricFamily(f"{P}_routing_decisions", "Routing decisions.", labels=["pool", "reason"])
+    inflight: Metric = GaugeMetricFamily(f"{P}_gateway_in_flight", "Requests in flight at the gateways.")
+    sums: dict[str, dict[Any, float]] = defaultdict(lambda: defaultdict(float))
+    total_in_flight = 0
+    for g in gateways:
+        for name in (
+            "requests_total",
+            "completion_tokens_total",
+            "ttft_seconds_sum",
+            "ttft_seconds_count",
+            "routing_total",
+        ):
+            for k, v in getattr(g, name).items():
+                sums[name][k] += v
+        total_in_flight += g.in_flight
+    for k, v in sorted(sums["requests_total"].items()):
+        req.add_metric(list(k), v)
+    for k, v in sorted(sums["completion_tokens_total"].items()):
+        tok.add_metric(list(k), v)
+    for k, v in sorted(sums["ttft_seconds_sum"].items()):
+        ttft_sum.add_metric([k], v)
+    for k, v in sorted(sums["ttft_seconds_count"].items()):
+        ttft_cnt.add_metric([k], v)
+    for k, v in sorted(sums["routing_total"].items()):
+        route.add_metric(list(k), v)
+    inflight.add_metric([], float(total_in_flight))  # type: ignore[attr-defined]
+    yield from (req, tok, ttft_sum, ttft_cnt, route, inflight)
+
+
+def render(collectors: Iterable[Collector]) -> bytes:
+    """The text exposition of the given collectors (a fresh registry per scrape)."""
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)
+    return generate_latest(reg)

@@ -1,0 +1,103 @@
+"""A two-type simulated fleet (H100 and A10 pools of an 8B model on the performance model) served
+through the real gateway: routing, GPU pinning, exact usage, and a complete /metrics."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+MODEL = "llama-3.1-8b-instruct"
+
+
+@pytest.fixture(scope="module")
+def client(gateway_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def test_fleet_models_and_exact_usage(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list().data}
+    assert {MODEL, "tiny-llama"} <= ids
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello fleet"}],
+        max_tokens=20,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.usage.completion_tokens == 20
+    assert r.choices[0].message.content
+
+
+def test_streaming_from_simulated_pool(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="tell me",
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 12
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize(("gpu", "pool"), [("A10", "sim-a10"), ("H100", "sim-h100")])
+def test_gpu_pinning_header(gateway_url: str, api_key: str, gpu: str, pool: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    r = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {api_key}", "x-tokenweir-gpu": gpu},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tokenweir-pool"] == pool and r.headers["x-tokenweir-gpu"] == gpu
+
+
+def test_pin_to_absent_gpu_is_400(gateway_url: str, api_key: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    r = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {api_key}", "x-tokenweir-gpu": "L20"},
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert "L20" in r.json()["error"]["message"]
+
+
+def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI) -> None:
+    """At light load both pools meet the SLO; the router picks the cheaper price per token."""
+    for _ in range(4):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
+    metrics = httpx.get(f"{gateway_url}/metrics", timeout=30).text
+    decisions = [l for l in metrics.splitlines() if l.startswith("tokenweir_routing_decisions_total{")]
+    assert decisions, metrics[:2000]
+    assert any('reason="cheapest_meets_slo"' in l or 'reason="no_load_data"' in l for l in decisions)
+
+
+def test_metrics_cover_pools_gateways_and_ledger(gateway_url: str, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    import time
+
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{gateway_url}/metrics", timeout=30).text
+        if 'tokenweir_pool_seq_limit{gpu="A10"' in text and "tokenweir_requests_total" in text:
+            break
+        time.sleep(0.5)
+    for family in (
+        "tokenweir_pool_seq_limit",
+        "tokenweir_pool_queue_depth",
+        "tokenweir_tenant_served_tokens_total",
+        "tokenweir_requests_total",
+        "tokenweir_tokens_charged_total",
+        "tokenweir_credits_remaining",
+    ):
+        assert family in text, family
+    assert 'tenant="demo"' in text
+    assert 'gpu="A10"' in text and 'gpu="H100"' in text and 'gpu="CPU"' in text
