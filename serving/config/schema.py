@@ -34,6 +34,9 @@ class GatewayConfig(_Strict):
     """Concurrent requests per gateway replica before Ray Serve queues or rejects."""
     allow_gpu_pinning: bool = True
     """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
+    token_channel: bool = True
+    """Carry streamed tokens on one TCP channel per gateway-pool replica pair, one frame per engine
+    step (off: one Ray message per chunk on each request's handle stream)."""
 
 
 class SloConfig(_Strict):

@@ -323,9 +323,7 @@ class SimStream:
             delta = ChoiceDelta(0, text, self.token_counts[0], finish)
             self.token_counts[0] = 0
             self.done = finish is not None
-            return EngineChunk(
-                [delta], self._prompt_tokens, self.completion_tokens, self.done, self.first_token_at
-            )
+            return EngineChunk([delta], self._prompt_tokens, self.completion_tokens, self.done)
         deltas = []
         for i, pending in enumerate(self.deltas_pending):
             if not pending:
@@ -354,5 +352,4 @@ class SimStream:
             prompt_tokens=self._prompt_tokens,
             completion_tokens=self.completion_tokens,
             finished=finished,
-            first_token_at=self.first_token_at,
         )

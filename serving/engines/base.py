@@ -49,6 +49,8 @@ class EngineRequest:
     tenant_id: str = "default"
     """Who pays; the pool's fair queue uses it."""
     tenant_weight: float = 1.0
+    reply_to: str | None = None
+    """The gateway replica's channel id: its chunks after the first go on that channel when open."""
 
 
 @dataclass(slots=True)
@@ -80,8 +82,9 @@ class EngineChunk:
     prompt_tokens: int
     completion_tokens: int
     finished: bool = False
-    first_token_at: float | None = None
-    """Monotonic time (engine side) the first token was produced, when known."""
+    via_channel: str | None = None
+    """Set by the pool replica on a request's first chunk: the rest of the request's chunks come on
+    this replica's token channel (``serving.pools.channel``) instead of the handle stream."""
 
 
 @dataclass(frozen=True, slots=True)

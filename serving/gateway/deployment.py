@@ -34,6 +34,7 @@ from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import ActorTransport, LedgerClient, Meter, QuotaError, get_or_create_ledger_actor
 from serving.metrics import BoardCollector, render
+from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.pools.replica import replica_id
 from serving.tenancy import make_tenancy_router
@@ -68,14 +69,20 @@ class Gateway:
             for p in self.cfg.pools
         ]
         infos = [pool_info(p, self.entries[p.model], self.cfg.gpu_prices) for p in self.cfg.pools]
-        self.pools = PoolDirectory(refs, infos)
+        self._replica = replica_id()
+        self.channels = ChannelClient(self._replica) if self.cfg.gateway.token_channel else None
+        self.pools = PoolDirectory(refs, infos, self.channels)
         self.meter = self._make_meter()
         self.service = GatewayService(
-            self.entries, tokenizers, self.pools, self.cfg.gateway.first_token_timeout_s, self.meter
+            self.entries,
+            tokenizers,
+            self.pools,
+            self.cfg.gateway.first_token_timeout_s,
+            self.meter,
+            self.channels,
         )
         self.created = int(time.time())
         self.board = get_board(self.cfg.ray.namespace)
-        self._replica = replica_id()
         self._tasks = [
             loop.create_task(self.pools.follow_board(self.board)),
             loop.create_task(self._publish_stats()),

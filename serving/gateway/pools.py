@@ -15,6 +15,7 @@ from serving.batching import AdmissionConfig, LoadSnapshot, merge_snapshots
 from serving.config.schema import PoolConfig
 from serving.engines.base import EngineRequest
 from serving.hardware import PerfModel, PlanError, get_gpu, with_prices
+from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
 from serving.pools.planning import engine_args, model_arch, plan_pool
 from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest, price_per_mtok
@@ -88,8 +89,11 @@ def pool_info(pool: PoolConfig, entry: ModelEntry, gpu_prices: dict[str, float])
 class PoolDirectory:
     """Pools by model, the router over them, and the board reader that feeds it."""
 
-    def __init__(self, pools: list[PoolRef], infos: list[PoolInfo]) -> None:
+    def __init__(
+        self, pools: list[PoolRef], infos: list[PoolInfo], channels: ChannelClient | None = None
+    ) -> None:
         self.pools = pools
+        self.channels = channels
         self.by_name = {p.name: p for p in pools}
         self.router = Router(infos)
         self._by_model: dict[str, list[PoolRef]] = defaultdict(list)
@@ -126,6 +130,10 @@ class PoolDirectory:
         per_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for _kind, _key, _age, payload in entries:
             per_pool[payload["pool"]].append(payload)
+        if self.channels is not None:
+            self.channels.sync(
+                (p["replica"], *p["channel"]) for _k, _key, _a, p in entries if p.get("pool") in self.by_name
+            )
         for name, ref in self.by_name.items():
             payloads = per_pool.get(name, [])
             ref.board = payloads

@@ -32,9 +32,11 @@ from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
 from serving.gateway.pools import PoolDirectory, PoolRef
+from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation
 from serving.metrics import GatewayStats
+from serving.pools.channel import ChannelClient, ChannelLost
 from serving.routing import NoPoolForGpuError
 
 log = logging.getLogger("tokenweir.gateway")
@@ -91,6 +93,7 @@ class GatewayService:
         pools: PoolDirectory,
         first_token_timeout_s: float,
         meter: Meter | None = None,
+        channels: ChannelClient | None = None,
     ) -> None:
         self.entries = entries
         self.tokenizers = tokenizers
@@ -98,6 +101,7 @@ class GatewayService:
         self.first_token_timeout_s = first_token_timeout_s
         self.meter: Meter = meter or Meter(None, enabled=False)
         self.stats = GatewayStats()
+        self.channels = channels
         self._settling: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- preparation
@@ -223,47 +227,57 @@ class GatewayService:
     def _engine_request(self, p: Prepared) -> EngineRequest:
         tenant = p.reservation.tenant_id if p.reservation else "default"
         weight = p.reservation.tenant_weight if p.reservation else 1.0
-        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight)
+        reply_to = self.channels.gateway_id if self.channels is not None else None
+        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight, reply_to)
 
-    async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
+    async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, ChunkStream, EngineChunk]:
         """Route, dispatch and wait for the first chunk, so failures before it become HTTP errors.
 
         A replica that dies or times out before the first token gets one retry elsewhere.
         """
         request = self._engine_request(p)
+        if self.channels is not None:
+            self.channels.register(p.request_id)
         failed: str | None = None
-        for attempt in (1, 2):
-            try:
-                pool, _decision = self.pools.choose(
-                    p.entry.name,
-                    len(p.prompt_ids),
-                    p.sampling.max_tokens * p.sampling.n,
-                    p.pinned_gpu,
-                    failed,
-                )
-            except NoPoolForGpuError as e:
-                raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
-            outcome.pool, outcome.accelerator = pool.name, pool.accelerator
-            gen = pool.stream(request)
-            pool.in_flight += 1
-            t0 = time.monotonic()
-            try:
-                first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+        try:
+            for attempt in (1, 2):
+                try:
+                    pool, _decision = self.pools.choose(
+                        p.entry.name,
+                        len(p.prompt_ids),
+                        p.sampling.max_tokens * p.sampling.n,
+                        p.pinned_gpu,
+                        failed,
+                    )
+                except NoPoolForGpuError as e:
+                    raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
+                outcome.pool, outcome.accelerator = pool.name, pool.accelerator
+                gen = pool.stream(request)
+                pool.in_flight += 1
+                t0 = time.monotonic()
+                try:
+                    first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+                except BaseException as e:
+                    pool.in_flight -= 1
+                    gen.cancel()
+                    if attempt == 1 and _retryable(e):
+                        log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
+                        failed = pool.name
+                        continue
+                    raise _map_dispatch_error(e, self.first_token_timeout_s) from e
                 outcome.ttft_s = time.monotonic() - t0
                 p.extra_headers["x-tokenweir-pool"] = pool.name
                 p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
-            except BaseException as e:
-                pool.in_flight -= 1
-                gen.cancel()
-                if attempt == 1 and _retryable(e):
-                    log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
-                    failed = pool.name
-                    continue
-                raise _map_dispatch_error(e, self.first_token_timeout_s) from e
-            return pool, gen, first
+                return pool, ChunkStream(gen, first, self.channels, p.request_id), first
+        except BaseException:
+            if self.channels is not None:
+                self.channels.unregister(p.request_id)
+            raise
         raise AssertionError("unreachable")
 
-    async def _open_or_settle(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, Any, EngineChunk]:
+    async def _open_or_settle(
+        self, p: Prepared, outcome: Outcome
+    ) -> tuple[PoolRef, ChunkStream, EngineChunk]:
         """``_open``, releasing the reservation when nothing was produced."""
         try:
             return await self._open(p, outcome)
@@ -275,31 +289,38 @@ class GatewayService:
     async def stream(self, p: Prepared) -> tuple[AsyncIterator[bytes], Outcome]:
         """Open the stream (errors before the first token raise) and return the SSE body iterator."""
         outcome = Outcome(prompt_tokens=len(p.prompt_ids))
-        pool, gen, first = await self._open_or_settle(p, outcome)
+        pool, chunks, first = await self._open_or_settle(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, p.include_usage)
-        return self._relay(p, pool, gen, first, renderer, outcome), outcome
+        return self._relay(p, pool, chunks, first, renderer, outcome), outcome
 
     async def _relay(
-        self, p: Prepared, pool: PoolRef, gen: Any, first: EngineChunk, renderer: Renderer, outcome: Outcome
+        self,
+        p: Prepared,
+        pool: PoolRef,
+        chunks: ChunkStream,
+        first: EngineChunk,
+        renderer: Renderer,
+        outcome: Outcome,
     ) -> AsyncIterator[bytes]:
-        chunk = first
+        batch = [first]
         finished = False
         try:
             while True:
-                outcome.completion_tokens = chunk.completion_tokens
-                outcome.prompt_tokens = chunk.prompt_tokens
-                events = renderer.stream_events(chunk.deltas)
-                if chunk.finished:
-                    finished = True
-                    if p.include_usage:
-                        events += renderer.usage_event(chunk.prompt_tokens, chunk.completion_tokens)
-                    yield events + DONE_EVENT
-                    return
+                events = b""
+                for chunk in batch:
+                    outcome.completion_tokens = chunk.completion_tokens
+                    outcome.prompt_tokens = chunk.prompt_tokens
+                    events += renderer.stream_events(chunk.deltas)
+                    if chunk.finished:
+                        finished = True
+                        if p.include_usage:
+                            events += renderer.usage_event(chunk.prompt_tokens, chunk.completion_tokens)
+                        yield events + DONE_EVENT
+                        return
                 if events:
                     yield events
-                try:
-                    chunk = await gen.__anext__()
-                except StopAsyncIteration:
+                batch = await chunks.next_batch()
+                if not batch:
                     finished = True
                     yield DONE_EVENT
                     return
@@ -313,10 +334,9 @@ class GatewayService:
             yield sse_event(err.body()) + DONE_EVENT
         finally:
             pool.in_flight -= 1
-            if not finished:
-                gen.cancel()
-                if outcome.status == "ok":
-                    outcome.status = "disconnected"
+            chunks.close(finished)
+            if not finished and outcome.status == "ok":
+                outcome.status = "disconnected"
             await self._settle_shielded(p, outcome)
 
     async def complete(self, p: Prepared) -> dict[str, Any]:
@@ -328,27 +348,23 @@ class GatewayService:
         lps: dict[int, list[TokenLogprob]] | None = (
             {i: [] for i in range(p.sampling.n)} if p.sampling.logprobs is not None else None
         )
-        pool, gen, chunk = await self._open_or_settle(p, outcome)
+        pool, chunks, first = await self._open_or_settle(p, outcome)
+        batch = [first]
         try:
-            while True:
-                for d in chunk.deltas:
-                    texts.setdefault(d.index, []).append(d.text)
-                    if d.finish_reason is not None:
-                        finish[d.index] = d.finish_reason
-                    if lps is not None and d.logprobs:
-                        lps.setdefault(d.index, []).extend(d.logprobs)
-                outcome.prompt_tokens, outcome.completion_tokens = (
-                    chunk.prompt_tokens,
-                    chunk.completion_tokens,
-                )
-                if chunk.finished:
-                    finished = True
-                    break
-                try:
-                    chunk = await gen.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    break
+            while batch and not finished:
+                for chunk in batch:
+                    for d in chunk.deltas:
+                        texts.setdefault(d.index, []).append(d.text)
+                        if d.finish_reason is not None:
+                            finish[d.index] = d.finish_reason
+                        if lps is not None and d.logprobs:
+                            lps.setdefault(d.index, []).extend(d.logprobs)
+                    outcome.prompt_tokens = chunk.prompt_tokens
+                    outcome.completion_tokens = chunk.completion_tokens
+                    finished = chunk.finished
+                if not finished:
+                    batch = await chunks.next_batch()
+            finished = True
         except (asyncio.CancelledError, GeneratorExit):
             outcome.status = "disconnected"
             raise
@@ -357,8 +373,7 @@ class GatewayService:
             raise _map_dispatch_error(e, self.first_token_timeout_s) from e
         finally:
             pool.in_flight -= 1
-            if not finished:
-                gen.cancel()
+            chunks.close(finished)
             await self._settle_shielded(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, False)
         return renderer.final_body(
@@ -434,6 +449,8 @@ def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
         return err
     if isinstance(e, asyncio.TimeoutError | TimeoutError):
         return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
+    if isinstance(e, ChannelLost):
+        return ServiceUnavailableError(f"lost the model replica mid-stream: {e}")
     name = type(e).__name__
     text = str(e)
     if "BackPressureError" in name or "BackPressure" in text:

@@ -22,6 +22,7 @@ from models.catalog import ModelEntry
 from serving.batching import AdmissionConfig, AdmissionCore, AsyncAdmission
 from serving.config.schema import PoolConfig
 from serving.engines.base import Engine, EngineChunk, EngineRequest
+from serving.pools.channel import ChannelLost, ChannelServer
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 
 log = logging.getLogger("tokenweir.pool")
@@ -55,6 +56,16 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _node_ip() -> str:
+    """Where this replica's token channel listens: the Ray node's address (loopback locally)."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
+
+
 class PoolReplica:
     """The body of a pool deployment replica."""
 
@@ -81,6 +92,8 @@ class PoolReplica:
             )
         )
         self._id = replica_id()
+        self._channels = ChannelServer(_node_ip())
+        self._channel_addr = await self._channels.start()
         self._board = get_board(namespace)
         self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
 
@@ -99,6 +112,8 @@ class PoolReplica:
         finished = False
         prompt_tokens = len(request.prompt_token_ids)
         completion_tokens = 0
+        conn = self._channels.connection(request.reply_to)
+        first = True
         stream = self._engine.generate(request)
         try:
             async for chunk in stream:
@@ -108,7 +123,20 @@ class PoolReplica:
                 prompt_tokens = chunk.prompt_tokens
                 if new:
                     self.admission.on_tokens(rid, new)
-                yield chunk
+                if first:
+                    # The first chunk always rides the request's own stream (TTFT, errors, retries).
+                    first = False
+                    if conn is not None:
+                        chunk.via_channel = self._id
+                    yield chunk
+                elif conn is not None:
+                    if not conn.alive:
+                        raise ChannelLost(f"channel to gateway {request.reply_to} closed")
+                    conn.send(rid, chunk)
+                    if finished:
+                        await conn.drain()
+                else:
+                    yield chunk
                 if self._interval_s and not finished:
                     await asyncio.sleep(self._interval_s)
         finally:
@@ -126,6 +154,8 @@ class PoolReplica:
             "snapshot": snap,
             "admission": core.stats(),
             "engine_unfinished": self._engine.num_unfinished(),
+            "replica": self._id,
+            "channel": self._channel_addr,
         }
 
     async def _publish_forever(self) -> None:
@@ -163,6 +193,7 @@ class PoolReplica:
 
     async def __del__(self) -> None:
         self._publisher.cancel()
+        await self._channels.close()
         with contextlib.suppress(BaseException):
             await self._publisher
         await self._engine.shutdown()

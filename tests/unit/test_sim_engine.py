@@ -85,7 +85,6 @@ async def test_tokens_arrive_on_the_models_timeline() -> None:
     for k in range(3):  # decode of output token k over 1000 + k cached tokens
         expected.append(expected[-1] + PERF.decode_step_time_uniform_s(1, 1000 + k))
     assert times == pytest.approx(expected, abs=1e-9)
-    assert c.chunks[0][1].first_token_at == pytest.approx(expected[0])
     last = c.chunks[-1][1]
     assert last.finished and last.completion_tokens == 4 and last.prompt_tokens == 1000
     assert last.deltas[0].finish_reason == "length"

@@ -1,0 +1,209 @@
+"""The token channel: one TCP connection per (gateway replica, pool replica) that carries the deltas
+of every stream between them, one frame per engine step instead of one Ray message per token.
+
+Ray Serve still carries each request (routing, ``max_ongoing_requests``, cancellation, health): the
+pool yields the first chunk on the request's own handle stream, with ``via_channel`` set when the
+gateway that sent it has a channel here; the rest of that request's chunks then travel on the
+channel, batched with every other stream's chunks of the same engine step. Ray Serve's cost follows
+messages, not tokens (~0.7 ms of CPU per streamed message on two cores), so this removes most of it.
+
+Frames are ``4-byte big-endian length + pickle``. Gateway to pool: ``("hello", gateway_id)`` once.
+Pool to gateway: a list of ``(request_id, EngineChunk)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from serving.engines.base import EngineChunk
+
+log = logging.getLogger("tokenweir.channel")
+_LEN = struct.Struct("!I")
+_MAX_FRAME = 256 * 2**20
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    head = await reader.readexactly(_LEN.size)
+    (n,) = _LEN.unpack(head)
+    if n > _MAX_FRAME:
+        raise ValueError(f"channel frame of {n} bytes exceeds {_MAX_FRAME}")
+    return pickle.loads(await reader.readexactly(n))
+
+
+def _frame(obj: Any) -> bytes:
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(body)) + body
+
+
+class _Outbound:
+    """One gateway's connection at the pool: an outbox flushed once per event-loop pass, so every
+    stream's chunk of one engine step goes out in one frame."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.outbox: list[tuple[str, EngineChunk]] = []
+        self.alive = True
+        self._scheduled = False
+
+    def send(self, request_id: str, chunk: EngineChunk) -> None:
+        self.outbox.append((request_id, chunk))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self.outbox or not self.alive:
+            return
+        items, self.outbox = self.outbox, []
+        try:
+            self.writer.write(_frame(items))
+        except Exception:
+            self.alive = False
+            log.warning("channel write failed; the gateway's streams here are aborted", exc_info=True)
+
+    async def drain(self) -> None:
+        """Flush now and wait until the transport has taken the bytes."""
+        self.flush()
+        await self.writer.drain()
+
+
+class ChannelServer:
+    """The pool replica's end: accepts gateways, sends their streams' chunks."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 0
+        self._conns: dict[str, _Outbound] = {}
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.host, self.port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        gateway_id = None
+        try:
+            kind, gateway_id = await _read_frame(reader)
+            if kind != "hello":
+                raise ValueError(f"unexpected first frame {kind!r}")
+            old = self._conns.get(gateway_id)
+            if old is not None:
+                old.alive = False
+            conn = self._conns[gateway_id] = _Outbound(writer)
+            await reader.read()  # the gateway never sends more; EOF means it went away
+            conn.alive = False
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, pickle.UnpicklingError):
+            pass
+        finally:
+            if (
+                gateway_id is not None
+                and self._conns.get(gateway_id) is not None
+                and not self._conns[gateway_id].alive
+            ):
+                del self._conns[gateway_id]
+            writer.close()
+
+    def connection(self, gateway_id: str | None) -> _Outbound | None:
+        """The live connection of a gateway, if it has one here."""
+        if gateway_id is None:
+            return None
+        conn = self._conns.get(gateway_id)
+        return conn if conn is not None and conn.alive else None
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in self._conns.values():
+            c.alive = False
+            c.writer.close()
+
+
+class ChannelLost(Exception):
+    """The channel carrying a stream closed before the stream finished."""
+
+
+class ChannelClient:
+    """The gateway replica's end: one connection per pool replica, demultiplexed into per-request
+    inboxes (an ``asyncio.Queue`` each, registered before the request is sent)."""
+
+    def __init__(self, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self._inboxes: dict[str, asyncio.Queue[Any]] = {}
+        self._owner: dict[str, str] = {}
+        self._conns: dict[str, asyncio.Task[None]] = {}
+        self._live: set[str] = set()
+
+    def register(self, request_id: str) -> asyncio.Queue[Any]:
+        """An inbox for a request about to be sent (chunks may arrive before its first chunk does)."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._inboxes[request_id] = q
+        return q
+
+    def inbox(self, request_id: str) -> asyncio.Queue[Any]:
+        """The inbox registered for a request."""
+        return self._inboxes[request_id]
+
+    def bind(self, request_id: str, replica_key: str) -> None:
+        """The request's first chunk says its other chunks come on ``replica_key``'s channel."""
+        self._owner[request_id] = replica_key
+        if replica_key not in self._live:
+            q = self._inboxes.get(request_id)
+            if q is not None:
+                q.put_nowait(ChannelLost(f"no channel to pool replica {replica_key}"))
+
+    def unregister(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
+        self._owner.pop(request_id, None)
+
+    def sync(self, endpoints: Iterable[tuple[str, str, int]]) -> None:
+        """Keep one connection per advertised pool replica ``(replica_key, host, port)``."""
+        wanted = {key: (host, port) for key, host, port in endpoints}
+        for key, task in list(self._conns.items()):
+            if key not in wanted or task.done():
+                task.cancel()
+                del self._conns[key]
+        loop = asyncio.get_running_loop()
+        for key, (host, port) in wanted.items():
+            if key not in self._conns:
+                self._conns[key] = loop.create_task(self._run(key, host, port))
+
+    async def _run(self, key: str, host: str, port: int) -> None:
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(_frame(("hello", self.gateway_id)))
+            await writer.drain()
+            self._live.add(key)
+            inboxes = self._inboxes
+            while True:
+                for rid, chunk in await _read_frame(reader):
+                    q = inboxes.get(rid)
+                    if q is not None:
+                        q.put_nowait(chunk)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            log.info("channel to %s closed: %s", key, e)
+        finally:
+            self._live.discard(key)
+            if writer is not None:
+                writer.close()
+            # Streams that were on this channel cannot finish: wake them with the loss.
+            lost = ChannelLost(f"channel to pool replica {key} closed")
+            for rid, owner in list(self._owner.items()):
+                q = self._inboxes.get(rid)
+                if owner == key and q is not None:
+                    q.put_nowait(lost)
+
+    async def close(self) -> None:
+        for t in self._conns.values():
+            t.cancel()
+        for t in self._conns.values():
+            with contextlib.suppress(BaseException):
+                await t
