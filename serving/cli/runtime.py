@@ -43,8 +43,9 @@ def deploy(cfg: TokenweirConfig) -> str:
 
     from serving.app import APP_NAME, build_app
 
-    serve.start(http_options={"host": cfg.gateway.host, "port": cfg.gateway.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    # The gateway replicas serve HTTP themselves (see serving.gateway.deployment); no Serve proxy.
+    serve.start(http_options={"location": "NoServer"})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
     return f"http://{cfg.gateway.host}:{cfg.gateway.port}"
 
 

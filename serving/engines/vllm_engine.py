@@ -43,8 +43,9 @@ class VllmEngine(Engine):
         if kv_gib is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # Our replica is already a Ray actor; vLLM must not try to use Ray for its own workers.
-        args.setdefault("distributed_executor_backend", "mp")
+        # Several devices: multiprocessing workers, not Ray (this replica is already a Ray actor).
+        if int(args.get("tensor_parallel_size", 1)) > 1:
+            args.setdefault("distributed_executor_backend", "mp")
         args.setdefault("disable_log_stats", True)
         args.setdefault("max_model_len", self._max_model_len)
         from vllm.engine.arg_utils import AsyncEngineArgs

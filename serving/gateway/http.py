@@ -25,11 +25,39 @@ _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def error_response(e: APIError | QuotaError, request_id: str) -> JSONResponse:
-    """The one mapping from a client-visible error to an HTTP response.
+class RequestIdMiddleware:
+    """Pure ASGI middleware: every HTTP response carries ``x-request-id`` (the caller's when it sent
+    a well-formed one, else a new one), and the handlers see the same id."""
 
-    Ray Serve's proxy adds ``x-request-id`` to every response, errors included.
-    """
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                text = v.decode("latin-1")
+                rid = text if _REQ_ID_OK.match(text) else None
+                break
+        if rid is None:
+            rid = uuid.uuid4().hex
+            scope["headers"] = [*scope["headers"], (b"x-request-id", rid.encode())]
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def error_response(e: APIError | QuotaError, request_id: str) -> JSONResponse:
+    """The one mapping from a client-visible error to an HTTP response (``x-request-id`` is added
+    by :class:`RequestIdMiddleware`)."""
     body = e.body() if isinstance(e, APIError) else e.to_openai()
     return JSONResponse(body, status_code=e.status_code, headers=dict(e.headers))
 
@@ -44,7 +72,7 @@ def bearer_token(request: Request) -> str:
 def request_id_of(request: Request) -> str:
     """The caller's ``x-request-id`` when well-formed, else a new one."""
     rid = request.headers.get("x-request-id")
-    return rid if rid and _REQ_ID_OK.match(rid) else uuid.uuid4().hex
+    return rid if rid and _REQ_ID_OK.match(rid) else uuid.uuid4().hex  # set by RequestIdMiddleware
 
 
 async def read_json(request: Request, max_body_bytes: int) -> Any:

@@ -74,9 +74,9 @@ def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI)
     for _ in range(4):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
     metrics = httpx.get(f"{gateway_url}/metrics", timeout=30).text
-    decisions = [l for l in metrics.splitlines() if l.startswith("tokenweir_routing_decisions_total{")]
+    decisions = [ln for ln in metrics.splitlines() if ln.startswith("tokenweir_routing_decisions_total{")]
     assert decisions, metrics[:2000]
-    assert any('reason="cheapest_meets_slo"' in l or 'reason="no_load_data"' in l for l in decisions)
+    assert any('reason="cheapest_meets_slo"' in ln or 'reason="no_load_data"' in ln for ln in decisions)
 
 
 def test_metrics_cover_pools_gateways_and_ledger(gateway_url: str, client: openai.OpenAI) -> None:
