@@ -36,7 +36,14 @@ _SHAPE = {
     "max_position_embeddings": 2048,
 }
 _VOCAB_SIZE = 512
-_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|unk|>",
+]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -81,17 +88,33 @@ def build_tiny_model(out_dir: Path | None = None) -> Path:
     return target
 
 
+def _ascii_alphabet() -> list[str]:
+    """The byte-level pre-tokenizer's characters for bytes 0..127 (GPT-2's byte-to-unicode map)."""
+    printable = list(range(ord("!"), ord("~") + 1))
+    mapping, n = {}, 0
+    for b in range(256):
+        if b in printable or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return [mapping[b] for b in range(128)]
+
+
 def _write_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,
         special_tokens=_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # ASCII bytes only: with all 256 a random-weight model often samples a lone high byte, an
+        # incomplete UTF-8 sequence that detokenizes to nothing, so streams would carry silent
+        # tokens. Other characters encode as <|unk|>.
+        initial_alphabet=_ascii_alphabet(),
         show_progress=False,
     )
     text = _DATA.read_text()

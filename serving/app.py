@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve import Application
 
 from models.catalog import CATALOG_PATH, load_catalog, resolve_source
+from serving.cli.runtime import SERVE_ENV
 from serving.config.schema import PoolConfig, TokenweirConfig
 from serving.gateway.deployment import Gateway
 from serving.pools.placement import ray_actor_options_for
@@ -40,7 +41,7 @@ def build_app(cfg: TokenweirConfig) -> Application:
             name=pool_deployment_name(pool),
             num_replicas=pool.replicas,
             max_ongoing_requests=pool.max_ongoing_requests,
-            ray_actor_options=ray_actor_options_for(pool),
+            ray_actor_options={**ray_actor_options_for(pool), "runtime_env": {"env_vars": SERVE_ENV}},
             health_check_period_s=10,
             health_check_timeout_s=60,
             graceful_shutdown_timeout_s=5,
@@ -52,7 +53,7 @@ def build_app(cfg: TokenweirConfig) -> Application:
         name=GATEWAY_DEPLOYMENT,
         num_replicas=cfg.gateway.replicas,
         max_ongoing_requests=cfg.gateway.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.gateway.num_cpus},
+        ray_actor_options={"num_cpus": cfg.gateway.num_cpus, "runtime_env": {"env_vars": SERVE_ENV}},
         graceful_shutdown_timeout_s=5,
     )
     return gateway.bind(cfg.model_dump(mode="json"), entries, tokenizer_sources, handles)
