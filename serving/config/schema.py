@@ -17,7 +17,7 @@ class GatewayConfig(_Strict):
     """The HTTP ingress."""
 
     host: str = "127.0.0.1"
-    """Address the gateway listens on (Ray Serve's HTTP proxy binds here)."""
+    """Address the gateway replicas listen on (each binds it with SO_REUSEPORT)."""
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port of the OpenAI-compatible API."""
     replicas: int = Field(default=1, ge=1, le=64)
@@ -27,11 +27,11 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest accepted request body; larger ones get 413."""
     request_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest a whole request may take before the gateway aborts it."""
+    """Longest a whole request may take; then the gateway aborts it (503, or an SSE error event)."""
     first_token_timeout_s: float = Field(default=120.0, gt=0)
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
-    """Concurrent requests per gateway replica before Ray Serve queues or rejects."""
+    """Concurrent requests (connections) one gateway replica serves; beyond it the replica answers 503."""
     allow_gpu_pinning: bool = True
     """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
     token_channel: bool = True

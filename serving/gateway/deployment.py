@@ -36,7 +36,7 @@ from serving.gateway.http import (
 from serving.gateway.pools import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
-from serving.metering import ActorTransport, LedgerClient, Meter, QuotaError, get_or_create_ledger_actor
+from serving.metering import ActorTransport, LedgerClient, Meter, get_or_create_ledger_actor
 from serving.metrics import BoardCollector, render
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
@@ -98,6 +98,7 @@ class Gateway:
             self.cfg.gateway.first_token_timeout_s,
             self.meter,
             self.channels,
+            self.cfg.gateway.request_timeout_s,
         )
         self.created = int(time.time())
         self.board = get_board(self.cfg.ray.namespace)
@@ -196,7 +197,7 @@ class Gateway:
                 return sse_response(stream, rid, prepared.extra_headers)
             result = await self.service.complete(prepared)
             return json_response(result, rid, prepared.extra_headers)
-        except (APIError, QuotaError) as e:
+        except APIError as e:
             return error_response(e, rid)
 
     def _add_routes(self, app: FastAPI) -> None:

@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.api.errors import APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError
-from serving.metering import QuotaError
 
 log = logging.getLogger("tokenweir.http")
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -55,11 +54,10 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def error_response(e: APIError | QuotaError, request_id: str) -> JSONResponse:
+def error_response(e: APIError, request_id: str) -> JSONResponse:
     """The one mapping from a client-visible error to an HTTP response (``x-request-id`` is added
     by :class:`RequestIdMiddleware`)."""
-    body = e.body() if isinstance(e, APIError) else e.to_openai()
-    return JSONResponse(body, status_code=e.status_code, headers=dict(e.headers))
+    return JSONResponse(e.body(), status_code=e.status_code, headers=dict(e.headers))
 
 
 def bearer_token(request: Request) -> str:

@@ -32,7 +32,7 @@ from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
 from serving.gateway.pools import PoolDirectory, PoolRef
-from serving.gateway.streams import ChunkStream
+from serving.gateway.streams import ChunkStream, RequestTimeout
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation
 from serving.metrics import GatewayStats
@@ -94,6 +94,7 @@ class GatewayService:
         first_token_timeout_s: float,
         meter: Meter | None = None,
         channels: ChannelClient | None = None,
+        request_timeout_s: float = 600.0,
     ) -> None:
         self.entries = entries
         self.tokenizers = tokenizers
@@ -102,6 +103,7 @@ class GatewayService:
         self.meter: Meter = meter or Meter(None, enabled=False)
         self.stats = GatewayStats()
         self.channels = channels
+        self.request_timeout_s = request_timeout_s
         self._settling: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- preparation
@@ -304,6 +306,7 @@ class GatewayService:
     ) -> AsyncIterator[bytes]:
         batch = [first]
         finished = False
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
             while True:
                 events = b""
@@ -319,7 +322,7 @@ class GatewayService:
                         return
                 if events:
                     yield events
-                batch = await chunks.next_batch()
+                batch = await chunks.next_batch(deadline)
                 if not batch:
                     finished = True
                     yield DONE_EVENT
@@ -350,6 +353,7 @@ class GatewayService:
         )
         pool, chunks, first = await self._open_or_settle(p, outcome)
         batch = [first]
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
             while batch and not finished:
                 for chunk in batch:
@@ -363,7 +367,7 @@ class GatewayService:
                     outcome.completion_tokens = chunk.completion_tokens
                     finished = chunk.finished
                 if not finished:
-                    batch = await chunks.next_batch()
+                    batch = await chunks.next_batch(deadline)
             finished = True
         except (asyncio.CancelledError, GeneratorExit):
             outcome.status = "disconnected"
@@ -449,6 +453,8 @@ def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
         return err
     if isinstance(e, asyncio.TimeoutError | TimeoutError):
         return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
+    if isinstance(e, RequestTimeout):
+        return ServiceUnavailableError(str(e), code="request_timeout")
     if isinstance(e, ChannelLost):
         return ServiceUnavailableError(f"lost the model replica mid-stream: {e}")
     name = type(e).__name__

@@ -14,6 +14,10 @@ _FINAL_GRACE_S = 10.0
 """After the handle stream ends, how long the final chunk may still take on the channel."""
 
 
+class RequestTimeout(Exception):
+    """The request ran past ``gateway.request_timeout_s``."""
+
+
 class _HandleEnded:
     __slots__ = ("error",)
 
@@ -51,8 +55,17 @@ class ChunkStream:
         except BaseException as e:
             self._inbox.put_nowait(_HandleEnded(e))
 
-    async def next_batch(self) -> list[EngineChunk]:
-        """The next chunks (several when they queued up meanwhile)."""
+    async def next_batch(self, deadline: float) -> list[EngineChunk]:
+        """The next chunks (several when they queued up meanwhile); ``deadline`` on the loop clock."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._next_batch()
+        except TimeoutError as e:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RequestTimeout("the request ran past the gateway's request_timeout_s") from e
+            raise
+
+    async def _next_batch(self) -> list[EngineChunk]:
         if self._inbox is None:
             try:
                 return [await self.gen.__anext__()]
@@ -76,7 +89,7 @@ class ChunkStream:
         if not out and self._handle_ended:
             # The pool finished: its final chunk is on the channel, possibly a moment behind.
             try:
-                return await self.next_batch()
+                return await self._next_batch()
             except TimeoutError as e:
                 raise ChannelLost("the stream's final chunk never arrived on the channel") from e
         return out

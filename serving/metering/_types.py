@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving.api.errors import APIError
+
 from ._policy import headers_from_rate
 
 __all__ = [
@@ -73,8 +75,9 @@ class Settlement:
     """No reservation and no usage event under this id."""
 
 
-class QuotaError(Exception):
-    """A refused request, mapped to HTTP in one place (the gateway) from these fields."""
+class QuotaError(APIError):
+    """A refused request: an :class:`serving.api.errors.APIError`, so the gateway maps it to HTTP in
+    its one place; the subclasses fix status, type and code."""
 
     status_code = 429
     error_type = "invalid_request_error"
@@ -82,23 +85,15 @@ class QuotaError(Exception):
     param: str | None = None
 
     def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.message)
+        cls = type(self)
+        super().__init__(refusal.message, param=cls.param, code=cls.code, headers=dict(refusal.headers))
         self.refusal = refusal
-        self.message = refusal.message
         self.retry_after_s = refusal.retry_after_s
-        self.headers = dict(refusal.headers)
         self.limit = refusal.limit
 
     def to_openai(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return self.body()
 
 
 class InvalidApiKeyError(QuotaError):
