@@ -9,6 +9,7 @@ ledger is back or a deadline passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -29,6 +30,10 @@ class LedgerActor:
 
     def __init__(self, config_json: str) -> None:
         sys.setswitchinterval(0.0005)  # let the commit thread take the GIL back promptly after fsync
+        # Ray starts workers at nice 15; every request of every gateway waits on this one writer, so
+        # it runs at normal priority where allowed (measured: 4,171 -> 6,498 pairs/s, README "Speed").
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         self._core = LedgerCore(MeteringConfig.model_validate_json(config_json))
         self._started: asyncio.Task[None] | None = None
 
