@@ -72,6 +72,8 @@ def _pick(obj: dict[str, Any]) -> dict[str, int] | None:
 
 
 def _sum_rows(rows: list[Any]) -> dict[str, int] | None:
+    if not rows:
+        return {f: 0 for f in _FIELDS}  # a tenant with no usage yet: every counter is zero
     picked = [r for r in (_pick(x) for x in rows if isinstance(x, dict)) if r]
     if not picked:
         return None

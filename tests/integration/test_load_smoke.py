@@ -53,6 +53,7 @@ def test_smoke_scenario_runs_and_the_meter_agrees(live: dict, tmp_path: Path) ->
     doc = json.loads((out / "summary.json").read_text())
     summary = doc["summary"]
     assert summary["succeeded"] >= 20 and summary["failed"] == 0, summary
+    assert doc["meter"] is not None, doc["meter_unavailable"]
     assert {r["tenant"] for r in doc["meter"]} == {"tenant-a", "tenant-b"}
     for row in doc["meter"]:
         assert row["diff_tokens"] == 0, row  # the gateway charged exactly what the client saw
