@@ -3,7 +3,10 @@
 Each replica is a Ray actor with its own :class:`LedgerClient` (as in the gateway) running
 ``--concurrency`` request loops against the one ledger actor (SQLite, WAL, ``synchronous=FULL``).
 
-    python loadtests/bench_ledger.py [--pairs 20000] [--replicas 4] [--concurrency 128]
+    python loadtests/bench_ledger.py [--pairs 20000] [--replicas 4] [--concurrency 128] [--transport actor]
+
+``--transport socket`` (the gateway's) sends hot batches on the ledger's TCP socket; ``actor`` sends
+them as Ray actor calls, for comparison.
 """
 
 from __future__ import annotations
@@ -19,15 +22,27 @@ from typing import Any
 
 import ray
 
-from serving.metering import ActorTransport, LedgerClient, Meter, MeteringConfig, get_or_create_ledger_actor
+from serving.metering import (
+    ActorTransport,
+    LedgerClient,
+    Meter,
+    MeteringConfig,
+    SocketTransport,
+    get_or_create_ledger_actor,
+)
 from serving.tenancy import TenantCreate, TenantLimits
+
+
+def make_meter(ledger: Any, transport: str) -> Meter:
+    actor = ActorTransport(ledger)
+    return Meter(LedgerClient(SocketTransport(actor) if transport == "socket" else actor))
 
 
 class Replica:
     """A gateway replica stand-in: authorize, then settle, in ``concurrency`` loops."""
 
-    def __init__(self, ledger: Any, api_key: str) -> None:
-        self.meter = Meter(LedgerClient(ActorTransport(ledger)))
+    def __init__(self, ledger: Any, api_key: str, transport: str) -> None:
+        self.meter = make_meter(ledger, transport)
         self.key = api_key
 
     async def run(self, name: str, pairs: int, concurrency: int) -> tuple[int, float, float]:
@@ -45,9 +60,9 @@ class Replica:
         return done, t0, time.perf_counter()
 
 
-async def idle_latency_ms(ledger: Any, api_key: str, n: int = 200) -> tuple[float, float]:
+async def idle_latency_ms(ledger: Any, api_key: str, transport: str, n: int = 200) -> tuple[float, float]:
     """p50 of authorize and of settle with one request at a time (what one request pays)."""
-    meter = Meter(LedgerClient(ActorTransport(ledger)))
+    meter = make_meter(ledger, transport)
     auth, settle = [], []
     for i in range(n):
         t0 = time.perf_counter()
@@ -80,6 +95,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20_000, help="reserve+settle pairs per replica")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=128, help="request loops per replica")
+    ap.add_argument("--transport", choices=("socket", "actor"), default="socket")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
@@ -96,7 +112,8 @@ def main() -> None:
         ray.get(ledger.ping.remote())
         keys = asyncio.run(setup(ledger, args.replicas))
         replicas = [
-            ray.remote(Replica).options(num_cpus=1).remote(ledger, keys[i]) for i in range(args.replicas)
+            ray.remote(Replica).options(num_cpus=1).remote(ledger, keys[i], args.transport)
+            for i in range(args.replicas)
         ]  # type: ignore[attr-defined]
         ray.get([r.run.remote(f"warm{i}", 500, 32) for i, r in enumerate(replicas)])
         results = ray.get(
@@ -108,14 +125,14 @@ def main() -> None:
         problems = ray.get(ledger.read.remote("audit"))
         h = stats.commit_latency
         print(
-            f"replicas={args.replicas} concurrency={args.concurrency} pairs={total} elapsed_s={elapsed:.2f}"
+            f"transport={args.transport} replicas={args.replicas} concurrency={args.concurrency} pairs={total} elapsed_s={elapsed:.2f}"
         )
         print(f"reserve+settle pairs/s: {total / elapsed:,.0f}")
         print(
             f"commits={stats.commits_total} ops/commit={stats.ops_total / max(1, stats.commits_total):.1f}"
             f" mean_commit_ms={1000 * h.sum_s / max(1, h.count):.2f} synchronous=FULL audit_problems={len(problems)}"
         )
-        auth_ms, settle_ms = asyncio.run(idle_latency_ms(ledger, keys[0]))
+        auth_ms, settle_ms = asyncio.run(idle_latency_ms(ledger, keys[0], args.transport))
         print(
             f"idle p50 authorize_ms={auth_ms:.2f} settle_ms={settle_ms:.2f} (one request at a time, durable)"
         )

@@ -36,7 +36,7 @@ from serving.gateway.http import (
 from serving.gateway.pools import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
-from serving.metering import ActorTransport, LedgerClient, Meter, get_or_create_ledger_actor
+from serving.metering import ActorTransport, LedgerClient, Meter, SocketTransport, get_or_create_ledger_actor
 from serving.metrics import BoardCollector, render
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
@@ -117,7 +117,7 @@ class Gateway:
         if not mcfg.enabled:
             return Meter(None, enabled=False)
         actor = get_or_create_ledger_actor(mcfg, namespace=self.cfg.ray.namespace)
-        client = LedgerClient(ActorTransport(actor), max_batch_ops=mcfg.max_batch_ops)
+        client = LedgerClient(SocketTransport(ActorTransport(actor)), max_batch_ops=mcfg.max_batch_ops)
         admin_key = mcfg.admin_key or os.environ.get(mcfg.admin_key_env)
         self.app.include_router(make_tenancy_router(client, admin_key))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)

@@ -11,6 +11,7 @@ from ._core import LedgerCore, LedgerLockedError
 from ._local import local_ledger
 from ._meter import Meter
 from ._policy import ModelPrice, TokenBucket, format_reset, rate_limit_headers
+from ._socket import LedgerSocketServer, SocketTransport
 from ._stats import LedgerCollector, LedgerStats
 from ._types import (
     DuplicateRequestError,
@@ -37,6 +38,7 @@ __all__ = [
     "LedgerCollector",
     "LedgerCore",
     "LedgerLockedError",
+    "LedgerSocketServer",
     "LedgerStats",
     "LedgerTransport",
     "LedgerUnavailableError",
@@ -51,6 +53,7 @@ __all__ = [
     "Refusal",
     "Reservation",
     "Settlement",
+    "SocketTransport",
     "TokenBucket",
     "format_reset",
     "get_or_create_ledger_actor",

@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
+from ._socket import LedgerSocketServer
 from ._types import LedgerUnavailableError, Refusal
 
 __all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
@@ -36,6 +37,7 @@ class LedgerActor:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         self._core = LedgerCore(MeteringConfig.model_validate_json(config_json))
         self._started: asyncio.Task[None] | None = None
+        self._socket: LedgerSocketServer | None = None
 
     async def _ready(self) -> LedgerCore:
         if self._started is None:
@@ -49,6 +51,16 @@ class LedgerActor:
     async def read(self, name: str, *args: Any) -> Any:
         return await (await self._ready()).read(name, *args)
 
+    async def endpoint(self) -> tuple[str, int, bytes]:
+        """Start the ledger and its socket if needed; return ``(host, port, secret)`` of the socket."""
+        core = await self._ready()
+        if self._socket is None:
+            self._socket = LedgerSocketServer(core.apply, _node_ip())
+        if self._socket.endpoint is None:
+            await self._socket.start()
+        assert self._socket.endpoint is not None
+        return self._socket.endpoint
+
     async def ping(self) -> int:
         """Start the ledger if needed; return the actor's process id."""
         await self._ready()
@@ -56,7 +68,17 @@ class LedgerActor:
 
     async def shutdown(self) -> None:
         """Commit what is pending and close the file (call before killing the actor)."""
+        if self._socket is not None:
+            await self._socket.close()
         await (await self._ready()).close()
+
+
+def _node_ip() -> str:
+    """The ledger socket listens on the Ray node's address (loopback on a local cluster)."""
+    try:
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
 
 
 def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "tokenweir") -> Any:

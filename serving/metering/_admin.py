@@ -85,7 +85,7 @@ class AdminOps:
             spec.limits,
             ts,
         )
-        t.apply_limits(spec.limits, now)
+        t.apply_limits(spec.limits, now, self.s.default_limits)
         self.s.tenants[tenant_id] = t
         self.s.batch.statements.append(
             (
@@ -129,7 +129,7 @@ class AdminOps:
         elif u.allowed_models is not None:
             t.allowed_models = frozenset(u.allowed_models)
         if u.limits is not None:
-            t.apply_limits(u.limits, now)
+            t.apply_limits(u.limits, now, self.s.default_limits)
         models = None if t.allowed_models is None else sorted(t.allowed_models)
         self.s.batch.statements.append(
             (
@@ -192,7 +192,7 @@ def load_state(
         t = TenantRecord(
             r["tenant_id"], r["name"], r["weight"], models, r["balance_ucredits"], limits, r["created_at"]
         )
-        t.apply_limits(limits, now)
+        t.apply_limits(limits, now, state.default_limits)
         state.tenants[t.tenant_id] = t
     for r in keys:
         k = KeyRecord(

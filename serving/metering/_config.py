@@ -47,6 +47,11 @@ class MeteringConfig(BaseModel):
     default_max_tokens: int = Field(default=4096, ge=1)
     """Reservation size for a request without ``max_tokens`` when neither the model length nor the
     tenant's cap bounds it."""
+    default_rpm: int | None = Field(default=60_000, ge=1, le=10_000_000)
+    """Requests per minute of a tenant whose own limits set none; ``null``: unlimited (and no
+    ``x-ratelimit-*-requests`` headers for such tenants)."""
+    default_tpm: int | None = Field(default=100_000_000, ge=1, le=10_000_000_000)
+    """Tokens per minute of a tenant whose own limits set none; ``null``: unlimited."""
     reservation_ttl_s: float = Field(default=900.0, gt=0)
     """A reservation not settled within this time is resolved by the crash rule (see ``_core``)."""
     restart_grace_s: float = Field(default=60.0, ge=0)

@@ -40,6 +40,7 @@ from serving.tenancy import (
     RateLimitState,
     TenancyError,
     TenantCreate,
+    TenantLimits,
     TenantUpdate,
     UsageRow,
     UsageSummary,
@@ -87,7 +88,11 @@ class LedgerCore:
     def _new_state(self) -> LedgerState:
         c = self.config
         return LedgerState(
-            c.price_table(), c.default_price.to_price(), c.default_max_tokens, c.reservation_ttl_s
+            c.price_table(),
+            c.default_price.to_price(),
+            c.default_max_tokens,
+            c.reservation_ttl_s,
+            TenantLimits(rpm=c.default_rpm, tpm=c.default_tpm),
         )
 
     async def start(self) -> None:

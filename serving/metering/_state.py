@@ -7,6 +7,7 @@ current :class:`WriteBatch`. Clock-free: callers pass ``now`` (monotonic, for bu
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,10 +38,11 @@ class TenantRecord:
     tpm: TokenBucket | None = None
     ewma_duration_s: float = 1.0
 
-    def apply_limits(self, limits: TenantLimits, now: float) -> None:
+    def apply_limits(self, limits: TenantLimits, now: float, defaults: TenantLimits) -> None:
+        """Set the tenant's limits; RPM and TPM it leaves unset come from ``defaults``."""
         self.limits = limits
-        self.rpm = _bucket(self.rpm, limits.rpm, now)
-        self.tpm = _bucket(self.tpm, limits.tpm, now)
+        self.rpm = _bucket(self.rpm, limits.rpm if limits.rpm is not None else defaults.rpm, now)
+        self.tpm = _bucket(self.tpm, limits.tpm if limits.tpm is not None else defaults.tpm, now)
 
 
 def _bucket(old: TokenBucket | None, capacity: int | None, now: float) -> TokenBucket | None:
@@ -99,8 +101,11 @@ class LedgerState:
         default_price: ModelPrice,
         default_max_tokens: int,
         reservation_ttl_s: float,
+        default_limits: TenantLimits | None = None,
     ) -> None:
         self.prices = prices
+        self.default_limits = default_limits or TenantLimits()
+        """RPM/TPM of tenants that set none (so every tenant's responses carry x-ratelimit-*)."""
         self.default_price = default_price
         self.default_max_tokens = default_max_tokens
         self.reservation_ttl_s = reservation_ttl_s
@@ -146,7 +151,26 @@ class LedgerState:
         now: float,
         ts: float,
     ) -> Reservation | Refusal:
-        """Check key, model, size, RPM, concurrency, TPM and credits; take them all or nothing."""
+        """Check key, model, size, RPM, concurrency, TPM and credits; take them all or nothing.
+
+        A refusal for a known tenant carries its ``x-ratelimit-*`` headers, as a success does."""
+        res = self._reserve(request_id, key_hash, model, prompt_tokens, max_tokens, model_max_len, now, ts)
+        if isinstance(res, Refusal) and res.tenant_id in self.tenants:
+            t = self.tenants[res.tenant_id]
+            res = dataclasses.replace(res, headers={**rate_limit_headers(t.rpm, t.tpm, now), **res.headers})
+        return res
+
+    def _reserve(
+        self,
+        request_id: str,
+        key_hash: str,
+        model: str,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        model_max_len: int | None,
+        now: float,
+        ts: float,
+    ) -> Reservation | Refusal:
         key = self.keys_by_hash.get(key_hash)
         if key is None or key.revoked_at is not None:
             return self._refuse("invalid_api_key", "Incorrect API key provided.")

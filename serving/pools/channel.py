@@ -7,8 +7,9 @@ gateway that sent it has a channel here; the rest of that request's chunks then 
 channel, batched with every other stream's chunks of the same engine step. Ray Serve's cost follows
 messages, not tokens (~0.7 ms of CPU per streamed message on two cores), so this removes most of it.
 
-Frames are ``4-byte big-endian length + pickle``. Gateway to pool: ``("hello", gateway_id)`` once.
-Pool to gateway: a list of ``(request_id, EngineChunk)``.
+Frames are :mod:`serving.wire`'s. Gateway to pool: the replica's secret (published with its address
+on the load board), then ``("hello", gateway_id)`` once. Pool to gateway: a list of
+``(request_id, EngineChunk)``.
 """
 
 from __future__ import annotations
@@ -17,28 +18,15 @@ import asyncio
 import contextlib
 import logging
 import pickle
-import struct
 from collections.abc import Iterable
 from typing import Any
 
 from serving.engines.base import EngineChunk
+from serving.wire import check_secret, new_secret
+from serving.wire import frame as _frame
+from serving.wire import read_frame as _read_frame
 
 log = logging.getLogger("tokenweir.channel")
-_LEN = struct.Struct("!I")
-_MAX_FRAME = 256 * 2**20
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(_LEN.size)
-    (n,) = _LEN.unpack(head)
-    if n > _MAX_FRAME:
-        raise ValueError(f"channel frame of {n} bytes exceeds {_MAX_FRAME}")
-    return pickle.loads(await reader.readexactly(n))
-
-
-def _frame(obj: Any) -> bytes:
-    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(body)) + body
 
 
 class _Outbound:
@@ -80,17 +68,20 @@ class ChannelServer:
     def __init__(self, host: str) -> None:
         self.host = host
         self.port = 0
+        self.secret = new_secret()
         self._conns: dict[str, _Outbound] = {}
         self._server: asyncio.base_events.Server | None = None
 
-    async def start(self) -> tuple[str, int]:
+    async def start(self) -> tuple[str, int, bytes]:
+        """Listen; return ``(host, port, secret)``: what a gateway needs to connect."""
         self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
-        return self.host, self.port
+        return self.host, self.port, self.secret
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         gateway_id = None
         try:
+            await check_secret(reader, self.secret)
             kind, gateway_id = await _read_frame(reader)
             if kind != "hello":
                 raise ValueError(f"unexpected first frame {kind!r}")
@@ -163,23 +154,23 @@ class ChannelClient:
         self._inboxes.pop(request_id, None)
         self._owner.pop(request_id, None)
 
-    def sync(self, endpoints: Iterable[tuple[str, str, int]]) -> None:
-        """Keep one connection per advertised pool replica ``(replica_key, host, port)``."""
-        wanted = {key: (host, port) for key, host, port in endpoints}
+    def sync(self, endpoints: Iterable[tuple[str, str, int, bytes]]) -> None:
+        """Keep one connection per advertised pool replica ``(replica_key, host, port, secret)``."""
+        wanted = {key: (host, port, secret) for key, host, port, secret in endpoints}
         for key, task in list(self._conns.items()):
             if key not in wanted or task.done():
                 task.cancel()
                 del self._conns[key]
         loop = asyncio.get_running_loop()
-        for key, (host, port) in wanted.items():
+        for key, (host, port, secret) in wanted.items():
             if key not in self._conns:
-                self._conns[key] = loop.create_task(self._run(key, host, port))
+                self._conns[key] = loop.create_task(self._run(key, host, port, secret))
 
-    async def _run(self, key: str, host: str, port: int) -> None:
+    async def _run(self, key: str, host: str, port: int, secret: bytes) -> None:
         writer = None
         try:
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(_frame(("hello", self.gateway_id)))
+            writer.write(secret + _frame(("hello", self.gateway_id)))
             await writer.drain()
             self._live.add(key)
             inboxes = self._inboxes

@@ -1,4 +1,5 @@
-"""The ledger as the shared Ray actor: two gateway replicas (actors), exact quota, kill -9 restart."""
+"""The ledger as the shared Ray actor: two gateway replicas (actors) on the ledger socket, exact
+quota, kill -9 restart (the socket closes; replicas reconnect to the restarted actor and resend)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from serving.metering import (
     LedgerClient,
     Meter,
     MeteringConfig,
+    SocketTransport,
     get_or_create_ledger_actor,
 )
 from serving.tenancy import TenantCreate
@@ -49,7 +51,8 @@ class Replica:
     """A gateway replica stand-in with its own batched client to the shared ledger."""
 
     def __init__(self, ledger: Any, api_key: str) -> None:
-        self.meter = Meter(LedgerClient(ActorTransport(ledger)))
+        # The gateway's transport: hot operations on the ledger's socket, admin over Ray.
+        self.meter = Meter(LedgerClient(SocketTransport(ActorTransport(ledger))))
         self.key = api_key
 
     async def burst(self, prefix: str, n: int) -> tuple[list[tuple[str, int, int, int]], int]:

@@ -65,6 +65,27 @@ def test_charges_exact_usage_and_sends_ratelimit_headers(gateway_url: str, admin
     assert usage["tenant_id"] == tid
 
 
+def test_ratelimit_headers_on_every_response_of_a_tenant_without_own_limits(
+    gateway_url: str, admin: httpx.Client
+) -> None:
+    """No limits of its own: the config's default RPM/TPM apply, streamed, plain and refused alike."""
+    _tid, key = _tenant(admin, 100)
+    names = [f"x-ratelimit-{p}-{k}" for k in ("requests", "tokens") for p in ("limit", "remaining", "reset")]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.stream(
+        "POST", f"{gateway_url}/v1/chat/completions", json={**chat, "stream": True}, headers=auth
+    ) as s:
+        assert s.status_code == 200 and all(s.headers.get(n) for n in names), dict(s.headers)
+        s.read()
+    plain = httpx.post(f"{gateway_url}/v1/chat/completions", json=chat, headers=auth)
+    assert plain.status_code == 200 and all(plain.headers.get(n) for n in names), dict(plain.headers)
+    assert int(plain.headers["x-ratelimit-limit-requests"]) == 60_000  # metering.default_rpm
+    broke = httpx.post(f"{gateway_url}/v1/chat/completions", json={**chat, "max_tokens": 500}, headers=auth)
+    assert broke.status_code == 429 and broke.json()["error"]["code"] == "insufficient_quota"
+    assert all(broke.headers.get(n) for n in names), dict(broke.headers)
+
+
 async def test_zero_overspend_under_300_concurrent_requests(gateway_url: str, admin: httpx.Client) -> None:
     initial = 2_000.0  # covers a fraction of 300 requests of ~30 tokens each
     tid, key = _tenant(admin, initial)
