@@ -41,6 +41,7 @@ from serving.metrics import BoardCollector, render
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.pools.replica import replica_id
+from serving.priority import run_at_normal_priority
 from serving.tenancy import make_tenancy_router
 
 log = logging.getLogger("tokenweir.gateway")
@@ -72,6 +73,7 @@ class Gateway:
         sources: dict[str, str],
         pool_handles: dict[str, Any],
     ) -> None:
+        run_at_normal_priority()
         self.cfg = TokenweirConfig.model_validate(config)
         self.entries = {name: ModelEntry.model_validate(e) for name, e in entries.items()}
         loop = asyncio.get_running_loop()

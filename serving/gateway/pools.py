@@ -37,6 +37,8 @@ class PoolRef:
     in_flight: int = 0
     board: list[dict[str, Any]] = field(default_factory=list)
     """The latest payload of each replica from the load board (for /metrics and status)."""
+    replica_keys: list[str] = field(default_factory=list)
+    """The replicas on the board: where direct submissions on the token channel may go."""
 
     def stream(self, request: EngineRequest) -> Any:
         """A ``DeploymentResponseGenerator`` of engine chunks (cancel() aborts upstream)."""
@@ -137,6 +139,7 @@ class PoolDirectory:
         for name, ref in self.by_name.items():
             payloads = per_pool.get(name, [])
             ref.board = payloads
+            ref.replica_keys = [p["replica"] for p in payloads]
             snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
             if snaps:
                 self.router.update_snapshot(name, merge_snapshots(snaps))

@@ -32,7 +32,7 @@ from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
 from serving.gateway.pools import PoolDirectory, PoolRef
-from serving.gateway.streams import ChunkStream, RequestTimeout
+from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation
 from serving.metrics import GatewayStats
@@ -241,6 +241,7 @@ class GatewayService:
         if self.channels is not None:
             self.channels.register(p.request_id)
         failed: str | None = None
+        failed_replica: str | None = None
         try:
             for attempt in (1, 2):
                 try:
@@ -254,23 +255,41 @@ class GatewayService:
                 except NoPoolForGpuError as e:
                     raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
                 outcome.pool, outcome.accelerator = pool.name, pool.accelerator
-                gen = pool.stream(request)
+                replica = (
+                    self.channels.pick(k for k in pool.replica_keys if k != failed_replica)
+                    if self.channels is not None
+                    else None
+                )
                 pool.in_flight += 1
                 t0 = time.monotonic()
+                gen: Any = None
                 try:
-                    first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+                    if replica is not None:  # direct on the token channel: no Ray message at all
+                        assert self.channels is not None
+                        chunks = ChunkStream.direct(self.channels, replica, request)
+                        first = await chunks.first(self.first_token_timeout_s)
+                    else:
+                        gen = pool.stream(request)
+                        first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
+                        chunks = ChunkStream(gen, first, self.channels, p.request_id)
                 except BaseException as e:
                     pool.in_flight -= 1
-                    gen.cancel()
+                    if replica is not None:
+                        assert self.channels is not None
+                        self.channels.finish(replica, p.request_id, abort=True)
+                    elif gen is not None:
+                        gen.cancel()
                     if attempt == 1 and _retryable(e):
                         log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
-                        failed = pool.name
+                        failed, failed_replica = pool.name, replica
+                        if self.channels is not None:
+                            self.channels.register(p.request_id)
                         continue
                     raise _map_dispatch_error(e, self.first_token_timeout_s) from e
                 outcome.ttft_s = time.monotonic() - t0
                 p.extra_headers["x-tokenweir-pool"] = pool.name
                 p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
-                return pool, ChunkStream(gen, first, self.channels, p.request_id), first
+                return pool, chunks, first
         except BaseException:
             if self.channels is not None:
                 self.channels.unregister(p.request_id)
@@ -429,7 +448,7 @@ def _retryable(e: BaseException) -> bool:
     """A replica death or timeout before the first token (not a refusal, not a cancellation)."""
     if isinstance(e, asyncio.CancelledError) or _admission_refusal(e) is not None:
         return False
-    if isinstance(e, asyncio.TimeoutError | TimeoutError):
+    if isinstance(e, asyncio.TimeoutError | TimeoutError | ChannelLost):
         return True
     name = type(e).__name__
     return any(
@@ -457,6 +476,8 @@ def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
         return ServiceUnavailableError(str(e), code="request_timeout")
     if isinstance(e, ChannelLost):
         return ServiceUnavailableError(f"lost the model replica mid-stream: {e}")
+    if isinstance(e, PoolFailure):
+        return ServiceUnavailableError(f"the model pool failed: {e}")
     name = type(e).__name__
     text = str(e)
     if "BackPressureError" in name or "BackPressure" in text:

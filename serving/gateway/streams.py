@@ -1,5 +1,6 @@
-"""A request's chunks after the first, whichever way they travel: on the request's own handle
-stream, or on the pool replica's token channel (``serving.pools.channel``)."""
+"""A request's chunks, whichever way they travel: all on the pool replica's token channel (direct
+submission), or the first on the request's own handle stream and the rest on the handle stream or
+the channel (``serving.pools.channel``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import asyncio
 import contextlib
 from typing import Any
 
+from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk
-from serving.pools.channel import ChannelClient, ChannelLost
+from serving.pools.channel import ChannelClient, ChannelLost, RemoteFailure
 
 _FINAL_GRACE_S = 10.0
 """After the handle stream ends, how long the final chunk may still take on the channel."""
@@ -16,6 +18,16 @@ _FINAL_GRACE_S = 10.0
 
 class RequestTimeout(Exception):
     """The request ran past ``gateway.request_timeout_s``."""
+
+
+class PoolFailure(Exception):
+    """A directly submitted request failed at the pool replica (the message names the error)."""
+
+
+def _raise_remote(failure: RemoteFailure) -> None:
+    if failure.refusal is not None:
+        raise AdmissionRefused(failure.refusal)
+    raise PoolFailure(failure.message)
 
 
 class _HandleEnded:
@@ -28,17 +40,41 @@ class _HandleEnded:
 class ChunkStream:
     """Yields batches of chunks; an empty batch means the stream ended without a finished chunk."""
 
-    def __init__(self, gen: Any, first: EngineChunk, channels: ChannelClient | None, request_id: str) -> None:
+    def __init__(
+        self, gen: Any, first: EngineChunk | None, channels: ChannelClient | None, request_id: str
+    ) -> None:
         self.gen = gen
         self.request_id = request_id
         self._channels = channels
         self._inbox: asyncio.Queue[Any] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._handle_ended = False
-        if first.via_channel and channels is not None and not first.finished:
+        self._direct_to: str | None = None
+        self._pending: list[EngineChunk] = []
+        if first is not None and first.via_channel and channels is not None and not first.finished:
             self._inbox = channels.inbox(request_id)
             channels.bind(request_id, first.via_channel)
             self._watch = asyncio.ensure_future(self._watch_handle())
+
+    @classmethod
+    def direct(cls, channels: ChannelClient, replica_key: str, request: Any) -> ChunkStream:
+        """Submit ``request`` (its inbox registered) to a pool replica on the channel."""
+        stream = cls(None, None, channels, request.request_id)
+        stream._inbox = channels.inbox(request.request_id)
+        stream._direct_to = replica_key
+        channels.submit(replica_key, request)
+        return stream
+
+    async def first(self, timeout_s: float) -> EngineChunk:
+        """A direct stream's first chunk (raises what the pool refused or failed with)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                batch = await self._next_batch()
+                if batch:
+                    head, *rest = batch
+                    for c in reversed(rest):  # keep them for the next read
+                        self._pending.insert(0, c)
+                    return head
 
     async def _watch_handle(self) -> None:
         """In channel mode the handle stream stays open until the pool is done; it carries nothing
@@ -66,6 +102,9 @@ class ChunkStream:
             raise
 
     async def _next_batch(self) -> list[EngineChunk]:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            return pending
         if self._inbox is None:
             try:
                 return [await self.gen.__anext__()]
@@ -83,6 +122,8 @@ class ChunkStream:
                 self._handle_ended = True
             elif isinstance(item, ChannelLost):
                 raise item
+            elif isinstance(item, RemoteFailure):
+                _raise_remote(item)
             if inbox.empty():
                 break
             item = inbox.get_nowait()
@@ -96,6 +137,11 @@ class ChunkStream:
 
     def close(self, finished: bool) -> None:
         """Stop watching; cancel upstream (aborts the generation) unless the stream finished."""
+        if self._direct_to is not None:
+            assert self._channels is not None
+            self._channels.finish(self._direct_to, self.request_id, abort=not finished)
+            self._direct_to = None
+            return
         if self._watch is not None:
             self._watch.cancel()
         if not finished:

@@ -159,17 +159,19 @@ class SocketTransport:
     async def _connected(self) -> _Link:
         if self._link is not None and self._link.alive:
             return self._link
-        if self._connecting is None or self._connecting.done():
+        connecting = self._connecting
+        if connecting is None or connecting.done():
             # Shared by every caller that finds the link down; not a child of any one request.
-            self._connecting = asyncio.get_running_loop().create_task(
+            connecting = self._connecting = asyncio.get_running_loop().create_task(
                 self._open(), context=contextvars.Context()
             )
         try:
-            self._link = await asyncio.shield(self._connecting)
+            link = await asyncio.shield(connecting)
         finally:
-            if self._connecting.done():
+            if self._connecting is connecting and connecting.done():
                 self._connecting = None
-        return self._link
+        self._link = link
+        return link
 
     async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
         if not retry or any(op[0] not in HOT_OPS for op in ops):

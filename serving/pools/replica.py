@@ -1,11 +1,12 @@
 """A pool replica: one engine (vLLM or simulated) for one model on one accelerator type, behind the
 tenant-fair admission core.
 
-Ray Serve runs this class as the deployment ``pool-<name>``; the gateway reaches it through a
+Ray Serve runs this class as the deployment ``pool-<name>``. Gateways send requests directly on the
+token channel (:mod:`serving.pools.channel`; see there why) or, before that is up, through a
 streaming deployment handle. A request first waits in the admission queue (VTC fair share, adaptive
 in-flight limit); refusals raise :class:`AdmissionRefused`, which the gateway maps to 429/503.
-Cancelling the handle's stream (client gone) cancels ``generate`` here, which leaves the queue or
-aborts the request in the engine.
+An abort on the channel or a cancelled handle stream (client gone) leaves the queue or aborts the
+request in the engine; so does the loss of the gateway's channel.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from models.catalog import ModelEntry
-from serving.batching import AdmissionConfig, AdmissionCore, AsyncAdmission
+from serving.batching import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
 from serving.config.schema import PoolConfig
 from serving.engines.base import Engine, EngineChunk, EngineRequest
-from serving.pools.channel import ChannelLost, ChannelServer
+from serving.pools.channel import ChannelLost, ChannelServer, RemoteFailure, Submissions
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
+from serving.priority import run_at_normal_priority
 
 log = logging.getLogger("tokenweir.pool")
 
@@ -72,6 +74,7 @@ class PoolReplica:
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
         self, pool: dict[str, Any], entry: dict[str, Any], model_source: str, namespace: str = "tokenweir"
     ) -> None:
+        run_at_normal_priority()  # before the engine starts: its processes inherit it
         self.pool = PoolConfig.model_validate(pool)
         self.entry = ModelEntry.model_validate(entry)
         self._engine = build_engine(self.pool, self.entry, model_source)
@@ -92,13 +95,17 @@ class PoolReplica:
             )
         )
         self._id = replica_id()
-        self._channels = ChannelServer(_node_ip())
+        self._direct: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._direct_total = 0
+        self._channels = ChannelServer(
+            _node_ip(), Submissions(self._submit, self._abort_direct, self._gateway_gone)
+        )
         self._channel_addr = await self._channels.start()
         self._board = get_board(namespace)
         self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Wait for admission, then stream the engine's output."""
+    async def _produce(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """Wait for admission, then the engine's chunks (paced by ``stream_interval_ms``)."""
         rid = request.request_id
         n = request.sampling.n
         await self.admission.acquire(
@@ -112,8 +119,6 @@ class PoolReplica:
         finished = False
         prompt_tokens = len(request.prompt_token_ids)
         completion_tokens = 0
-        conn = self._channels.connection(request.reply_to)
-        first = True
         stream = self._engine.generate(request)
         try:
             async for chunk in stream:
@@ -123,6 +128,23 @@ class PoolReplica:
                 prompt_tokens = chunk.prompt_tokens
                 if new:
                     self.admission.on_tokens(rid, new)
+                yield chunk
+                if self._interval_s and not finished:
+                    await asyncio.sleep(self._interval_s)
+        finally:
+            if not finished:
+                self._aborted += 1
+            self.admission.done(rid, prompt_tokens, completion_tokens)
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        """The Ray Serve path: the first chunk on the handle stream, the rest on the channel if
+        the gateway has one here (else on the handle stream too)."""
+        conn = self._channels.connection(request.reply_to)
+        first = True
+        chunks = self._produce(request)
+        try:
+            async for chunk in chunks:
                 if first:
                     # The first chunk always rides the request's own stream (TTFT, errors, retries).
                     first = False
@@ -132,18 +154,56 @@ class PoolReplica:
                 elif conn is not None:
                     if not conn.alive:
                         raise ChannelLost(f"channel to gateway {request.reply_to} closed")
-                    conn.send(rid, chunk)
-                    if finished:
+                    conn.send(request.request_id, chunk)
+                    if chunk.finished:
                         await conn.drain()
                 else:
                     yield chunk
-                if self._interval_s and not finished:
-                    await asyncio.sleep(self._interval_s)
         finally:
-            if not finished:
-                self._aborted += 1
-            self.admission.done(rid, prompt_tokens, completion_tokens)
-            await stream.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    # -- direct submissions on the token channel ---------------------------------------------------
+    def _submit(self, gateway_id: str, request: EngineRequest) -> None:
+        self._direct_total += 1
+        task = asyncio.get_running_loop().create_task(self._serve_direct(gateway_id, request))
+        self._direct[request.request_id] = (gateway_id, task)
+
+    def _abort_direct(self, gateway_id: str, request_id: str) -> None:
+        entry = self._direct.get(request_id)
+        if entry is not None and entry[0] == gateway_id:
+            entry[1].cancel()
+
+    def _gateway_gone(self, gateway_id: str) -> None:
+        for gw, task in list(self._direct.values()):
+            if gw == gateway_id:
+                task.cancel()
+
+    async def _serve_direct(self, gateway_id: str, request: EngineRequest) -> None:
+        rid = request.request_id
+        chunks = self._produce(request)
+        try:
+            async for chunk in chunks:
+                conn = self._channels.connection(gateway_id)
+                if conn is None:
+                    return  # the gateway went away: aborting here frees the engine
+                conn.send(rid, chunk)
+                if chunk.finished:
+                    await conn.drain()
+        except AdmissionRefused as e:
+            self._fail(gateway_id, rid, RemoteFailure(str(e), e.refusal))
+        except asyncio.CancelledError:
+            pass  # aborted by the gateway; the engine request is aborted by closing the stream
+        except Exception as e:
+            log.warning("direct request %s failed", rid, exc_info=True)
+            self._fail(gateway_id, rid, RemoteFailure(f"{type(e).__name__}: {e}"))
+        finally:
+            self._direct.pop(rid, None)
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    def _fail(self, gateway_id: str, request_id: str, failure: RemoteFailure) -> None:
+        conn = self._channels.connection(gateway_id)
+        if conn is not None:
+            conn.send(request_id, failure)
 
     def _payload(self) -> dict[str, Any]:
         core = self.admission.core
@@ -177,6 +237,7 @@ class PoolReplica:
             "num_unfinished": self._engine.num_unfinished(),
             "requests_started": self._started,
             "requests_aborted": self._aborted,
+            "requests_direct": self._direct_total,
             "queue_depth": a.queue_depth,
             "in_flight_seqs": a.in_flight_seqs,
             "seq_limit": a.seq_limit,
@@ -193,6 +254,8 @@ class PoolReplica:
 
     async def __del__(self) -> None:
         self._publisher.cancel()
+        for _gw, task in list(self._direct.values()):
+            task.cancel()
         await self._channels.close()
         with contextlib.suppress(BaseException):
             await self._publisher

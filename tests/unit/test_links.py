@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from serving.metering import LedgerSocketServer
+from serving.metering import ActorTransport, LedgerSocketServer, SocketTransport
 from serving.pools.channel import ChannelServer
 from serving.wire import SECRET_BYTES, frame, read_frame
 
@@ -102,4 +102,34 @@ async def test_short_secret_is_refused(n: int) -> None:
     writer.write_eof()
     assert await asyncio.wait_for(reader.read(), 5) == b""
     assert seen == []
+    await server.close()
+
+
+class _Remote:
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
+
+
+class _FakeActorHandle:
+    """Stands in for the ledger actor's Ray handle (only ``endpoint`` is used on the hot path)."""
+
+    def __init__(self, endpoint: tuple[str, int, bytes]) -> None:
+        self.calls = 0
+
+        async def endpoint_call() -> tuple[str, int, bytes]:
+            self.calls += 1
+            await asyncio.sleep(0.01)  # let every concurrent caller find the link down
+            return endpoint
+
+        self.endpoint = _Remote(endpoint_call)
+
+
+async def test_socket_transport_connects_once_for_concurrent_first_calls() -> None:
+    server, _seen = await _ledger()
+    assert server.endpoint is not None
+    handle = _FakeActorHandle(server.endpoint)
+    transport = SocketTransport(ActorTransport(handle))
+    results = await asyncio.gather(*(transport.apply([("reserve", f"r{i}")], retry=True) for i in range(8)))
+    assert results == [[f"ok-r{i}"] for i in range(8)] and handle.calls == 1
+    await transport.close()
     await server.close()
