@@ -1,6 +1,7 @@
-"""The admission core of a pool replica: tenant-fair queue (VTC), adaptive in-flight limit (AIMD on
-measured TTFT/TPOT vs the pool's SLOs) and back-pressure; pure and clock-free, with a thin asyncio
-shell. See :class:`AdmissionPolicy` for the contract."""
+"""The admission core of a pool replica: tenant-fair queue (VTC), adaptive in-flight limit (a
+smoothed gradient on measured TTFT/TPOT vs the pool's SLOs) and back-pressure that refuses on
+arrival what would outwait the queue deadline; pure and clock-free, with a thin asyncio shell. See
+:class:`AdmissionPolicy` for the contract."""
 
 from serving.batching._config import AdmissionConfig
 from serving.batching._core import AdmissionCore

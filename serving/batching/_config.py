@@ -29,29 +29,36 @@ class AdmissionConfig(BaseModel):
     kv_admit_fraction: float = Field(default=0.9, gt=0, le=1)
     """Share of the KV capacity that in-flight tokens (prompt + generated) may fill at admission;
     the rest is room for the running sequences to grow."""
-    increase_below_fraction: float = Field(default=0.8, gt=0, le=1)
-    """A request whose TPOT and engine TTFT are at most this share of their SLOs shows headroom."""
-    decrease_above_fraction: float = Field(default=0.95, gt=0, le=2)
-    """A request whose TPOT or engine TTFT exceeds this share of its SLO counts as a miss."""
-    additive_increase_seqs: float = Field(default=1.0, gt=0)
-    """Sequences added to the limit per request that shows headroom while the limit binds."""
-    multiplicative_decrease: float = Field(default=0.85, gt=0, lt=1)
-    """On a miss the limit becomes this times the in-flight count (at most once per round)."""
-    miss_tolerance: float = Field(default=0.05, ge=0, lt=1)
-    """Share of the recent latency signals that may miss before a miss cuts the limit (0: every miss
-    cuts; a few long prompts miss TTFT at any load and should not)."""
-    miss_window: int = Field(default=64, ge=1)
-    """Latency signals (one TTFT and one TPOT per request) over which the miss share is measured."""
-    predicted_wait_fraction: float = Field(default=0.5, gt=0, le=1)
-    """Refuse at once a request whose predicted queue wait exceeds this share of the queue deadline
-    (the prediction is a mean; the margin keeps deadline expiries rare)."""
-    min_queued_per_tenant: int = Field(default=4, ge=0)
-    """A tenant owed service (its virtual counter at most every other backlogged tenant's) with fewer
-    requests queued than this is not refused for a predicted wait: the fair order releases it first
-    (the GPS estimate is pessimistic for it), and the deadline still bounds its wait. Keeps a
-    tenant that is behind backlogged, and light tenants served."""
-    tpot_probe_tokens: int = Field(default=16, ge=2)
-    """A running request reports its TPOT to the limit after this many output tokens (or at finish)."""
+    tpot_target_quantile: float = Field(default=0.95, gt=0, lt=1)
+    """Quantile of recent requests' TPOTs that the limit steers to `tpot_target_fraction` of the SLO
+    (it steers the engine's mean TPOT, to this share over the measured quantile/mean spread)."""
+    tpot_target_fraction: float = Field(default=0.95, gt=0, le=1)
+    """Share of the TPOT SLO that the `tpot_target_quantile` of requests' TPOTs is steered to."""
+    ttft_target_quantile: float = Field(default=0.9, gt=0, lt=1)
+    """Quantile of recent engine TTFTs (release to first token) that the limit steers to
+    `ttft_target_fraction` of the TTFT SLO."""
+    ttft_target_fraction: float = Field(default=0.6, gt=0, le=1)
+    """Share of the TTFT SLO that the `ttft_target_quantile` of engine TTFTs is steered to (the
+    rest is for the queue wait and the slowest requests)."""
+    latency_signals: int = Field(default=64, ge=4)
+    """Recent released requests whose engine TTFTs (release to first token) the limit looks at."""
+    limit_gain: float = Field(default=1.0, gt=0)
+    """Share of the gap to the load that would meet the latency targets that the limit closes per
+    `limit_time_constant_s`."""
+    limit_time_constant_s: float = Field(default=2.0, gt=0)
+    """Time constant of the limit's moves, seconds (longer than the engine's reaction to a release:
+    a prefill and a few decode steps)."""
+    deadline_miss_probability: float = Field(default=0.01, gt=0, lt=0.5)
+    """Refuse at once, on arrival, a request whose chance of waiting past the queue deadline exceeds
+    this: the chance that the queue releases fewer requests within the deadline than the work ahead
+    of it in fair order (its own included) takes, releases counted as Poisson at the measured drain
+    rate, widened by their measured dispersion."""
+    min_queued_per_tenant: int = Field(default=1, ge=0)
+    """A tenant owed service (behind another active tenant, with no backlogged one before it in fair
+    order) may queue as many requests as the queue is expected (not sure) to release within the
+    deadline, and at least this many: keeping a tenant that is behind backlogged is what makes the
+    short queue fair, and a light tenant is served even where the release rate is too low to
+    promise anyone a place. Only such requests may, rarely, outwait the deadline."""
     prompt_token_price: float = Field(default=1.0, gt=0)
     """Virtual-counter cost of one prompt token (VTC's w_p)."""
     completion_token_price: float = Field(default=2.0, gt=0)
@@ -61,10 +68,10 @@ class AdmissionConfig(BaseModel):
     max_queued_requests: int = Field(default=4096, ge=1)
     """Bound on queued requests."""
     queue_deadline_ms: float | None = Field(default=None, gt=0)
-    """Longest a request may wait in the queue (None: 60% of the TTFT SLO). A request predicted to
-    wait longer is refused at once."""
+    """Longest a request may wait in the queue (None: 60% of the TTFT SLO). A request that may wait
+    longer is refused at once (see `deadline_miss_probability`)."""
     drain_window_s: float = Field(default=10.0, gt=0)
-    """Backlogged time over which the queue's drain rate is measured."""
+    """Saturated time (a new request would have to wait) over which the drain rate is measured."""
     prior_drain_tokens_per_s: float = Field(default=20_000.0, gt=0)
     """Drain rate assumed before one is measured (queue tokens released per second)."""
     latency_window: int = Field(default=256, ge=8)
@@ -81,11 +88,6 @@ class AdmissionConfig(BaseModel):
             raise ValueError(
                 f"initial_num_seqs ({init}) must lie in [min_num_seqs ({self.min_num_seqs}), "
                 f"max_num_seqs ({self.max_num_seqs})]"
-            )
-        if self.increase_below_fraction >= self.decrease_above_fraction:
-            raise ValueError(
-                f"increase_below_fraction ({self.increase_below_fraction}) must be below "
-                f"decrease_above_fraction ({self.decrease_above_fraction})"
             )
         return self
 

@@ -1,18 +1,9 @@
-"""The admission core of one pool replica: VTC fair queue + AIMD in-flight limit + back-pressure.
+"""The admission core of one pool replica: VTC fair queue + adaptive in-flight limit + back-pressure.
 
-Back-pressure rules (nothing queues without bound):
-
-* The queue holds at most ``max_queued_tokens`` (prompt + max_tokens) and ``max_queued_requests``.
-  When a request does not fit, a tenant over its weighted share of the bound is refused (429); a
-  tenant within its share pushes out the newest requests of the tenants most over theirs (they are
-  refused, 429, through ``expire``); if that cannot make room the pool is full (503).
-* A request predicted to wait longer than the queue deadline is refused at once. The prediction is
-  the fair-share (GPS) backlog ahead of it over the measured drain rate.
-* A queued request not released by its deadline is refused (reported by ``expire``).
-* A refusal for a wait (predicted or actual) is 429 when the tenant already holds more than its
-  weighted share of the queue, 503 when it does not (the pool itself is saturated). Pushing others
-  out guarantees a tenant within its share room, so ``POOL_QUEUE_FULL`` is only a fallback.
-* ``retry_after_s`` is the time the queue needs to drain the excess at the measured rate.
+A request starts at once when nothing is queued and the in-flight limit (``_limit``) has room;
+otherwise the back-pressure rules (``_backpressure``) queue it in fair order (``_fair_queue``) or
+refuse it, on arrival when it may wait past the queue deadline. Released requests feed their
+latencies back to the limit; the queue's drain is measured (``_meters``) to predict waits.
 """
 
 from __future__ import annotations
@@ -21,10 +12,11 @@ import dataclasses
 import heapq
 from dataclasses import dataclass
 
+from serving.batching._backpressure import BackPressure
 from serving.batching._config import AdmissionConfig
 from serving.batching._fair_queue import FairQueue, QueuedRequest, TenantState
 from serving.batching._interface import AdmissionPolicy
-from serving.batching._limit import AimdLimit
+from serving.batching._limit import AdaptiveLimit
 from serving.batching._meters import DrainMeter, FinishedSample, LatencyWindow
 from serving.batching._types import (
     AdmissionStats,
@@ -44,10 +36,11 @@ class _Running:
     prompt_tokens: int
     submitted_at_s: float
     released_at_s: float
-    epoch: int
+    released_at_seqs: int
+    released_at_tokens: int
     first_token_at_s: float | None = None
+    last_token_at_s: float = 0.0
     generated: int = 0
-    probed: bool = False
 
 
 class AdmissionCore(AdmissionPolicy):
@@ -56,8 +49,10 @@ class AdmissionCore(AdmissionPolicy):
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self._queue = FairQueue(config.prompt_token_price, config.completion_token_price)
-        self._limit = AimdLimit(config)
-        self._drain = DrainMeter(config.drain_window_s, config.prior_drain_tokens_per_s)
+        self._limit = AdaptiveLimit(config)
+        self._drain = DrainMeter(
+            config.drain_window_s, config.prior_drain_tokens_per_s, config.queue_deadline_s
+        )
         self._window = LatencyWindow(config.latency_window)
         self._running: dict[str, _Running] = {}
         self._in_flight_tokens = 0
@@ -65,6 +60,7 @@ class AdmissionCore(AdmissionPolicy):
         self._seq = 0
         self._refused: list[tuple[str, Refused]] = []
         self._stats = AdmissionStats()
+        self._bp = BackPressure(config, self._queue, self._drain, self._limit)
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -105,15 +101,21 @@ class AdmissionCore(AdmissionPolicy):
             raise ValueError(f"request {req_id!r} is already live")
         if prompt_tokens < 0 or max_tokens < 0:
             raise ValueError(f"token counts must be >= 0 (prompt={prompt_tokens}, max={max_tokens})")
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         t = self._queue.tenant(tenant_id, weight)
+        cost = prompt_tokens + max_tokens
         if len(self._queue) == 0 and self._fits(prompt_tokens):
             self._queue.activate(t)
-            self._start(req_id, t, prompt_tokens, now, now)
+            self._start(req_id, t, prompt_tokens, cost, now, now)
+            self._meter(now)
             self._stats.admitted_total += 1
             return Admitted(req_id)
-        cost = prompt_tokens + max_tokens
-        refusal = self._check_wait(req_id, t, cost) or self._make_room(req_id, t, cost)
+        refusal = self._bp.check_wait(req_id, t, cost, len(self._running), self._in_flight_tokens)
+        if refusal is None:
+            refusal, displaced = self._bp.make_room(req_id, t, cost)
+            for rid, r in displaced:
+                self._count_refusal(r)
+                self._refused.append((rid, r))
         if refusal is not None:
             self._count_refusal(refusal)
             return refusal
@@ -121,7 +123,7 @@ class AdmissionCore(AdmissionPolicy):
         self._queue.push(QueuedRequest(req_id, tenant_id, prompt_tokens, max_tokens, now, deadline), weight)
         self._seq += 1
         heapq.heappush(self._deadlines, (deadline, self._seq, req_id))
-        self._drain.advance(now, True)
+        self._meter(now)
         self._stats.queued_total += 1
         return Queued(req_id, deadline)
 
@@ -133,181 +135,85 @@ class AdmissionCore(AdmissionPolicy):
             and self._in_flight_tokens + prompt_tokens <= self._limit.token_limit
         )
 
-    def _share_tokens(self, t: TenantState, total_tokens: float) -> float:
-        """The tenant's weighted share of ``total_tokens`` among the backlogged tenants and itself."""
-        return total_tokens * t.weight / self._queue.backlogged_weight(extra=t)
-
-    def _status_for(self, t: TenantState) -> int:
-        """429 if the tenant already holds more than its weighted share of the queue, else 503."""
-        share = self._share_tokens(t, self._queue.queued_tokens)
-        return 429 if t.queued_tokens > share * 1.0001 else 503
-
-    def _tokens_ahead(self, t: TenantState, cost: int) -> float:
-        """Fair-share estimate of the queue tokens released before this request (GPS)."""
-        own = t.queued_tokens + cost
-        ahead = float(t.queued_tokens)
-        for u in self._queue.backlogged_tenants():
-            if u is not t:
-                ahead += min(float(u.queued_tokens), own * u.weight / t.weight)
-        return ahead
-
-    def _check_wait(self, req_id: str, t: TenantState, cost: int) -> Refused | None:
-        if t.queued_requests < self.config.min_queued_per_tenant:
-            others = [u.counter for u in self._queue.backlogged_tenants() if u is not t]
-            if others and t.counter <= min(others):
-                return None  # owed service: the fair order releases it ahead of the others
-        rate = self._drain.rate_tokens_per_s()
-        wait_s = self._tokens_ahead(t, cost) / rate
-        deadline_s = self.config.queue_deadline_s
-        if wait_s <= self.config.predicted_wait_fraction * deadline_s:
-            return None
-        return self._refusal(
-            req_id,
-            RefusalReason.PREDICTED_WAIT,
-            self._status_for(t),
-            wait_s - self.config.predicted_wait_fraction * deadline_s,
-            f"predicted queue wait {wait_s:.2f}s exceeds the queue deadline {deadline_s:.2f}s "
-            f"(x{self.config.predicted_wait_fraction:g})",
-        )
-
-    def _fill(self, u: TenantState, extra: TenantState, add_tokens: int = 0, add_requests: int = 0) -> float:
-        """How full the tenant's weighted share of the queue bounds is (> 1: over its share)."""
-        cfg = self.config
-        frac = u.weight / self._queue.backlogged_weight(extra=extra)
-        return max(
-            (u.queued_tokens + add_tokens) / (cfg.max_queued_tokens * frac),
-            (u.queued_requests + add_requests) / (cfg.max_queued_requests * frac),
-        )
-
-    def _make_room(self, req_id: str, t: TenantState, cost: int) -> Refused | None:
-        cfg = self.config
-        q = self._queue
-
-        def over() -> bool:
-            return q.queued_tokens + cost > cfg.max_queued_tokens or len(q) + 1 > cfg.max_queued_requests
-
-        if not over():
-            return None
-        rate = self._drain.rate_tokens_per_s()
-        fill = self._fill(t, t, cost, 1)
-        if fill > 1.0:
-            return self._refusal(
-                req_id,
-                RefusalReason.TENANT_QUEUE_FULL,
-                429,
-                (1.0 - 1.0 / fill)
-                * (t.queued_tokens + cost)
-                / (rate * t.weight / q.backlogged_weight(extra=t)),
-                f"tenant {t.tenant_id!r} holds {t.queued_tokens} queued tokens in {t.queued_requests} "
-                f"requests: its weighted share of the queue bounds ({cfg.max_queued_tokens} tokens, "
-                f"{cfg.max_queued_requests} requests)",
-            )
-        # Push out the newest requests of the tenants most over their shares.
-        while over():
-            victim = max(
-                (u for u in q.backlogged_tenants() if u is not t),
-                key=lambda u: self._fill(u, t),
-                default=None,
-            )
-            if victim is None or self._fill(victim, t) <= 1.0:
-                break
-            item = q.newest(victim.tenant_id)
-            if item is None:
-                break
-            q.remove(item.req_id)
-            refusal = self._refusal(
-                item.req_id,
-                RefusalReason.DISPLACED,
-                429,
-                item.cost_tokens / rate,
-                f"displaced from a full queue: tenant {victim.tenant_id!r} exceeds its share",
-            )
-            self._count_refusal(refusal)
-            self._refused.append((item.req_id, refusal))
-        if not over():
-            return None
-        return self._refusal(
-            req_id,
-            RefusalReason.POOL_QUEUE_FULL,
-            503,
-            max(q.queued_tokens + cost - cfg.max_queued_tokens, cost) / rate,
-            f"the pool's queue is full ({q.queued_tokens} of {cfg.max_queued_tokens} tokens, "
-            f"{len(q)} of {cfg.max_queued_requests} requests)",
-        )
-
-    def _refusal(
-        self, req_id: str, reason: RefusalReason, status: int, retry_after_s: float, message: str
-    ) -> Refused:
-        return Refused(
-            req_id=req_id,
-            reason=reason,
-            status_code=status,
-            retry_after_s=max(self.config.min_retry_after_s, retry_after_s),
-            message=message,
-            queued_tokens=self._queue.queued_tokens,
-            max_queued_tokens=self.config.max_queued_tokens,
-        )
-
     def _count_refusal(self, r: Refused) -> None:
         d = self._stats.refused_total
         d[r.reason.value] = d.get(r.reason.value, 0) + 1
 
     # ---- release and measurements -----------------------------------------------------------
-    def _start(self, req_id: str, t: TenantState, prompt_tokens: int, submitted: float, now: float) -> None:
-        self._running[req_id] = _Running(t.tenant_id, prompt_tokens, submitted, now, self._limit.epoch)
+    def _saturated(self) -> bool:
+        """Whether a new request of the usual size would have to wait (the limit binds)."""
+        return len(self._queue) > 0 or not self._fits(round(self._drain.mean_prompt_tokens()))
+
+    def _meter(self, now: float) -> None:
+        self._drain.advance(now, self._saturated())
+
+    def _start(
+        self, req_id: str, t: TenantState, prompt_tokens: int, cost_tokens: int, submitted: float, now: float
+    ) -> None:
+        self._drain.on_start(prompt_tokens, cost_tokens)
         self._in_flight_tokens += prompt_tokens
+        self._running[req_id] = _Running(
+            t.tenant_id, prompt_tokens, submitted, now, len(self._running) + 1, self._in_flight_tokens
+        )
         t.in_flight += 1
         self._queue.charge(t.tenant_id, prompt_tokens=prompt_tokens)
 
     def release(self, now: float) -> list[str]:
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         out: list[str] = []
         while True:
             item = self._queue.peek()
             if item is None or not self._fits(item.prompt_tokens):
                 break
             self._queue.remove(item.req_id)
-            self._drain.on_release(item.cost_tokens)
+            self._drain.on_release()
             self._start(
-                item.req_id, self._queue.tenant(item.tenant_id), item.prompt_tokens, item.submitted_at_s, now
+                item.req_id,
+                self._queue.tenant(item.tenant_id),
+                item.prompt_tokens,
+                item.cost_tokens,
+                item.submitted_at_s,
+                now,
             )
             out.append(item.req_id)
         self._stats.released_total += len(out)
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         return out
 
     def on_first_token(self, req_id: str, now: float) -> None:
         r = self._running.get(req_id)
         if r is None or r.first_token_at_s is not None:
             return
-        r.first_token_at_s = now
-        self._limit.on_ttft(now - r.released_at_s, r.epoch, len(self._running), self._in_flight_tokens)
+        r.first_token_at_s = r.last_token_at_s = now
+        self._limit.on_ttft(
+            now - r.released_at_s,
+            now,
+            max(r.released_at_seqs, len(self._running)),
+            max(r.released_at_tokens, self._in_flight_tokens),
+        )
 
     def on_tokens(self, req_id: str, n: int, now: float) -> None:
         r = self._running.get(req_id)
         if r is None or n <= 0:
             return
-        if r.first_token_at_s is None:
+        first = r.first_token_at_s is None
+        if first:
             self.on_first_token(req_id, now)
         r.generated += n
         self._in_flight_tokens += n
         self._queue.charge(r.tenant_id, completion_tokens=n)
-        if not r.probed and r.generated - 1 >= self.config.tpot_probe_tokens:
-            self._probe(r, now, r.generated)
+        saturated = self._saturated()
+        if not first:
+            self._tpot_sample(r, n, now, saturated)
+        self._drain.advance(now, saturated)
 
-    def _probe(self, r: _Running, now: float, tokens: int) -> None:
-        r.probed = True
-        assert r.first_token_at_s is not None
-        tpot = (now - r.first_token_at_s) / (tokens - 1)
-        binds = len(self._queue) > 0 or len(self._running) >= self._limit.seq_limit - 1
-        self._limit.on_tpot(
-            tpot,
-            r.first_token_at_s - r.released_at_s,
-            r.epoch,
-            len(self._running),
-            self._in_flight_tokens,
-            binds,
-        )
+    def _tpot_sample(self, r: _Running, n: int, now: float, saturated: bool) -> None:
+        """``n`` tokens after the first came since the request's last report: a TPOT sample."""
+        if now > r.last_token_at_s:
+            self._limit.on_tpot(
+                (now - r.last_token_at_s) / n, now, len(self._running), self._in_flight_tokens, saturated
+            )
+        r.last_token_at_s = now
 
     def on_finish(self, req_id: str, prompt_tokens: int, completion_tokens: int, now: float) -> None:
         r = self._running.get(req_id)
@@ -319,14 +225,16 @@ class AdmissionCore(AdmissionPolicy):
             prompt_tokens=prompt_tokens - r.prompt_tokens,
             completion_tokens=completion_tokens - r.generated,
         )
+        reported = r.generated
         if completion_tokens > 0 and r.first_token_at_s is None:
             self.on_first_token(req_id, now)
-        if not r.probed and completion_tokens >= 2 and r.first_token_at_s is not None:
-            self._probe(r, now, completion_tokens)
+            reported = 1  # the first token carries no TPOT
+        if completion_tokens > reported:
+            self._tpot_sample(r, completion_tokens - reported, now, self._saturated())
         del self._running[req_id]
         self._in_flight_tokens -= r.prompt_tokens + r.generated
         self._queue.tenant(r.tenant_id).in_flight -= 1
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         if r.first_token_at_s is None:
             return
         cfg = self.config
@@ -339,19 +247,21 @@ class AdmissionCore(AdmissionPolicy):
         st.ttft_slo_met_total += ttft_ok
         st.tpot_slo_met_total += tpot_ok
         st.slo_met_total += ttft_ok and tpot_ok
+        if tpot is not None:
+            self._limit.on_finished_tpot(tpot)
         self._window.add(
             FinishedSample(r.first_token_at_s - r.released_at_s, e2e_ttft, tpot, ttft_ok and tpot_ok)
         )
 
     # ---- cancel and expiry ---------------------------------------------------------------------
     def cancel(self, req_id: str, now: float) -> bool:
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         removed = self._queue.remove(req_id) is not None
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         return removed
 
     def expire(self, now: float) -> list[tuple[str, Refused]]:
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         out, self._refused = self._refused, []
         dl = self._deadlines
         while dl and dl[0][0] <= now:
@@ -360,9 +270,9 @@ class AdmissionCore(AdmissionPolicy):
             if item is None:
                 continue
             t = self._queue.tenant(item.tenant_id)
-            status = self._status_for(t)
+            status = self._bp.status_for(t)
             self._queue.remove(req_id)
-            refusal = self._refusal(
+            refusal = self._bp.refusal(
                 req_id,
                 RefusalReason.QUEUE_DEADLINE,
                 status,
@@ -371,7 +281,7 @@ class AdmissionCore(AdmissionPolicy):
             )
             self._count_refusal(refusal)
             out.append((req_id, refusal))
-        self._drain.advance(now, len(self._queue) > 0)
+        self._meter(now)
         return out
 
     def next_deadline(self) -> float | None:

@@ -81,11 +81,20 @@ class FairQueue:
 
     def activate(self, t: TenantState) -> None:
         """Apply the lift rule to a tenant that is about to become active (backlogged or running)."""
+        t.counter = self.lifted_counter(t)
+
+    def lifted_counter(self, t: TenantState) -> float:
+        """The tenant's counter once active: lifted to the smallest active counter if it is idle."""
         if t.backlogged or t.in_flight > 0:
-            return
-        active = [u.counter for u in self._tenants.values() if u is not t and (u.backlogged or u.in_flight)]
-        if active:
-            t.counter = max(t.counter, min(active))
+            return t.counter
+        active = self.active_counters(exclude=t)
+        return max(t.counter, min(active)) if active else t.counter
+
+    def active_counters(self, exclude: TenantState) -> list[float]:
+        """The counters of the other active tenants (backlogged or running)."""
+        return [
+            u.counter for u in self._tenants.values() if u is not exclude and (u.backlogged or u.in_flight)
+        ]
 
     def charge(self, tenant_id: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """Add served tokens to the tenant's counter (negative amounts correct an over-charge)."""

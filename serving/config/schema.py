@@ -76,7 +76,7 @@ class PoolConfig(_Strict):
     slo: SloConfig = SloConfig()
     """Latency targets used by planning and admission."""
     admission: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the admission core's settings (`serving.batching.AdmissionConfig`), e.g. `queue_deadline_s`."""
+    """Overrides of the admission core's settings (`serving.batching.AdmissionConfig`), e.g. `queue_deadline_ms`."""
 
     @model_validator(mode="after")
     def _check_admission(self) -> PoolConfig:
