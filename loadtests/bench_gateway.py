@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-requests", type=int, default=256)
     ap.add_argument("--short-concurrency", type=int, default=64)
     ap.add_argument("--short-requests", type=int, default=2000)
+    ap.add_argument(
+        "--sim-speedup",
+        type=float,
+        default=10.0,
+        help="simulated pool speed vs real time (10: never the limit; lower offers fewer tokens/s)",
+    )
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_gateway_"))
     cfg = {
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": "tiny-llama",
                 "accelerator": "H100",
                 "engine": "sim",
-                "sim_speedup": 10,
+                "sim_speedup": args.sim_speedup,
                 "slo": {"ttft_ms": 60000, "tpot_ms": 1000},
                 "admission": {"max_queued_requests": 100000, "max_queued_tokens": 100_000_000},
             }
