@@ -8,8 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,25 +17,20 @@ from pydantic import ValidationError
 
 from models.catalog import ModelEntry
 from serving.api.errors import (
-    APIError,
     ContextLengthError,
-    EngineFailureError,
     InvalidRequestError,
     NotFoundError,
-    RateLimitError,
-    ServiceUnavailableError,
 )
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
-from serving.batching import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
+from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pools import PoolDirectory, PoolRef
-from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
+from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation
 from serving.metrics import GatewayStats
-from serving.pools.channel import ChannelClient, ChannelLost
-from serving.routing import NoPoolForGpuError
+from serving.pools.channel import ChannelClient
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -233,68 +226,8 @@ class GatewayService:
         return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight, reply_to)
 
     async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, ChunkStream, EngineChunk]:
-        """Route, dispatch and wait for the first chunk, so failures before it become HTTP errors.
-
-        A replica that dies or times out before the first token gets one retry elsewhere.
-        """
         request = self._engine_request(p)
-        if self.channels is not None:
-            self.channels.register(p.request_id)
-        failed: str | None = None
-        failed_replica: str | None = None
-        try:
-            for attempt in (1, 2):
-                try:
-                    pool, _decision = self.pools.choose(
-                        p.entry.name,
-                        len(p.prompt_ids),
-                        p.sampling.max_tokens * p.sampling.n,
-                        p.pinned_gpu,
-                        failed,
-                    )
-                except NoPoolForGpuError as e:
-                    raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
-                outcome.pool, outcome.accelerator = pool.name, pool.accelerator
-                replica = (
-                    self.channels.pick(k for k in pool.replica_keys if k != failed_replica)
-                    if self.channels is not None
-                    else None
-                )
-                pool.in_flight += 1
-                t0 = time.monotonic()
-                gen: Any = None
-                try:
-                    if replica is not None:  # direct on the token channel: no Ray message at all
-                        assert self.channels is not None
-                        chunks = ChunkStream.direct(self.channels, replica, request)
-                        first = await chunks.first(self.first_token_timeout_s)
-                    else:
-                        gen = pool.stream(request)
-                        first = await asyncio.wait_for(gen.__anext__(), self.first_token_timeout_s)
-                        chunks = ChunkStream(gen, first, self.channels, p.request_id)
-                except BaseException as e:
-                    pool.in_flight -= 1
-                    if replica is not None:
-                        assert self.channels is not None
-                        self.channels.finish(replica, p.request_id, abort=True)
-                    elif gen is not None:
-                        gen.cancel()
-                    if attempt == 1 and _retryable(e):
-                        log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
-                        failed, failed_replica = pool.name, replica
-                        if self.channels is not None:
-                            self.channels.register(p.request_id)
-                        continue
-                    raise _map_dispatch_error(e, self.first_token_timeout_s) from e
-                outcome.ttft_s = time.monotonic() - t0
-                p.extra_headers["x-tokenweir-pool"] = pool.name
-                p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
-                return pool, chunks, first
-        except BaseException:
-            if self.channels is not None:
-                self.channels.unregister(p.request_id)
-            raise
-        raise AssertionError("unreachable")
+        return await open_stream(self.pools, self.channels, self.first_token_timeout_s, request, p, outcome)
 
     async def _open_or_settle(
         self, p: Prepared, outcome: Outcome
@@ -351,7 +284,7 @@ class GatewayService:
             raise
         except Exception as e:
             outcome.status = "engine_error"
-            err = _map_dispatch_error(e, self.first_token_timeout_s)
+            err = map_dispatch_error(e, self.first_token_timeout_s)
             log.warning("stream %s failed after %d tokens: %s", p.request_id, outcome.completion_tokens, e)
             yield sse_event(err.body()) + DONE_EVENT
         finally:
@@ -393,7 +326,7 @@ class GatewayService:
             raise
         except Exception as e:
             outcome.status = "engine_error"
-            raise _map_dispatch_error(e, self.first_token_timeout_s) from e
+            raise map_dispatch_error(e, self.first_token_timeout_s) from e
         finally:
             pool.in_flight -= 1
             chunks.close(finished)
@@ -435,62 +368,3 @@ class GatewayService:
 
 
 _SETTLE_OUTCOME = {"ok": "completed", "engine_error": "error", "disconnected": "aborted"}
-
-
-def _admission_refusal(e: BaseException) -> AdmissionRefused | None:
-    if isinstance(e, AdmissionRefused):
-        return e
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, AdmissionRefused) else None
-
-
-def _retryable(e: BaseException) -> bool:
-    """A replica death or timeout before the first token (not a refusal, not a cancellation)."""
-    if isinstance(e, asyncio.CancelledError) or _admission_refusal(e) is not None:
-        return False
-    if isinstance(e, asyncio.TimeoutError | TimeoutError | ChannelLost):
-        return True
-    name = type(e).__name__
-    return any(
-        k in name for k in ("ActorDied", "ActorUnavailable", "RayActorError")
-    ) or "EngineDeadError" in str(e)
-
-
-def _map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
-    """Map what a pool call raised to the client-visible error."""
-    if isinstance(e, APIError):
-        return e
-    refusal = _admission_refusal(e)
-    if refusal is not None:
-        retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
-        body = refusal.error_body()["error"]
-        err: APIError
-        if refusal.status_code == 429:
-            err = RateLimitError(str(body["message"]), code=str(body["code"]), headers=retry)
-        else:
-            err = ServiceUnavailableError(str(body["message"]), code=str(body["code"]), headers=retry)
-        return err
-    if isinstance(e, asyncio.TimeoutError | TimeoutError):
-        return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
-    if isinstance(e, RequestTimeout):
-        return ServiceUnavailableError(str(e), code="request_timeout")
-    if isinstance(e, ChannelLost):
-        return ServiceUnavailableError(f"lost the model replica mid-stream: {e}")
-    if isinstance(e, PoolFailure):
-        return ServiceUnavailableError(f"the model pool failed: {e}")
-    name = type(e).__name__
-    text = str(e)
-    if "BackPressureError" in name or "BackPressure" in text:
-        return ServiceUnavailableError(
-            "the model pool is saturated; retry shortly", headers={"Retry-After": "1"}
-        )
-    if (
-        "EngineDeadError" in text
-        or "ActorDied" in name
-        or "ActorUnavailable" in name
-        or "RayActorError" in name
-    ):
-        return ServiceUnavailableError(
-            "the model replica is unavailable; retry shortly", headers={"Retry-After": "1"}
-        )
-    return EngineFailureError("the engine failed while serving this request")
