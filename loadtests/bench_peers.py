@@ -312,6 +312,7 @@ def medians(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a previous run is fine
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
