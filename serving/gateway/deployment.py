@@ -36,6 +36,7 @@ from serving.gateway.http import (
 from serving.gateway.pools import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
+from serving.logs import route_logs_to_serve
 from serving.metering import ActorTransport, LedgerClient, Meter, SocketTransport, get_or_create_ledger_actor
 from serving.metrics import BoardCollector, render
 from serving.pools.channel import ChannelClient
@@ -74,6 +75,7 @@ class Gateway:
         pool_handles: dict[str, Any],
     ) -> None:
         run_at_normal_priority()
+        route_logs_to_serve()
         self.cfg = TokenweirConfig.model_validate(config)
         self.entries = {name: ModelEntry.model_validate(e) for name, e in entries.items()}
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from models.catalog import ModelEntry
 from serving.batching import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
 from serving.config.schema import PoolConfig
 from serving.engines.base import Engine, EngineChunk, EngineRequest
+from serving.logs import route_logs_to_serve
 from serving.pools.channel import ChannelLost, ChannelServer, RemoteFailure, Submissions
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.priority import run_at_normal_priority
@@ -75,6 +76,7 @@ class PoolReplica:
         self, pool: dict[str, Any], entry: dict[str, Any], model_source: str, namespace: str = "tokenweir"
     ) -> None:
         run_at_normal_priority()  # before the engine starts: its processes inherit it
+        route_logs_to_serve()
         self.pool = PoolConfig.model_validate(pool)
         self.entry = ModelEntry.model_validate(entry)
         self._engine = build_engine(self.pool, self.entry, model_source)
