@@ -71,10 +71,8 @@ class ChunkStream:
             while True:
                 batch = await self._next_batch()
                 if batch:
-                    head, *rest = batch
-                    for c in reversed(rest):  # keep them for the next read
-                        self._pending.insert(0, c)
-                    return head
+                    self._pending[:0] = batch[1:]  # the rest go to the next read
+                    return batch[0]
 
     async def _watch_handle(self) -> None:
         """In channel mode the handle stream stays open until the pool is done; it carries nothing
