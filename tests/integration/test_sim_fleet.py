@@ -3,9 +3,13 @@ through the real gateway: routing, GPU pinning, exact usage, and a complete /met
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
+
+from serving.pools.loadboard import PUBLISH_INTERVAL_S
 
 pytestmark = pytest.mark.integration
 MODEL = "llama-3.1-8b-instruct"
@@ -71,17 +75,33 @@ def test_pin_to_absent_gpu_is_400(gateway_url: str, api_key: str) -> None:
 
 def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI) -> None:
     """At light load both pools meet the SLO; the router picks the cheaper price per token."""
+    # Light load means idle pools: wait out what earlier tests left in flight, then one board
+    # publication so that the gateway's snapshots show it.
+    deadline = time.monotonic() + 60
+    while True:
+        pools = httpx.get(f"{gateway_url}/internal/pools", timeout=10).json()
+        busy = {
+            n: (p.get("queue_depth"), p.get("in_flight_seqs"))
+            for n, p in pools.items()
+            if n.startswith("sim-")
+        }
+        if all(v == (0, 0) for v in busy.values()):
+            break
+        assert time.monotonic() < deadline, busy
+        time.sleep(0.1)  # polled condition
+    time.sleep(2 * PUBLISH_INTERVAL_S)  # the board's snapshot period, not a guess at a condition
     for _ in range(4):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
     metrics = httpx.get(f"{gateway_url}/metrics", timeout=30).text
     decisions = [ln for ln in metrics.splitlines() if ln.startswith("tokenweir_routing_decisions_total{")]
     assert decisions, metrics[:2000]
-    assert any('reason="cheapest_meets_slo"' in ln or 'reason="no_load_data"' in ln for ln in decisions)
+    assert any('reason="cheapest_meets_slo"' in ln or 'reason="no_load_data"' in ln for ln in decisions), (
+        decisions
+    )
 
 
 def test_metrics_cover_pools_gateways_and_ledger(gateway_url: str, client: openai.OpenAI) -> None:
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3)
-    import time
 
     deadline = time.monotonic() + 10
     text = ""
