@@ -71,6 +71,9 @@ class PoolConfig(_Strict):
     """Hold a stream's tokens this long to send several per message (0: send each step's at once)."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """vLLM engine arguments; override the catalog's per-GPU settings and the hardware plan."""
+    cpu_core_placement: bool = True
+    """For `engine: vllm` on `CPU`: put vLLM's engine core on the cores its model worker is bound to,
+    and this pool's replica and same-node gateways on the other cores (`serving/engines/cpu_placement.py`)."""
     sim_speedup: float = Field(default=1.0, gt=0)
     """For `engine: sim`: how much faster than real time the simulated engine runs."""
     slo: SloConfig = SloConfig()

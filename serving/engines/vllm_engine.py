@@ -22,6 +22,7 @@ from serving.engines.base import (
     EngineRequest,
     TokenLogprob,
 )
+from serving.engines.cpu_placement import Placement, place_cpu_engine
 
 # Keys of `engine_args` that are ours, not AsyncEngineArgs fields.
 _CPU_KV_SPACE_KEY = "kv_cache_space_gib"
@@ -30,8 +31,20 @@ _CPU_KV_SPACE_KEY = "kv_cache_space_gib"
 class VllmEngine(Engine):
     """Wraps ``vllm.v1.engine.async_llm.AsyncLLM``."""
 
-    def __init__(self, model_path: str, served_name: str, max_model_len: int, engine_args: dict[str, Any]):
+    def __init__(
+        self,
+        model_path: str,
+        served_name: str,
+        max_model_len: int,
+        engine_args: dict[str, Any],
+        *,
+        cpu_placement: bool = False,
+    ):
+        """``cpu_placement``: after start, separate the CPU build's processes by core
+        (:mod:`serving.engines.cpu_placement`); ``placement`` then says where they went."""
         self._model_path = model_path
+        self._cpu_placement = cpu_placement
+        self.placement: Placement | None = None
         self._served_name = served_name
         self._max_model_len = max_model_len
         self._args = dict(engine_args)
@@ -60,6 +73,8 @@ class VllmEngine(Engine):
             None,
             lambda: AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER),
         )
+        if self._cpu_placement:
+            self.placement = place_cpu_engine()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:  # type: ignore[override]
         from vllm.sampling_params import RequestOutputKind, SamplingParams

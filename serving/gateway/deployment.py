@@ -41,7 +41,7 @@ from serving.metering import ActorTransport, LedgerClient, Meter, SocketTranspor
 from serving.metrics import BoardCollector, render
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
-from serving.pools.replica import replica_id
+from serving.pools.replica import node_ip, replica_id
 from serving.priority import run_at_normal_priority
 from serving.tenancy import make_tenancy_router
 
@@ -91,7 +91,7 @@ class Gateway:
         infos = [pool_info(p, self.entries[p.model], self.cfg.gpu_prices) for p in self.cfg.pools]
         self._replica = replica_id()
         self.channels = ChannelClient(self._replica) if self.cfg.gateway.token_channel else None
-        self.pools = PoolDirectory(refs, infos, self.channels)
+        self.pools = PoolDirectory(refs, infos, self.channels, node=node_ip())
         self.app = FastAPI(title="Tokenweir", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(self.app)
         self.meter = self._make_meter()

@@ -14,6 +14,7 @@ from models.catalog import ModelEntry
 from serving.batching import AdmissionConfig, LoadSnapshot, merge_snapshots
 from serving.config.schema import PoolConfig
 from serving.engines.base import EngineRequest
+from serving.engines.cpu_placement import avoid_cores, engine_cores_on
 from serving.hardware import PerfModel, PlanError, get_gpu, with_prices
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
@@ -92,9 +93,17 @@ class PoolDirectory:
     """Pools by model, the router over them, and the board reader that feeds it."""
 
     def __init__(
-        self, pools: list[PoolRef], infos: list[PoolInfo], channels: ChannelClient | None = None
+        self,
+        pools: list[PoolRef],
+        infos: list[PoolInfo],
+        channels: ChannelClient | None = None,
+        node: str | None = None,
     ) -> None:
+        """``node``: this gateway's node address; it keeps off the cores of same-node vLLM CPU
+        workers that pools publish (:mod:`serving.engines.cpu_placement`)."""
         self.pools = pools
+        self.node = node
+        self.avoided_cores: frozenset[int] = frozenset()
         self.channels = channels
         self.by_name = {p.name: p for p in pools}
         self.router = Router(infos)
@@ -136,6 +145,15 @@ class PoolDirectory:
             self.channels.sync(
                 (p["replica"], *p["channel"]) for _k, _key, _a, p in entries if p.get("pool") in self.by_name
             )
+        if self.node is not None:
+            busy = engine_cores_on(self.node, (p for _k, _key, _a, p in entries))
+            if busy - self.avoided_cores:
+                self.avoided_cores |= busy
+                moved = avoid_cores(self.avoided_cores)
+                if moved is not None:
+                    log.info(
+                        "gateway moved to cores %s (vLLM CPU workers on %s)", sorted(moved), sorted(busy)
+                    )
         for name, ref in self.by_name.items():
             payloads = per_pool.get(name, [])
             ref.board = payloads

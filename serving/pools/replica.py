@@ -40,7 +40,8 @@ def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engi
         args = engine_args(pool, entry)
         if pool.accelerator != "CPU" and pool.gpus_per_replica > 1:
             args.setdefault("tensor_parallel_size", pool.gpus_per_replica)
-        return VllmEngine(model_source, entry.name, entry.max_model_len, args)
+        placement = pool.accelerator == "CPU" and pool.cpu_core_placement
+        return VllmEngine(model_source, entry.name, entry.max_model_len, args, cpu_placement=placement)
     from serving.engines.sim_factory import build_sim_engine
 
     return build_sim_engine(pool, entry)
@@ -59,7 +60,7 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
     """Where this replica's token channel listens: the Ray node's address (loopback locally)."""
     try:
         import ray
@@ -80,6 +81,7 @@ class PoolReplica:
         self.pool = PoolConfig.model_validate(pool)
         self.entry = ModelEntry.model_validate(entry)
         self._engine = build_engine(self.pool, self.entry, model_source)
+        self._channel_host = node_ip()
         self._interval_s = self.pool.stream_interval_ms / 1000.0
         self._started = 0
         self._aborted = 0
@@ -96,11 +98,14 @@ class PoolReplica:
                 )
             )
         )
+        placement = getattr(self._engine, "placement", None)
+        self._engine_cores = (self._channel_host, sorted(placement.worker_cores)) if placement else None
+        """(node, cores) a same-node gateway keeps off (vLLM CPU build only)."""
         self._id = replica_id()
         self._direct: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._direct_total = 0
         self._channels = ChannelServer(
-            _node_ip(), Submissions(self._submit, self._abort_direct, self._gateway_gone)
+            self._channel_host, Submissions(self._submit, self._abort_direct, self._gateway_gone)
         )
         self._channel_addr = await self._channels.start()
         self._board = get_board(namespace)
@@ -218,6 +223,7 @@ class PoolReplica:
             "engine_unfinished": self._engine.num_unfinished(),
             "replica": self._id,
             "channel": self._channel_addr,
+            "engine_cores": self._engine_cores,
         }
 
     async def _publish_forever(self) -> None:
@@ -243,6 +249,7 @@ class PoolReplica:
             "queue_depth": a.queue_depth,
             "in_flight_seqs": a.in_flight_seqs,
             "seq_limit": a.seq_limit,
+            "engine_cores": self._engine_cores[1] if self._engine_cores else None,
         }
 
     async def ready(self) -> bool:
