@@ -1,10 +1,15 @@
 """Does the simulated engine keep its schedule? 500 concurrent streams in real time on this machine.
 
 Every token carries its time on the model's timeline (the end of the engine step that sampled it);
-the lag is the time the consumer's ``async for`` receives it minus that time. Goal: p99 <= 5 ms, so a
-simulated fleet measures the gateway, not the simulator.
+the lag is the time the consumer receives it minus that time. Goal: p99 <= 5 ms, so a simulated
+fleet measures the gateway, not the simulator.
 
-    .venv/bin/python loadtests/bench_sim_schedule.py [--streams 500] [--max-tokens 200] [--gpu H100]
+Two consumers: ``push`` (the default) is what pool replicas use: ``engine.submit`` with a sink the
+engine calls as each step ends, and the sink does what the replica's does (admission bookkeeping,
+one outbox append per stream). ``iterate`` is one task per stream running ``async for`` over
+``engine.generate``, the Serve-handle path.
+
+    .venv/bin/python loadtests/bench_sim_schedule.py [--streams 500] [--max-tokens 200] [--gpu H100] [--consumer push|iterate]
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import statistics
 import time
 
-from serving.engines.base import EngineRequest, SamplingSpec
+from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec
 from serving.engines.sim import SimEngine
 from serving.hardware.catalog import get_gpu
 from serving.hardware.perfmodel import ModelArch
@@ -42,24 +47,62 @@ async def main(args: argparse.Namespace) -> None:
     await engine.start()
     received = 0
 
-    async def consume(i: int) -> None:
-        nonlocal received
-        r = EngineRequest(
+    def request(i: int) -> EngineRequest:
+        return EngineRequest(
             f"s{i}", list(range(args.prompt)), SamplingSpec(max_tokens=args.max_tokens, ignore_eos=True)
         )
-        async for chunk in engine.generate(r):
+
+    async def consume(i: int) -> None:
+        nonlocal received
+        async for chunk in engine.generate(request(i)):
             received += sum(d.num_tokens for d in chunk.deltas)
 
+    outbox: list[tuple[str, EngineChunk]] = []
+    done = asyncio.Event()
+    open_streams = args.streams
+
+    class Sink:
+        """What a pool replica's sink does per chunk: count, book the tokens, queue one frame item."""
+
+        def __init__(self, rid: str) -> None:
+            self.rid, self.seen = rid, 0
+
+        def chunk(self, chunk: EngineChunk) -> None:
+            nonlocal received, open_streams
+            new = chunk.completion_tokens - self.seen
+            self.seen = chunk.completion_tokens
+            received += new
+            outbox.append((self.rid, chunk))
+            if len(outbox) >= args.streams:
+                outbox.clear()
+            if chunk.finished:
+                open_streams -= 1
+                if open_streams == 0:
+                    done.set()
+
+        def fail(self, error: Exception) -> None:
+            raise error
+
+    async def push_all() -> None:
+        for i in range(args.streams):
+            await engine.submit(request(i), Sink(f"s{i}"))
+        await done.wait()
+
     gc.collect()
+    gc.freeze()  # as in a pool replica: tokenweir serve sets RAY_SERVE_FREEZE_GC_ON_STARTUP=1
     cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(consume(i) for i in range(args.streams)))
+    if args.consumer == "push":
+        await push_all()
+    else:
+        await asyncio.gather(*(consume(i) for i in range(args.streams)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await engine.shutdown()
     st = engine.stats
     lag_ms = [x * 1e3 for x in st.lag_s]
     assert received == args.streams * args.max_tokens == st.tokens == len(lag_ms)
     print(
-        f"gpu={args.gpu} streams={args.streams} prompt={args.prompt} max_tokens={args.max_tokens} speedup={args.speedup}"
+        f"gpu={args.gpu} streams={args.streams} prompt={args.prompt} max_tokens={args.max_tokens} "
+        f"speedup={args.speedup} consumer={args.consumer}"
     )
     print(f"engine steps={st.steps}  model time={st.model_busy_s:.2f}s  wall={wall:.2f}s  cpu={cpu:.2f}s")
     print(f"tokens={received}  tokens/s={received / wall:,.0f}  cpu us/token={cpu / received * 1e6:.1f}")
@@ -79,4 +122,5 @@ if __name__ == "__main__":
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--gpu", default="H100")
     p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--consumer", choices=("push", "iterate"), default="push")
     asyncio.run(main(p.parse_args()))

@@ -6,7 +6,7 @@ import asyncio
 import zlib
 
 from serving.engines._sim_sched import SimSeq
-from serving.engines.base import ChoiceDelta, EngineChunk, EngineError, EngineRequest, TokenLogprob
+from serving.engines.base import ChoiceDelta, ChunkSink, EngineChunk, EngineError, EngineRequest, TokenLogprob
 
 __all__ = ["SimStream", "seq_hash", "word"]
 
@@ -196,6 +196,7 @@ class SimStream:
         "request",
         "sent_upto",
         "seqs",
+        "sink",
         "stops",
         "texts",
         "token_counts",
@@ -234,6 +235,8 @@ class SimStream:
         self.first_token_at: float | None = None
         self.emit_times: list[float] | None = [] if record_lag else None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: ChunkSink | None = None
+        """Set for a submitted (pushed) request: the engine hands it each chunk itself."""
         self.done = False
         self.error: EngineError | None = None
         self._simple = n == 1 and not self.stops and self.logprobs is None

@@ -9,6 +9,10 @@ The contract, in the shape of vLLM's ``v1/core/sched/interface.py``:
   consumers must not assume one token per chunk.
 * Cancelling the iterator (``aclose()`` or task cancellation) aborts the request in the engine at once
   and frees its KV cache. Usage of an aborted request is whatever the last chunk reported.
+* ``submit(request, sink)`` is the push form of ``generate``: the engine calls ``sink.chunk(chunk)``
+  itself as each step's output is ready (every stream of a step in one pass, no task per stream),
+  then ``sink.fail(error)`` or nothing more. It returns a function that aborts the request. The base
+  class implements it on ``generate``; engines override it to skip the per-stream task.
 * ``num_unfinished()`` is the engine's own count of requests it still holds (running + waiting).
 * Failures raise :class:`EngineError` (the engine is alive; this request failed) or
   :class:`EngineDeadError` (the engine is gone; the replica should be replaced).
@@ -17,8 +21,13 @@ The contract, in the shape of vLLM's ``v1/core/sched/interface.py``:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger("tokenweir.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +112,30 @@ class EngineDeadError(EngineError):
     """The engine itself has died; every request on it fails and the replica must be replaced."""
 
 
+class ChunkSink(Protocol):
+    """Where a submitted request's output goes. Both are called from the engine's own loop and must
+    not block; after ``fail`` or a chunk with ``finished=True`` nothing more comes."""
+
+    def chunk(self, chunk: EngineChunk) -> None: ...
+
+    def fail(self, error: EngineError) -> None: ...
+
+
+Abort = Callable[[], None]
+"""Aborts a submitted request (idempotent; nothing more reaches its sink)."""
+
+
+def deliver(sink: ChunkSink, chunk: EngineChunk) -> bool:
+    """Hand a chunk to a sink from inside an engine; False (and logged) when the sink raised, so
+    one broken consumer cannot stop the engine's loop: the engine then aborts that request."""
+    try:
+        sink.chunk(chunk)
+        return True
+    except Exception:
+        log.exception("a chunk sink failed; aborting its request")
+        return False
+
+
 class Engine(abc.ABC):
     """A continuous-batching engine as a pool replica sees it."""
 
@@ -113,6 +146,28 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         """Stream the request's output; cancelling the iterator aborts the request."""
+
+    async def submit(self, request: EngineRequest, sink: ChunkSink) -> Abort:
+        """Start ``request``; its output goes to ``sink`` (see the module docstring)."""
+        task = asyncio.get_running_loop().create_task(self._pump(request, sink))
+
+        def abort() -> None:
+            task.cancel()
+
+        return abort
+
+    async def _pump(self, request: EngineRequest, sink: ChunkSink) -> None:
+        stream = self.generate(request)
+        try:
+            async for chunk in stream:
+                if not deliver(sink, chunk):
+                    return
+        except EngineError as e:
+            sink.fail(e)
+        except Exception as e:  # an engine bug: the request fails, the replica goes on
+            sink.fail(EngineError(f"{type(e).__name__}: {e}"))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
     @abc.abstractmethod
     def capacity(self) -> EngineCapacity:

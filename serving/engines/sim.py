@@ -10,7 +10,9 @@ request id or seed, the choice index and the position); usage counts are exact; 
 
 ``speedup`` divides every step time (a test fleet can run 100x faster than the hardware it models).
 ``record_lag`` keeps, per delivered token, how late the consumer got it against the model's
-timeline (``stats.lag_s``), which ``loadtests/bench_sim_schedule.py`` reports.
+timeline (``stats.lag_s``), which ``loadtests/bench_sim_schedule.py`` reports. For a submitted
+request (``submit``, what pool replicas use) that is when its sink is called; for ``generate``,
+when the iterating task wakes up.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from serving.engines._sim_clock import Clock, FakeClock, LoopClock
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.engines._sim_stream import SimStream, seq_hash
 from serving.engines.base import (
+    Abort,
+    ChunkSink,
     Engine,
     EngineCapacity,
     EngineChunk,
     EngineDeadError,
     EngineError,
     EngineRequest,
+    deliver,
 )
 from serving.hardware.catalog import GpuProfile
 from serving.hardware.perfmodel import ModelArch, PerfFactors, PerfModel
@@ -155,6 +160,45 @@ class SimEngine(Engine):
             if not stream.done:
                 self._abort(stream)
 
+    async def submit(self, request: EngineRequest, sink: ChunkSink) -> Abort:
+        """Push delivery: a step's chunks are built while the step "runs" and handed to their sinks
+        right at its end, in one pass over the batch (no task wake-up per stream)."""
+        stream = self._admit(request)
+        stream.sink = sink
+
+        def abort() -> None:
+            if stream.sink is not None:
+                stream.sink = None
+                self._abort(stream)
+
+        return abort
+
+    def _prepare_push(self, stream: SimStream) -> tuple[SimStream, EngineChunk, list[float]]:
+        """Before the step ends: its chunk for a pushed stream, and its tokens' times."""
+        stream.publish()
+        times: list[float] = []
+        if stream.emit_times:
+            times, stream.emit_times = stream.emit_times, []
+        return stream, stream.take(), times
+
+    def _push(self, ready: list[tuple[SimStream, EngineChunk, list[float]]]) -> None:
+        """At the step's end: hand every pushed stream its chunk."""
+        lag = self.stats.lag_s if self._record_lag else None
+        clock = self.clock
+        for stream, chunk, times in ready:
+            sink = stream.sink
+            if sink is None:
+                continue  # aborted while the step ran
+            if lag is not None:
+                now = clock.now()
+                lag.extend(now - t for t in times)
+            if chunk.finished:
+                stream.sink = None
+                self._streams.pop(stream.request.request_id, None)
+            if not deliver(sink, chunk) and not chunk.finished:
+                stream.sink = None
+                self._abort(stream)
+
     # ---- internals ------------------------------------------------------------------------------
     def _admit(self, request: EngineRequest) -> SimStream:
         if self._dead is not None:
@@ -199,7 +243,13 @@ class SimEngine(Engine):
     def _fail_all(self, error: EngineDeadError) -> None:
         self._dead = error
         for stream in list(self._streams.values()):
-            stream.fail(error)
+            sink = stream.sink
+            if sink is not None:
+                stream.sink = None
+                stream.done = True
+                sink.fail(error)
+            else:
+                stream.fail(error)
         self._streams.clear()
 
     async def _run(self) -> None:
@@ -243,14 +293,18 @@ class SimEngine(Engine):
                         seq.finish_reason = "stop"
                     else:
                         sched.finish(seq, "stop")
+            # Pushed streams' chunks are built now too; at the step's end they are only handed over.
+            ready = [self._prepare_push(s) for s in staged.values() if s.sink is not None and not s.done]
             if t_end > now:
                 await clock.sleep_until(t_end)
             t = t_end
             stats.steps += 1
             stats.model_busy_s += dur
             stats.tokens += len(produced)
+            if ready:
+                self._push(ready)
             for stream in staged.values():
-                if not stream.done:
+                if stream.sink is None and not stream.done:
                     stream.publish()
             # Let the woken consumers run before computing the next step.
             await asyncio.sleep(0)

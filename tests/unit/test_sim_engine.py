@@ -262,3 +262,77 @@ async def test_refusals_and_shutdown() -> None:
         await engine.check_health()
     with pytest.raises(EngineDeadError):
         await engine.generate(req("late")).__anext__()
+
+
+class Sink:
+    """A pushed request's consumer: records each chunk with the fake time it was handed over."""
+
+    def __init__(self, clock: FakeClock, raise_on: int | None = None) -> None:
+        self.clock = clock
+        self.chunks: list[tuple[float, EngineChunk]] = []
+        self.errors: list[EngineError] = []
+        self.raise_on = raise_on
+
+    def chunk(self, chunk: EngineChunk) -> None:
+        self.chunks.append((self.clock.now(), chunk))
+        if self.raise_on is not None and len(self.chunks) == self.raise_on:
+            raise RuntimeError("consumer bug")
+
+    def fail(self, error: EngineError) -> None:
+        self.errors.append(error)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.errors) or (bool(self.chunks) and self.chunks[-1][1].finished)
+
+
+async def test_submit_pushes_the_same_chunks_at_the_same_times_as_generate() -> None:
+    """The push path (what pool replicas use) and the iterator agree token for token."""
+    requests = [req(f"r{i}", prompt=300 + 50 * i, max_tokens=6, stop=("zz",), n=1 + i % 2) for i in range(3)]
+    clock_a, clock_b = FakeClock(5.0), FakeClock(5.0)
+    pulling, pushing = await make(clock_a), await make(clock_b)
+    pulled = [Collector(pulling, clock_a, r) for r in requests]
+    await settle()
+    sinks = [Sink(clock_b) for _ in requests]
+    for r, sink in zip(requests, sinks, strict=True):
+        await pushing.submit(r, sink)
+    await run_until(clock_a, lambda: all(c.done for c in pulled))
+    await run_until(clock_b, lambda: all(s.done for s in sinks))
+    for c, sink in zip(pulled, sinks, strict=True):
+        assert sink.chunks == c.chunks
+        assert sink.chunks[-1][1].finished and sink.errors == []
+    assert pushing.num_unfinished() == 0
+    await pulling.shutdown()
+    await pushing.shutdown()
+
+
+async def test_submit_abort_frees_kv_and_stops_the_sink() -> None:
+    clock = FakeClock()
+    engine = await make(clock)
+    sink = Sink(clock)
+    abort = await engine.submit(req("a", prompt=500, max_tokens=100), sink)
+    await run_until(clock, lambda: len(sink.chunks) >= 2)
+    abort()
+    abort()  # idempotent
+    n = len(sink.chunks)
+    await settle()
+    clock.advance_to_next()
+    await settle()
+    assert len(sink.chunks) == n and engine.num_unfinished() == 0
+    sched = engine._sched
+    assert sched.free_blocks == sched.num_blocks and not sched.has_work()
+    await engine.shutdown()
+    assert sink.errors == []  # an aborted request hears nothing more, not even the shutdown
+
+
+async def test_a_raising_sink_aborts_only_its_request_and_shutdown_fails_the_rest() -> None:
+    clock = FakeClock()
+    engine = await make(clock)
+    bad, good = Sink(clock, raise_on=2), Sink(clock)
+    await engine.submit(req("bad", max_tokens=50), bad)
+    await engine.submit(req("good", max_tokens=50), good)
+    await run_until(clock, lambda: len(good.chunks) >= 5)
+    assert len(bad.chunks) == 2 and engine.num_unfinished() == 1  # the engine loop went on
+    await engine.shutdown()
+    assert len(good.errors) == 1 and isinstance(good.errors[0], EngineDeadError)
+    assert bad.errors == []
