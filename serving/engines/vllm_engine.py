@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serving.engines.base import (
+    Abort,
     ChoiceDelta,
+    ChunkSink,
     Engine,
     EngineCapacity,
     EngineChunk,
@@ -21,6 +23,7 @@ from serving.engines.base import (
     EngineError,
     EngineRequest,
     TokenLogprob,
+    deliver,
 )
 from serving.engines.cpu_placement import Placement, place_cpu_engine
 
@@ -49,6 +52,7 @@ class VllmEngine(Engine):
         self._max_model_len = max_model_len
         self._args = dict(engine_args)
         self._llm: Any = None
+        self._dispatch: _Dispatch | None = None
 
     async def start(self) -> None:
         args = dict(self._args)
@@ -76,11 +80,11 @@ class VllmEngine(Engine):
         if self._cpu_placement:
             self.placement = place_cpu_engine()
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:  # type: ignore[override]
+    def _params(self, request: EngineRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         s = request.sampling
-        params = SamplingParams(
+        return SamplingParams(
             n=s.n,
             temperature=s.temperature,
             top_p=s.top_p,
@@ -94,33 +98,43 @@ class VllmEngine(Engine):
             min_tokens=s.min_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:  # type: ignore[override]
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
         from vllm.v1.engine.exceptions import EngineGenerateError
 
         prompt_tokens = len(request.prompt_token_ids)
+        k = request.sampling.logprobs
         done_tokens = 0
         try:
             async for out in self._llm.generate(
-                {"prompt_token_ids": request.prompt_token_ids}, params, request.request_id
+                {"prompt_token_ids": request.prompt_token_ids}, self._params(request), request.request_id
             ):
-                deltas = []
-                for c in out.outputs:
-                    n = len(c.token_ids)
-                    done_tokens += n
-                    deltas.append(
-                        ChoiceDelta(
-                            index=c.index,
-                            text=c.text,
-                            num_tokens=n,
-                            finish_reason=c.finish_reason,
-                            logprobs=_logprobs(c, s.logprobs) if s.logprobs is not None else None,
-                        )
-                    )
-                yield EngineChunk(deltas, prompt_tokens, done_tokens, finished=out.finished)
+                chunk = _chunk(out, prompt_tokens, done_tokens, k)
+                done_tokens = chunk.completion_tokens
+                yield chunk
         except VllmDead as e:
             raise EngineDeadError(f"vLLM engine died: {e}") from e
         except EngineGenerateError as e:
             raise EngineError(f"vLLM failed the request: {e}") from e
+
+    async def submit(self, request: EngineRequest, sink: ChunkSink) -> Abort:
+        """Push delivery without a task per request: vLLM's output handler puts each request's
+        output into its collector and sets the collector's ``ready`` event; here that event is
+        replaced by a :class:`_Pushed`, which queues the request for one flush per batch of outputs
+        that hands every ready chunk to its sink."""
+        q = await self._llm.add_request(
+            request.request_id, {"prompt_token_ids": request.prompt_token_ids}, self._params(request)
+        )
+        if self._dispatch is None:
+            self._dispatch = _Dispatch()
+        pushed = _Pushed(
+            self, self._dispatch, q, sink, len(request.prompt_token_ids), request.sampling.logprobs
+        )
+        q.ready = pushed
+        if q.output is not None:  # came before the swap
+            pushed.set()
+        return pushed.abort
 
     def capacity(self) -> EngineCapacity:
         cfg = self._llm.vllm_config
@@ -151,6 +165,118 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def _chunk(out: Any, prompt_tokens: int, done_tokens: int, k: int | None) -> EngineChunk:
+    """One vLLM ``RequestOutput`` (deltas) as an :class:`EngineChunk` (cumulative usage)."""
+    deltas = []
+    for c in out.outputs:
+        n = len(c.token_ids)
+        done_tokens += n
+        deltas.append(
+            ChoiceDelta(
+                index=c.index,
+                text=c.text,
+                num_tokens=n,
+                finish_reason=c.finish_reason,
+                logprobs=_logprobs(c, k) if k is not None else None,
+            )
+        )
+    return EngineChunk(deltas, prompt_tokens, done_tokens, finished=out.finished)
+
+
+class _Dispatch:
+    """Collects the submitted requests that have new output and flushes them in one callback."""
+
+    def __init__(self) -> None:
+        self.ready: list[_Pushed] = []
+
+    def mark(self, pushed: _Pushed) -> None:
+        if not self.ready:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.ready.append(pushed)
+
+    def flush(self) -> None:
+        ready, self.ready = self.ready, []
+        for pushed in ready:
+            pushed.drain()
+
+
+class _Pushed:
+    """Stands in for a submitted request's ``RequestOutputCollector.ready`` event (vLLM calls
+    ``set()`` when output arrives and ``clear()`` when it is taken)."""
+
+    def __init__(
+        self,
+        engine: VllmEngine,
+        dispatch: _Dispatch,
+        q: Any,
+        sink: ChunkSink,
+        prompt_tokens: int,
+        k: int | None,
+    ) -> None:
+        self.engine, self.dispatch, self.q, self.sink = engine, dispatch, q, sink
+        self.prompt_tokens, self.k = prompt_tokens, k
+        self.done_tokens = 0
+        self.queued = False
+        self.over = False
+
+    # -- the asyncio.Event surface RequestOutputCollector uses
+    def set(self) -> None:
+        if not self.queued and not self.over:
+            self.queued = True
+            self.dispatch.mark(self)
+
+    def clear(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return self.q.output is not None
+
+    async def wait(self) -> bool:  # only generate() waits; a submitted request never does
+        raise RuntimeError("a pushed request has no waiting consumer")
+
+    # -- delivery
+    def drain(self) -> None:
+        self.queued = False
+        if self.over:
+            return
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+        try:
+            out = self.q.get_nowait()
+        except VllmDead as e:
+            self._fail(EngineDeadError(f"vLLM engine died: {e}"))
+            return
+        except Exception as e:
+            self._fail(EngineError(f"vLLM failed the request: {e}"))
+            return
+        if out is None:
+            return
+        chunk = _chunk(out, self.prompt_tokens, self.done_tokens, self.k)
+        self.done_tokens = chunk.completion_tokens
+        if chunk.finished:
+            self.over = True
+        if not deliver(self.sink, chunk) and not chunk.finished:
+            self.abort()
+
+    def _fail(self, error: EngineError) -> None:
+        self.over = True
+        self.sink.fail(error)
+
+    def abort(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        llm = self.engine._llm
+        if llm is not None and not llm.errored:
+            task = asyncio.get_running_loop().create_task(llm.abort(self.q.request_id, internal=True))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+"""Abort calls in flight (kept referenced until done)."""
 
 
 def _logprobs(c: Any, k: int) -> list[TokenLogprob]:

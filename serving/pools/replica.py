@@ -16,13 +16,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from models.catalog import ModelEntry
 from serving.batching import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
 from serving.config.schema import PoolConfig
-from serving.engines.base import Engine, EngineChunk, EngineRequest
+from serving.engines.base import Engine, EngineChunk, EngineError, EngineRequest
 from serving.logs import route_logs_to_serve
 from serving.pools.channel import ChannelLost, ChannelServer, RemoteFailure, Submissions
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
@@ -102,7 +102,7 @@ class PoolReplica:
         self._engine_cores = (self._channel_host, sorted(placement.worker_cores)) if placement else None
         """(node, cores) a same-node gateway keeps off (vLLM CPU build only)."""
         self._id = replica_id()
-        self._direct: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._direct: dict[str, tuple[str, asyncio.Task[None] | _Relay]] = {}
         self._direct_total = 0
         self._channels = ChannelServer(
             self._channel_host, Submissions(self._submit, self._abort_direct, self._gateway_gone)
@@ -172,7 +172,8 @@ class PoolReplica:
     # -- direct submissions on the token channel ---------------------------------------------------
     def _submit(self, gateway_id: str, request: EngineRequest) -> None:
         self._direct_total += 1
-        task = asyncio.get_running_loop().create_task(self._serve_direct(gateway_id, request))
+        serve = self._serve_pushed if not self._interval_s else self._serve_direct
+        task = asyncio.get_running_loop().create_task(serve(gateway_id, request))
         self._direct[request.request_id] = (gateway_id, task)
 
     def _abort_direct(self, gateway_id: str, request_id: str) -> None:
@@ -181,11 +182,43 @@ class PoolReplica:
             entry[1].cancel()
 
     def _gateway_gone(self, gateway_id: str) -> None:
-        for gw, task in list(self._direct.values()):
+        for gw, handle in list(self._direct.values()):
             if gw == gateway_id:
-                task.cancel()
+                handle.cancel()
+
+    async def _serve_pushed(self, gateway_id: str, request: EngineRequest) -> None:
+        """Admission, then the engine pushes chunks straight into the channel's outbox
+        (:class:`_Relay`): no task per request once it runs."""
+        rid = request.request_id
+        try:
+            await self.admission.acquire(
+                rid,
+                request.tenant_id,
+                request.tenant_weight,
+                len(request.prompt_token_ids),
+                request.sampling.max_tokens * request.sampling.n,
+            )
+        except AdmissionRefused as e:
+            self._direct.pop(rid, None)
+            self._fail(gateway_id, rid, RemoteFailure(str(e), e.refusal))
+            return
+        except asyncio.CancelledError:
+            self._direct.pop(rid, None)  # aborted while queued: acquire gave the slot back
+            return
+        self._started += 1
+        relay = _Relay(self, gateway_id, request)
+        self._direct[rid] = (gateway_id, relay)
+        try:
+            relay.abort_engine = await self._engine.submit(request, relay)
+        except Exception as e:
+            log.warning("direct request %s failed", rid, exc_info=True)
+            relay.fail(EngineError(f"{type(e).__name__}: {e}"))
+            return
+        if relay.over:  # cancelled while the engine took it
+            relay.abort_engine()
 
     async def _serve_direct(self, gateway_id: str, request: EngineRequest) -> None:
+        """The pulled form (one task per request), for pools that pace streams (``stream_interval_ms``)."""
         rid = request.request_id
         chunks = self._produce(request)
         try:
@@ -269,3 +302,62 @@ class PoolReplica:
         with contextlib.suppress(BaseException):
             await self._publisher
         await self._engine.shutdown()
+
+
+class _Relay:
+    """A running direct request's sink: the engine calls it as output arrives; it books the tokens
+    with the admission core and queues the chunk on the gateway's channel (flushed once per loop
+    pass for every stream). ``cancel()`` is the abort from the gateway (or its loss)."""
+
+    __slots__ = ("abort_engine", "completion", "gateway_id", "over", "prompt", "replica", "request_id")
+
+    def __init__(self, replica: PoolReplica, gateway_id: str, request: EngineRequest) -> None:
+        self.replica = replica
+        self.gateway_id = gateway_id
+        self.request_id = request.request_id
+        self.prompt = len(request.prompt_token_ids)
+        self.completion = 0
+        self.over = False
+        self.abort_engine: Callable[[], None] = _nothing
+
+    def chunk(self, chunk: EngineChunk) -> None:
+        if self.over:
+            return
+        r = self.replica
+        new = chunk.completion_tokens - self.completion
+        self.completion = chunk.completion_tokens
+        self.prompt = chunk.prompt_tokens
+        if new:
+            r.admission.on_tokens(self.request_id, new)
+        conn = r._channels.connection(self.gateway_id)
+        if conn is None:  # the gateway went away: free the engine
+            self.cancel()
+            return
+        conn.send(self.request_id, chunk)
+        if chunk.finished:
+            self._end(aborted=False)
+
+    def fail(self, error: EngineError) -> None:
+        if self.over:
+            return
+        self.replica._fail(
+            self.gateway_id, self.request_id, RemoteFailure(f"{type(error).__name__}: {error}")
+        )
+        self._end(aborted=True)
+
+    def cancel(self) -> None:
+        if not self.over:
+            self._end(aborted=True)
+            self.abort_engine()
+
+    def _end(self, aborted: bool) -> None:
+        self.over = True
+        r = self.replica
+        if aborted:
+            r._aborted += 1
+        r.admission.done(self.request_id, self.prompt, self.completion)
+        r._direct.pop(self.request_id, None)
+
+
+def _nothing() -> None:
+    pass
