@@ -57,7 +57,10 @@ import httpx
 import psutil
 import yaml
 
+from serving.engines.cpu_placement import avoid_cores, pin_process
+
 REPO = Path(__file__).resolve().parents[1]
+
 MODEL_NAME = "tiny-llama"
 SERVERS = ("tokenweir", "vllm", "rayllm", "tokenweir-metered")
 # The catalog's CPU engine settings for tiny-llama (models/catalog.yaml), given to every server.
@@ -422,6 +425,29 @@ def server(
         _stop(kind, proc, tree)
 
 
+@contextlib.contextmanager
+def client_off_engine_cores() -> Iterator[list[int]]:
+    """Keep this load generator off the cores vLLM's CPU worker binds (every server here runs one,
+    bound the same way): a process sharing a core with its busy-wait is starved for up to a second
+    at a time on this machine (``serving/engines/cpu_placement.py``), which would make the client,
+    not the server, set the numbers. Yields the cores the client runs on; restores them after."""
+    before = set(os.sched_getaffinity(0))
+    busy: set[int] = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read().startswith(b"VLLM::Worker"):
+                        busy |= os.sched_getaffinity(int(name))
+            except OSError:
+                continue
+    kept = avoid_cores(busy)
+    try:
+        yield sorted(kept if kept is not None else before)
+    finally:
+        pin_process(os.getpid(), before)
+
+
 def _stop(kind: str, proc: subprocess.Popen[bytes], tree: _Tree) -> None:
     t0 = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
@@ -548,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     logdir = Path(tempfile.mkdtemp(prefix="bench_peers_"))
     for kind in kinds:
         port = a.port_base + 1 + SERVERS.index(kind)
-        with server(kind, model, port, logdir, a.ready_timeout_s) as (base, key):
+        with (
+            server(kind, model, port, logdir, a.ready_timeout_s) as (base, key),
+            client_off_engine_cores() as cores,
+        ):
+            meta.setdefault("client_cores", {})[kind] = cores
             w = asyncio.run(run_level(base, warmup, min(8, max(levels)), a.max_tokens, key))
             print(f"[{kind}] warm-up: {w['completed']}/{w['requests']} ok {w['errors']}", flush=True)
             if w["completed"] == 0:
