@@ -5,8 +5,8 @@ the lag is the time the consumer receives it minus that time. Goal: p99 <= 5 ms,
 fleet measures the gateway, not the simulator.
 
 Two consumers: ``push`` (the default) is what pool replicas use: ``engine.submit`` with a sink the
-engine calls as each step ends, and the sink does what the replica's does (admission bookkeeping,
-one outbox append per stream). ``iterate`` is one task per stream running ``async for`` over
+engine calls as each step ends, and the sink does what the replica's relay does per chunk: books the
+tokens with a real admission core (``on_tokens``/``on_finish``) and appends the chunk to an outbox. ``iterate`` is one task per stream running ``async for`` over
 ``engine.generate``, the Serve-handle path.
 
     .venv/bin/python loadtests/bench_sim_schedule.py [--streams 500] [--max-tokens 200] [--gpu H100] [--consumer push|iterate]
@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 
+from serving.batching import AdmissionConfig, AdmissionCore
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec
 from serving.engines.sim import SimEngine
 from serving.hardware.catalog import get_gpu
@@ -61,21 +62,34 @@ async def main(args: argparse.Namespace) -> None:
     done = asyncio.Event()
     open_streams = args.streams
 
+    core = AdmissionCore(
+        AdmissionConfig(
+            max_num_seqs=args.streams,
+            kv_capacity_tokens=engine.kv_capacity_tokens,
+            ttft_slo_ms=60_000,
+            tpot_slo_ms=1_000,
+        )
+    )
+    clock = time.monotonic
+
     class Sink:
-        """What a pool replica's sink does per chunk: count, book the tokens, queue one frame item."""
+        """What a pool replica's relay does per chunk: book the tokens, queue one frame item."""
 
         def __init__(self, rid: str) -> None:
             self.rid, self.seen = rid, 0
+            core.submit(rid, "bench", 1.0, args.prompt, args.max_tokens, clock())
 
         def chunk(self, chunk: EngineChunk) -> None:
             nonlocal received, open_streams
             new = chunk.completion_tokens - self.seen
             self.seen = chunk.completion_tokens
             received += new
+            core.on_tokens(self.rid, new, clock())
             outbox.append((self.rid, chunk))
             if len(outbox) >= args.streams:
                 outbox.clear()
             if chunk.finished:
+                core.on_finish(self.rid, chunk.prompt_tokens, chunk.completion_tokens, clock())
                 open_streams -= 1
                 if open_streams == 0:
                     done.set()
