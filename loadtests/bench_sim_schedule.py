@@ -5,8 +5,9 @@ the lag is the time the consumer receives it minus that time. Goal: p99 <= 5 ms,
 fleet measures the gateway, not the simulator.
 
 Two consumers: ``push`` (the default) is what pool replicas use: ``engine.submit`` with a sink the
-engine calls as each step ends, and the sink does what the replica's relay does per chunk: books the
-tokens with a real admission core (``on_tokens``/``on_finish``) and appends the chunk to an outbox. ``iterate`` is one task per stream running ``async for`` over
+engine calls as each step ends, and the sink does what the replica's relay does per chunk: appends
+the chunk to an outbox and books the tokens with a real admission core (``on_tokens``, applied for
+all streams in one callback after the step's pass, as ``PoolReplica.book_tokens`` does; ``on_finish``). ``iterate`` is one task per stream running ``async for`` over
 ``engine.generate``, the Serve-handle path.
 
     .venv/bin/python loadtests/bench_sim_schedule.py [--streams 500] [--max-tokens 200] [--gpu H100] [--consumer push|iterate]
@@ -71,6 +72,14 @@ async def main(args: argparse.Namespace) -> None:
         )
     )
     clock = time.monotonic
+    bookings: list[tuple[str, int]] = []
+
+    def apply_bookings() -> None:
+        items = bookings[:]
+        bookings.clear()
+        now = clock()
+        for rid, n in items:
+            core.on_tokens(rid, n, now)
 
     class Sink:
         """What a pool replica's relay does per chunk: book the tokens, queue one frame item."""
@@ -84,11 +93,14 @@ async def main(args: argparse.Namespace) -> None:
             new = chunk.completion_tokens - self.seen
             self.seen = chunk.completion_tokens
             received += new
-            core.on_tokens(self.rid, new, clock())
             outbox.append((self.rid, chunk))
             if len(outbox) >= args.streams:
                 outbox.clear()
+            if not bookings:
+                asyncio.get_running_loop().call_soon(apply_bookings)
+            bookings.append((self.rid, new))
             if chunk.finished:
+                apply_bookings()
                 core.on_finish(self.rid, chunk.prompt_tokens, chunk.completion_tokens, clock())
                 open_streams -= 1
                 if open_streams == 0:

@@ -104,6 +104,7 @@ class PoolReplica:
         self._id = replica_id()
         self._direct: dict[str, tuple[str, asyncio.Task[None] | _Relay]] = {}
         self._direct_total = 0
+        self._bookings: list[tuple[str, int]] = []
         self._channels = ChannelServer(
             self._channel_host, Submissions(self._submit, self._abort_direct, self._gateway_gone)
         )
@@ -240,6 +241,20 @@ class PoolReplica:
             self._direct.pop(rid, None)
             await chunks.aclose()  # type: ignore[attr-defined]
 
+    def book_tokens(self, request_id: str, n: int) -> None:
+        """Book a pushed request's new tokens with the admission core right after this pass: the
+        engine hands every stream of a step its chunk first (emission stays on the model's
+        timeline, ``loadtests/bench_sim_schedule.py``), the bookkeeping follows in one callback."""
+        if not self._bookings:
+            asyncio.get_running_loop().call_soon(self.apply_bookings)
+        self._bookings.append((request_id, n))
+
+    def apply_bookings(self) -> None:
+        items, self._bookings = self._bookings, []
+        on_tokens = self.admission.on_tokens
+        for rid, n in items:
+            on_tokens(rid, n)
+
     def _fail(self, gateway_id: str, request_id: str, failure: RemoteFailure) -> None:
         conn = self._channels.connection(gateway_id)
         if conn is not None:
@@ -328,7 +343,7 @@ class _Relay:
         self.completion = chunk.completion_tokens
         self.prompt = chunk.prompt_tokens
         if new:
-            r.admission.on_tokens(self.request_id, new)
+            r.book_tokens(self.request_id, new)
         conn = r._channels.connection(self.gateway_id)
         if conn is None:  # the gateway went away: free the engine
             self.cancel()
@@ -355,6 +370,7 @@ class _Relay:
         r = self.replica
         if aborted:
             r._aborted += 1
+        r.apply_bookings()  # this request's tokens first: done() settles to the exact counts
         r.admission.done(self.request_id, self.prompt, self.completion)
         r._direct.pop(self.request_id, None)
 
