@@ -96,6 +96,27 @@ class EngineChunk:
     this replica's token channel (``serving.pools.channel``) instead of the handle stream."""
 
 
+def merge_chunks(a: EngineChunk, b: EngineChunk) -> EngineChunk:
+    """One chunk saying what ``a`` then ``b`` (consecutive chunks of one request) said: deltas
+    joined per choice, usage and ``finished`` from ``b``."""
+    by_index = {
+        d.index: ChoiceDelta(d.index, d.text, d.num_tokens, d.finish_reason, d.logprobs) for d in a.deltas
+    }
+    for d in b.deltas:
+        m = by_index.get(d.index)
+        if m is None:
+            by_index[d.index] = d
+            continue
+        m.text += d.text
+        m.num_tokens += d.num_tokens
+        m.finish_reason = d.finish_reason
+        if d.logprobs:
+            m.logprobs = (m.logprobs or []) + d.logprobs
+    return EngineChunk(
+        list(by_index.values()), b.prompt_tokens, b.completion_tokens, b.finished, a.via_channel
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class EngineCapacity:
     """What one engine can hold at once (the admission core's upper bounds)."""

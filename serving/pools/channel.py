@@ -28,12 +28,13 @@ import contextlib
 import logging
 import pickle
 import random
+import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.engines.base import EngineChunk
+from serving.engines.base import EngineChunk, merge_chunks
 from serving.wire import check_secret, new_secret
 from serving.wire import frame as _frame
 from serving.wire import read_frame as _read_frame
@@ -64,35 +65,82 @@ class Submissions:
 
 class _Outbound:
     """One gateway's connection at the pool: an outbox flushed once per event-loop pass, so every
-    stream's chunk of one engine step goes out in one frame."""
+    stream's chunk of one engine step goes out in one frame.
+
+    When the gateway reads slower than the engine steps, the link's buffers fill (the socket's send
+    buffer is kept small, ``SEND_BUFFER_BYTES``); the outbox then holds on and merges each request's
+    chunks until the transport drains, as vLLM's own output collector merges for a slow reader. So
+    a busy gateway gets fewer, larger chunks instead of a growing backlog of stale ones."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.outbox: list[tuple[str, EngineChunk | RemoteFailure]] = []
+        self.outbox: list[list[Any]] = []
+        self._pending: dict[str, list[Any]] = {}
+        """Request id -> its item in the outbox while that holds a chunk (to merge into)."""
         self.alive = True
         self._scheduled = False
+        self._draining = False
+        self.merged = 0
+        """Chunks merged into an earlier one because the gateway was behind."""
 
     def send(self, request_id: str, chunk: EngineChunk | RemoteFailure) -> None:
-        self.outbox.append((request_id, chunk))
-        if not self._scheduled:
+        item = self._pending.get(request_id)
+        if item is not None and isinstance(chunk, EngineChunk):
+            item[1] = merge_chunks(item[1], chunk)
+            self.merged += 1
+        else:
+            item = [request_id, chunk]
+            self.outbox.append(item)
+            if isinstance(chunk, EngineChunk):
+                self._pending[request_id] = item
+            else:
+                self._pending.pop(request_id, None)
+        if not self._scheduled and not self._draining:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self.outbox or not self.alive:
+        if not self.outbox or not self.alive or self._draining:
             return
         items, self.outbox = self.outbox, []
+        self._pending.clear()
         try:
-            self.writer.write(_frame(items))
+            self.writer.write(_frame([(rid, c) for rid, c in items]))
         except Exception:
             self.alive = False
             log.warning("channel write failed; the gateway's streams here are aborted", exc_info=True)
+            return
+        if self.writer.transport.get_write_buffer_size() > 0:  # the socket buffer is full
+            self._draining = True
+            task = asyncio.get_running_loop().create_task(self._drain_then_flush())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+    async def _drain_then_flush(self) -> None:
+        try:
+            await self.writer.drain()
+        except Exception:
+            self.alive = False
+            return
+        finally:
+            self._draining = False
+        self.flush()
 
     async def drain(self) -> None:
         """Flush now and wait until the transport has taken the bytes."""
         self.flush()
         await self.writer.drain()
+
+
+SEND_BUFFER_BYTES = 256 * 1024
+"""Kernel send buffer of a channel at the pool (loopback autotuning would let it grow to MBs of
+frames the gateway has not read yet)."""
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+READ_SLICE_S = 0.005
+"""The gateway reads buffered frames for at most this long before letting its streams run."""
 
 
 class ChannelServer:
@@ -123,6 +171,9 @@ class ChannelServer:
             old = self._conns.get(gateway_id)
             if old is not None:
                 old.alive = False
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             conn = self._conns[gateway_id] = _Outbound(writer)
             subs = self.submissions
             while True:  # EOF (IncompleteReadError) means the gateway went away
@@ -221,11 +272,20 @@ class ChannelClient:
             self._live.add(key)
             self._writers[key] = writer
             inboxes = self._inboxes
+            loop = asyncio.get_running_loop()
+            since = loop.time()
             while True:
                 for rid, chunk in await _read_frame(reader):
                     q = inboxes.get(rid)
                     if q is not None:
                         q.put_nowait(chunk)
+                # A frame already buffered is read without suspending. Reading a backlog in one
+                # pass would stall every stream (ITL) for as long; yielding after every frame would
+                # wake each stream once per frame (its chunks not batched: more CPU per token).
+                now = loop.time()
+                if now - since > READ_SLICE_S:
+                    await asyncio.sleep(0)
+                    since = loop.time()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             log.info("channel to %s closed: %s", key, e)
         finally:
