@@ -123,11 +123,13 @@ class VllmEngine(Engine):
         output into its collector and sets the collector's ``ready`` event; here that event is
         replaced by a :class:`_Pushed`, which queues the request for one flush per batch of outputs
         that hands every ready chunk to its sink."""
+        if self._dispatch is None:
+            if not _collector_has_ready_event():  # another vLLM's internals: the generic path
+                return await super().submit(request, sink)
+            self._dispatch = _Dispatch()
         q = await self._llm.add_request(
             request.request_id, {"prompt_token_ids": request.prompt_token_ids}, self._params(request)
         )
-        if self._dispatch is None:
-            self._dispatch = _Dispatch()
         pushed = _Pushed(
             self, self._dispatch, q, sink, len(request.prompt_token_ids), request.sampling.logprobs
         )
@@ -183,6 +185,16 @@ def _chunk(out: Any, prompt_tokens: int, done_tokens: int, k: int | None) -> Eng
             )
         )
     return EngineChunk(deltas, prompt_tokens, done_tokens, finished=out.finished)
+
+
+def _collector_has_ready_event() -> bool:
+    """Whether this vLLM's per-request output collector signals through a ``ready`` event (what
+    :class:`_Pushed` stands in for; true of vLLM 0.32, the version pinned for both builds)."""
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.output_processor import RequestOutputCollector
+
+    probe = RequestOutputCollector(RequestOutputKind.DELTA, "probe")
+    return isinstance(getattr(probe, "ready", None), asyncio.Event) and hasattr(probe, "get_nowait")
 
 
 class _Dispatch:
