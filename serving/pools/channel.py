@@ -273,19 +273,26 @@ class ChannelClient:
             self._writers[key] = writer
             inboxes = self._inboxes
             loop = asyncio.get_running_loop()
-            since = loop.time()
+            # A frame already buffered is read without suspending. Reading a whole backlog in one
+            # pass would stall every stream (ITL) for as long; yielding after every frame would wake
+            # each stream once per frame (its chunks not batched into one write: more CPU per
+            # token). So: read what is buffered for up to READ_SLICE_S, then let the streams run.
+            # ``passed`` flips when the loop has run other callbacks since the last frame (the read
+            # suspended), which starts a new slice.
+            passed = [True]
+            since = 0.0
             while True:
-                for rid, chunk in await _read_frame(reader):
+                frame = await _read_frame(reader)
+                if passed[0]:
+                    passed[0] = False
+                    since = loop.time()
+                    loop.call_soon(passed.__setitem__, 0, True)
+                for rid, chunk in frame:
                     q = inboxes.get(rid)
                     if q is not None:
                         q.put_nowait(chunk)
-                # A frame already buffered is read without suspending. Reading a backlog in one
-                # pass would stall every stream (ITL) for as long; yielding after every frame would
-                # wake each stream once per frame (its chunks not batched: more CPU per token).
-                now = loop.time()
-                if now - since > READ_SLICE_S:
+                if loop.time() - since > READ_SLICE_S:
                     await asyncio.sleep(0)
-                    since = loop.time()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             log.info("channel to %s closed: %s", key, e)
         finally:
