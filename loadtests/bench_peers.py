@@ -57,7 +57,7 @@ import httpx
 import psutil
 import yaml
 
-from serving.engines.cpu_placement import avoid_cores, pin_process
+from serving.engines.cpu_placement import WORKER_PREFIX, avoid_cores, pids_titled, pin_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -433,14 +433,9 @@ def client_off_engine_cores() -> Iterator[list[int]]:
     not the server, set the numbers. Yields the cores the client runs on; restores them after."""
     before = set(os.sched_getaffinity(0))
     busy: set[int] = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if f.read().startswith(b"VLLM::Worker"):
-                        busy |= os.sched_getaffinity(int(name))
-            except OSError:
-                continue
+    for pid in pids_titled(WORKER_PREFIX):
+        with contextlib.suppress(OSError):  # a worker that just ended
+            busy |= os.sched_getaffinity(pid)
     kept = avoid_cores(busy)
     try:
         yield sorted(kept if kept is not None else before)

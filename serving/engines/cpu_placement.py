@@ -89,6 +89,11 @@ def _title(pid: int) -> str:
         return ""
 
 
+def pids_titled(prefix: str) -> list[int]:
+    """Every live process whose title (first word of its command line) starts with ``prefix``."""
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and _title(int(n)).startswith(prefix)]
+
+
 def descendants(root: int) -> list[int]:
     """Every live process below ``root`` (children, grandchildren, ...)."""
     children: dict[int, list[int]] = {}

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from serving.engines.cpu_placement import pids_titled
+
 pytestmark = pytest.mark.integration
 MODEL = "tiny-llama"
 
@@ -116,21 +118,6 @@ def test_sse_framing_on_the_wire(gateway_url: str, api_key: str) -> None:
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def _proc_titled(prefix: str) -> list[int]:
-    import os
-
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if f.read().startswith(prefix.encode()):
-                        out.append(int(name))
-            except OSError:
-                pass
-    return out
-
-
 def test_cpu_engine_processes_are_separated_by_core(gateway_url: str) -> None:
     """vLLM's CPU worker binds itself to some cores; the pool puts the engine core there too and
     keeps itself (and the same-node gateway) on the others (serving/engines/cpu_placement.py)."""
@@ -138,16 +125,16 @@ def test_cpu_engine_processes_are_separated_by_core(gateway_url: str) -> None:
 
     stats = _pool_stats(gateway_url)
     worker_cores = set()
-    for pid in _proc_titled("VLLM::Worker"):
+    for pid in pids_titled("VLLM::Worker"):
         worker_cores |= os.sched_getaffinity(pid)
     everything = set(range(os.cpu_count() or 1))
     if not worker_cores or worker_cores == everything:
         assert stats["engine_cores"] is None  # nothing to separate: nothing moved
         pytest.skip(f"the vLLM worker is not bound to a subset of the cores ({sorted(worker_cores)})")
     assert sorted(worker_cores) == stats["engine_cores"]
-    engine_cores = [os.sched_getaffinity(pid) for pid in _proc_titled("VLLM::EngineCore")]
+    engine_cores = [os.sched_getaffinity(pid) for pid in pids_titled("VLLM::EngineCore")]
     assert engine_cores and all(c == worker_cores for c in engine_cores)
-    pool = [os.sched_getaffinity(pid) for pid in _proc_titled("ray::ServeReplica:tokenweir:pool-tiny-cpu")]
-    gateways = [os.sched_getaffinity(pid) for pid in _proc_titled("ray::ServeReplica:tokenweir:gateway")]
+    pool = [os.sched_getaffinity(pid) for pid in pids_titled("ray::ServeReplica:tokenweir:pool-tiny-cpu")]
+    gateways = [os.sched_getaffinity(pid) for pid in pids_titled("ray::ServeReplica:tokenweir:gateway")]
     assert len(pool) == 1 and len(gateways) == 2
     assert all(not (c & worker_cores) for c in pool + gateways), (pool, gateways)
