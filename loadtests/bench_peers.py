@@ -57,7 +57,13 @@ import httpx
 import psutil
 import yaml
 
-from serving.engines.cpu_placement import WORKER_PREFIX, avoid_cores, pids_titled, pin_process
+from serving.engines.cpu_placement import (
+    ENGINE_CORE_PREFIX,
+    WORKER_PREFIX,
+    avoid_cores,
+    pids_titled,
+    pin_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -427,15 +433,21 @@ def server(
 
 @contextlib.contextmanager
 def client_off_engine_cores() -> Iterator[list[int]]:
-    """Keep this load generator off the cores vLLM's CPU worker binds (every server here runs one,
-    bound the same way): a process sharing a core with its busy-wait is starved for up to a second
-    at a time on this machine (``serving/engines/cpu_placement.py``), which would make the client,
-    not the server, set the numbers. Yields the cores the client runs on; restores them after."""
+    """Keep this load generator off the cores where vLLM's CPU build runs the model: its worker
+    process's (vLLM's own server, Ray Serve LLM), or Tokenweir's engine core when that runs the
+    model itself and is pinned. A process sharing a core with the worker's busy-wait is starved for
+    up to a second at a time on this machine (``serving/engines/cpu_placement.py``), and one sharing
+    the model's core slows every step; either way the client, not the server, would set the numbers.
+    Yields the cores the client runs on; restores them after."""
     before = set(os.sched_getaffinity(0))
+    everything = set(range(os.cpu_count() or 1))
     busy: set[int] = set()
-    for pid in pids_titled(WORKER_PREFIX):
-        with contextlib.suppress(OSError):  # a worker that just ended
-            busy |= os.sched_getaffinity(pid)
+    for title, only_pinned in ((WORKER_PREFIX, False), (ENGINE_CORE_PREFIX, True)):
+        for pid in pids_titled(title):
+            with contextlib.suppress(OSError):  # a process that just ended
+                cores = os.sched_getaffinity(pid)
+                if not only_pinned or cores != everything:
+                    busy |= cores
     kept = avoid_cores(busy)
     try:
         yield sorted(kept if kept is not None else before)

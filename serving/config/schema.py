@@ -74,6 +74,11 @@ class PoolConfig(_Strict):
     cpu_core_placement: bool = True
     """For `engine: vllm` on `CPU`: put vLLM's engine core on the cores its model worker is bound to,
     and this pool's replica and same-node gateways on the other cores (`serving/engines/cpu_placement.py`)."""
+    cpu_model_in_engine_core: bool = True
+    """For `engine: vllm` on `CPU` with one device: run the model in vLLM's engine-core process with
+    the threads and cores vLLM would give its worker process, instead of the separate worker the CPU
+    build starts (the two busy-wait on each other every step). `false` keeps the worker process;
+    ignored when `engine_args` names a `distributed_executor_backend`."""
     sim_speedup: float = Field(default=1.0, gt=0)
     """For `engine: sim`: how much faster than real time the simulated engine runs."""
     slo: SloConfig = SloConfig()

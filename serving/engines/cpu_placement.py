@@ -36,6 +36,8 @@ log = logging.getLogger("tokenweir.placement")
 
 WORKER_PREFIX = "VLLM::Worker"
 """The process title vLLM gives its model workers (``setproctitle``)."""
+ENGINE_CORE_PREFIX = "VLLM::EngineCore"
+"""The process title of vLLM's engine core (scheduler; with no worker process, also the model)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +52,27 @@ class Placement:
 
 
 def plan_placement(
-    all_cores: Iterable[int], processes: Mapping[int, tuple[str, frozenset[int]]]
+    all_cores: Iterable[int],
+    processes: Mapping[int, tuple[str, frozenset[int]]],
+    model_cores: Iterable[int] | None = None,
 ) -> Placement | None:
     """From the engine's processes (``pid -> (title, current affinity)``), where to put them.
+
+    ``model_cores``: the cores the model's threads were given when it runs in the engine-core
+    process (no worker process); then every engine process goes there. Otherwise the worker
+    processes' affinity says where the model runs.
 
     None when there is nothing to separate: no worker found, the worker may run anywhere, or it
     holds every core (then moving the rest would only crowd them onto the same cores).
     """
     cores = frozenset(all_cores)
     workers = {pid: aff for pid, (title, aff) in processes.items() if title.startswith(WORKER_PREFIX)}
-    if not workers:
+    if model_cores is not None and not workers:
+        worker_cores = frozenset(model_cores) & cores
+    elif workers:
+        worker_cores = frozenset().union(*workers.values()) & cores
+    else:
         return None
-    worker_cores = frozenset().union(*workers.values()) & cores
     serving = cores - worker_cores
     if not worker_cores or not serving:
         return None
@@ -143,8 +154,9 @@ def avoid_cores(cores: Iterable[int]) -> frozenset[int] | None:
     return keep
 
 
-def place_cpu_engine() -> Placement | None:
-    """Call in the pool replica once a vLLM CPU engine has started below this process."""
+def place_cpu_engine(model_cores: Iterable[int] | None = None) -> Placement | None:
+    """Call in the pool replica once a vLLM CPU engine has started below this process;
+    ``model_cores`` as for :func:`plan_placement`."""
     pids = descendants(os.getpid())
     procs: dict[int, tuple[str, frozenset[int]]] = {}
     for pid in pids:
@@ -153,7 +165,7 @@ def place_cpu_engine() -> Placement | None:
         except OSError:
             continue
     plan = plan_placement(
-        os.sched_getaffinity(0) | frozenset().union(*(a for _t, a in procs.values())), procs
+        os.sched_getaffinity(0) | frozenset().union(*(a for _t, a in procs.values())), procs, model_cores
     )
     if plan is None:
         return None
@@ -165,7 +177,7 @@ def place_cpu_engine() -> Placement | None:
         log.warning("vLLM CPU core placement failed (%s); processes stay where they are", e)
         return None
     log.info(
-        "vLLM CPU engine: worker and engine core on cores %s, serving on %s",
+        "vLLM CPU engine: model and engine core on cores %s, serving on %s",
         sorted(plan.worker_cores),
         sorted(plan.serving_cores),
     )

@@ -40,8 +40,15 @@ def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engi
         args = engine_args(pool, entry)
         if pool.accelerator != "CPU" and pool.gpus_per_replica > 1:
             args.setdefault("tensor_parallel_size", pool.gpus_per_replica)
-        placement = pool.accelerator == "CPU" and pool.cpu_core_placement
-        return VllmEngine(model_source, entry.name, entry.max_model_len, args, cpu_placement=placement)
+        cpu = pool.accelerator == "CPU"
+        return VllmEngine(
+            model_source,
+            entry.name,
+            entry.max_model_len,
+            args,
+            cpu_placement=cpu and pool.cpu_core_placement,
+            cpu_model_in_engine_core=cpu and pool.cpu_model_in_engine_core,
+        )
     from serving.engines.sim_factory import build_sim_engine
 
     return build_sim_engine(pool, entry)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from serving.engines.cpu_placement import pids_titled
+from serving.engines.cpu_placement import ENGINE_CORE_PREFIX, WORKER_PREFIX, pids_titled
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny-llama"
@@ -118,23 +119,27 @@ def test_sse_framing_on_the_wire(gateway_url: str, api_key: str) -> None:
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_cpu_engine_processes_are_separated_by_core(gateway_url: str) -> None:
-    """vLLM's CPU worker binds itself to some cores; the pool puts the engine core there too and
-    keeps itself (and the same-node gateway) on the others (serving/engines/cpu_placement.py)."""
+def test_cpu_engine_runs_the_model_in_its_engine_core_apart_from_serving(gateway_url: str) -> None:
+    """On vLLM's CPU build the pool runs the model in the engine-core process (no worker process),
+    with the OpenMP threads vLLM would give a worker; the engine core's threads stay on those cores
+    and the pool replica and the same-node gateways on the others (serving/engines/cpu_placement.py)."""
     import os
 
     stats = _pool_stats(gateway_url)
-    worker_cores = set()
-    for pid in pids_titled("VLLM::Worker"):
-        worker_cores |= os.sched_getaffinity(pid)
-    everything = set(range(os.cpu_count() or 1))
-    if not worker_cores or worker_cores == everything:
-        assert stats["engine_cores"] is None  # nothing to separate: nothing moved
-        pytest.skip(f"the vLLM worker is not bound to a subset of the cores ({sorted(worker_cores)})")
-    assert sorted(worker_cores) == stats["engine_cores"]
-    engine_cores = [os.sched_getaffinity(pid) for pid in pids_titled("VLLM::EngineCore")]
-    assert engine_cores and all(c == worker_cores for c in engine_cores)
+    assert pids_titled(WORKER_PREFIX) == []
+    engines = pids_titled(ENGINE_CORE_PREFIX)
+    assert len(engines) == 1
+    raw_env = Path(f"/proc/{engines[0]}/environ").read_bytes().decode(errors="replace")
+    environ = dict(line.split("=", 1) for line in raw_env.split("\0") if "=" in line)
+    if stats["engine_cores"] is None:  # vLLM bound no cores (one core, or all of them): nothing moved
+        pytest.skip(
+            f"vLLM bound the model to no subset of the cores ({environ.get('OMP_NUM_THREADS')} threads)"
+        )
+    model_cores = set(stats["engine_cores"])
+    assert environ.get("OMP_NUM_THREADS") == str(len(model_cores))
+    threads = [int(t) for t in os.listdir(f"/proc/{engines[0]}/task")]
+    assert all(os.sched_getaffinity(t) == model_cores for t in threads)
     pool = [os.sched_getaffinity(pid) for pid in pids_titled("ray::ServeReplica:tokenweir:pool-tiny-cpu")]
     gateways = [os.sched_getaffinity(pid) for pid in pids_titled("ray::ServeReplica:tokenweir:gateway")]
     assert len(pool) == 1 and len(gateways) == 2
-    assert all(not (c & worker_cores) for c in pool + gateways), (pool, gateways)
+    assert all(not (c & model_cores) for c in pool + gateways), (pool, gateways)

@@ -41,6 +41,22 @@ def test_several_workers_are_unioned() -> None:
     assert plan.serving_cores == F({4, 5, 6, 7})
 
 
+def test_model_in_the_engine_core_takes_the_cores_its_threads_were_given() -> None:
+    procs = {10: ("VLLM::EngineCore", F({0, 1, 2, 3})), 11: ("resource_tracker", F({0, 1, 2, 3}))}
+    plan = plan_placement(range(4), procs, model_cores={0, 1, 2})
+    assert plan is not None
+    assert plan.worker_cores == F({0, 1, 2})
+    assert plan.serving_cores == F({3})
+    assert plan.engine_pids == (10, 11)
+    # a worker process, where there is one, still decides
+    procs[12] = ("VLLM::Worker_TP0", F({0}))
+    plan = plan_placement(range(4), procs, model_cores={0, 1, 2})
+    assert plan is not None and plan.worker_cores == F({0}) and plan.engine_pids == (10, 11)
+    # given every core (or none we manage), there is nothing to separate
+    assert plan_placement(range(4), {10: procs[10]}, model_cores=range(4)) is None
+    assert plan_placement(range(4), {10: procs[10]}, model_cores={7}) is None
+
+
 @pytest.mark.parametrize(
     "procs",
     [
