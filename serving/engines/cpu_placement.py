@@ -1,24 +1,28 @@
-"""Core placement for vLLM's CPU build: keep the serving processes off the model worker's cores.
+"""Core placement for vLLM's CPU build: keep the serving processes off the cores the model runs on.
 
-vLLM's CPU backend binds its model worker's OpenMP threads to some cores (on this 2-core machine:
-core 0) and expects everything else (API front end, engine core) on the others. Two of its processes
-busy-wait with ``sched_yield()`` for up to a second after each message (the shared-memory queues'
-``busy_loop_s``): the worker waiting for the next step, the engine core waiting for the worker's
-output. Measured here (2 cores, kernel 6.18, autogroup on): a process that shares a core with such
-a spinner is starved for 0.2-1 s at a time, and for ~10 s when the engine core spins on the core the
-gateway uses. Every stall is a TTFT spike and a gap in every stream.
+vLLM's CPU backend binds the model's OpenMP threads to some cores (on this 2-core machine: core 0)
+and expects everything else (API front end, engine core) on the others. Left to itself it runs the
+model in a separate worker process, and that worker and the engine core busy-wait with
+``sched_yield()`` for up to a second after each message (the shared-memory queues' ``busy_loop_s``).
+Measured here (2 cores, kernel 6.18, autogroup on): a process that shares a core with such a spinner
+is starved for 0.2-1 s at a time, and for ~10 s when the engine core spins on the core the gateway
+uses. Every stall is a TTFT spike and a gap in every stream.
 
-So, when a pool replica has started a vLLM CPU engine:
+Pools therefore run the model in the engine-core process by default (``VllmEngine``,
+``cpu_model_in_engine_core``): no worker process, no spinning hand-off, the engine core's threads get
+the OpenMP binding vLLM would give the worker. Either way, when a pool replica has started a vLLM CPU
+engine:
 
-* the engine core goes onto the worker's cores: each step is sequential (schedule, forward, process
-  outputs), so the two take turns there instead of one of them spinning on a core of its own;
+* the engine core goes onto the model's cores (the worker's, when there is one: each step is
+  sequential, so the two take turns there instead of one of them spinning on a core of its own);
 * the pool replica itself (vLLM's output processing, the token channel) moves to the other cores;
-* the pool publishes the worker's cores on the load board, and a gateway on the same node moves off
+* the pool publishes the model's cores on the load board, and a gateway on the same node moves off
   them too (:func:`avoid_cores`).
 
-Measured on this machine with 32 concurrent streams: 1,040-2,410 output tokens/s before (stalls of
-up to 1.2 s before a request reached the gateway), 2,240-2,640 after. Nothing changes on GPU
-engines, or where the worker is not bound to a subset of the cores.
+Measured on this machine with 32 concurrent streams, with the worker process: 1,040-2,410 output
+tokens/s before placement (stalls of up to 1.2 s before a request reached the gateway), 2,240-2,640
+after; with the model in the engine core, 4,200-4,400. Nothing changes on GPU engines, or where the
+model is not bound to a subset of the cores.
 
 The policy (:func:`plan_placement`) is pure; the functions around it read ``/proc`` and call
 ``sched_setaffinity``.

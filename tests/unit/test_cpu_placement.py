@@ -127,3 +127,17 @@ def test_descendants_finds_grandchildren() -> None:
         subprocess.run(["pkill", "-P", str(child.pid)], check=False)
         child.kill()
         child.wait()
+
+
+def test_the_model_runs_in_the_engine_core_only_on_one_cpu_device_with_no_executor_chosen() -> None:
+    from vllm.platforms import current_platform
+
+    from serving.engines.vllm_engine import _cpu_uniproc_applies
+
+    on_cpu = current_platform.is_cpu()  # the CPU build here; the CUDA build on a GPU machine
+    assert _cpu_uniproc_applies({}) is on_cpu
+    assert _cpu_uniproc_applies({"max_num_seqs": 8, "tensor_parallel_size": 1}) is on_cpu
+    assert not _cpu_uniproc_applies({"distributed_executor_backend": "mp"})
+    assert not _cpu_uniproc_applies({"tensor_parallel_size": 2})
+    assert not _cpu_uniproc_applies({"pipeline_parallel_size": 2})
+    assert not _cpu_uniproc_applies({"data_parallel_size": 2})
