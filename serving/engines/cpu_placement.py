@@ -50,9 +50,10 @@ class Placement:
     the pool replica and gateways on the node."""
 
     worker_cores: frozenset[int]
+    """The cores the model runs on: its worker process's, or the engine core's when that runs it."""
     serving_cores: frozenset[int]
     engine_pids: tuple[int, ...]
-    """The engine's non-worker processes (the engine core): they join the worker's cores."""
+    """The engine's non-worker processes (the engine core): they go onto ``worker_cores``."""
 
 
 def plan_placement(
