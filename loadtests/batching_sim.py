@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serving.batching import AdmissionConfig, AdmissionCore, Admitted, Refused
+from serving.admission import AdmissionConfig, AdmissionCore, Admitted, Refused
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.hardware import EnginePlan, ModelArch, PerfModel, PoolSlo, get_gpu, plan_engine
 

@@ -3,7 +3,7 @@
 A discrete-event simulation: each replica is the simulated engine's own continuous-batching
 scheduler (``serving.engines._sim_sched.SimScheduler``: chunked prefill, KV blocks, recompute
 preemption) priced step by step by the performance model (``PerfModel.step_time_s``), behind the
-real admission core (``serving.batching.AdmissionCore``) or, for the baseline, behind nothing (vLLM
+real admission core (``serving.admission.AdmissionCore``) or, for the baseline, behind nothing (vLLM
 at its default ``max_num_seqs``/``max_num_batched_tokens``, unbounded waiting queue). Nothing
 sleeps; a run of 90 simulated seconds takes about a second of CPU.
 
@@ -43,7 +43,7 @@ from loadtests.batching_sim import (
     simulate,
     workload,
 )
-from serving.batching import merge_snapshots
+from serving.admission import merge_snapshots
 from serving.hardware import PerfModel, get_gpu
 from serving.routing import PoolInfo, Router, RouteRequest, price_per_mtok
 

@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 
-from serving.batching import AdmissionConfig, AdmissionCore
+from serving.admission import AdmissionConfig, AdmissionCore
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec
 from serving.engines.sim import SimEngine
 from serving.hardware.catalog import get_gpu

@@ -84,11 +84,11 @@ class PoolConfig(_Strict):
     slo: SloConfig = SloConfig()
     """Latency targets used by planning and admission."""
     admission: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the admission core's settings (`serving.batching.AdmissionConfig`), e.g. `queue_deadline_ms`."""
+    """Overrides of the admission core's settings (`serving.admission.AdmissionConfig`), e.g. `queue_deadline_ms`."""
 
     @model_validator(mode="after")
     def _check_admission(self) -> PoolConfig:
-        from serving.batching import AdmissionConfig
+        from serving.admission import AdmissionConfig
 
         reserved = {"max_num_seqs", "kv_capacity_tokens", "ttft_slo_ms", "tpot_slo_ms"}
         bad = sorted(reserved & set(self.admission))

@@ -33,7 +33,7 @@ from serving.gateway.http import (
     request_id_of,
     sse_response,
 )
-from serving.gateway.pools import PoolDirectory, PoolRef, pool_info
+from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
 from serving.logs import route_logs_to_serve

@@ -17,9 +17,9 @@ from serving.api.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from serving.batching import AdmissionRefused
+from serving.admission import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest
-from serving.gateway.pools import PoolDirectory, PoolRef
+from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
 from serving.pools.channel import ChannelClient, ChannelLost
 from serving.routing import NoPoolForGpuError

@@ -25,7 +25,7 @@ from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
 from serving.gateway.dispatch import map_dispatch_error, open_stream
-from serving.gateway.pools import PoolDirectory, PoolRef
+from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
 from serving.metering import Meter, Reservation

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from serving.batching import AdmissionRefused
+from serving.admission import AdmissionRefused
 from serving.engines.base import EngineChunk
 from serving.pools.channel import ChannelClient, ChannelLost, RemoteFailure
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from models.catalog import ModelEntry
-from serving.batching import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
+from serving.admission import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
 from serving.config.schema import PoolConfig
 from serving.engines.base import Engine, EngineChunk, EngineError, EngineRequest
 from serving.logs import route_logs_to_serve

@@ -23,7 +23,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from serving.batching import LoadSnapshot
+from serving.admission import LoadSnapshot
 from serving.routing._types import (
     NoPoolForGpuError,
     PoolInfo,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.batching import LoadSnapshot
+from serving.admission import LoadSnapshot
 from serving.hardware import ModelArch, PerfModel, get_gpu
 from serving.routing import (
     NoPoolForGpuError,

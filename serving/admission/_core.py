@@ -12,13 +12,13 @@ import dataclasses
 import heapq
 from dataclasses import dataclass
 
-from serving.batching._backpressure import BackPressure
-from serving.batching._config import AdmissionConfig
-from serving.batching._fair_queue import FairQueue, QueuedRequest, TenantState
-from serving.batching._interface import AdmissionPolicy
-from serving.batching._limit import AdaptiveLimit
-from serving.batching._meters import DrainMeter, FinishedSample, LatencyWindow
-from serving.batching._types import (
+from serving.admission._backpressure import BackPressure
+from serving.admission._config import AdmissionConfig
+from serving.admission._fair_queue import FairQueue, QueuedRequest, TenantState
+from serving.admission._interface import AdmissionPolicy
+from serving.admission._limit import AdaptiveLimit
+from serving.admission._meters import DrainMeter, FinishedSample, LatencyWindow
+from serving.admission._types import (
     AdmissionStats,
     Admitted,
     Decision,

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 
-from serving.batching._config import AdmissionConfig
-from serving.batching._fair_queue import FairQueue, TenantState
-from serving.batching._limit import AdaptiveLimit
-from serving.batching._meters import DrainMeter
-from serving.batching._types import RefusalReason, Refused
-from serving.batching._wait import sure_releases, work_ahead_tokens
+from serving.admission._config import AdmissionConfig
+from serving.admission._fair_queue import FairQueue, TenantState
+from serving.admission._limit import AdaptiveLimit
+from serving.admission._meters import DrainMeter
+from serving.admission._types import RefusalReason, Refused
+from serving.admission._wait import sure_releases, work_ahead_tokens
 
 
 class BackPressure:

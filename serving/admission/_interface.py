@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 
-from serving.batching._types import AdmissionStats, Decision, LoadSnapshot, Refused
+from serving.admission._types import AdmissionStats, Decision, LoadSnapshot, Refused
 
 
 class AdmissionPolicy(abc.ABC):

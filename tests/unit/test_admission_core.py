@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 from pydantic import ValidationError
 
-from serving.batching import (
+from serving.admission import (
     AdmissionConfig,
     AdmissionCore,
     Admitted,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serving.batching import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission, RefusalReason
+from serving.admission import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission, RefusalReason
 
 
 def make(**kw: object) -> AsyncAdmission:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.catalog import ModelEntry
-from serving.batching import AdmissionConfig, LoadSnapshot, merge_snapshots
+from serving.admission import AdmissionConfig, LoadSnapshot, merge_snapshots
 from serving.config.schema import PoolConfig
 from serving.engines.base import EngineRequest
 from serving.engines.cpu_placement import avoid_cores, engine_cores_on

@@ -3,11 +3,11 @@ smoothed gradient on measured TTFT/TPOT vs the pool's SLOs) and back-pressure th
 arrival what would outwait the queue deadline; pure and clock-free, with a thin asyncio shell. See
 :class:`AdmissionPolicy` for the contract."""
 
-from serving.batching._config import AdmissionConfig
-from serving.batching._core import AdmissionCore
-from serving.batching._interface import AdmissionPolicy
-from serving.batching._shell import AdmissionRefused, AsyncAdmission
-from serving.batching._types import (
+from serving.admission._config import AdmissionConfig
+from serving.admission._core import AdmissionCore
+from serving.admission._interface import AdmissionPolicy
+from serving.admission._shell import AdmissionRefused, AsyncAdmission
+from serving.admission._types import (
     AdmissionStats,
     Admitted,
     Decision,

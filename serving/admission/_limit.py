@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from serving.batching._config import AdmissionConfig
+from serving.admission._config import AdmissionConfig
 
 _SPREAD_WINDOW = 128
 """Finished requests over which the spread of TPOTs is measured."""

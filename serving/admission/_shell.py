@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 
-from serving.batching._interface import AdmissionPolicy
-from serving.batching._types import AdmissionStats, Admitted, LoadSnapshot, Refused
+from serving.admission._interface import AdmissionPolicy
+from serving.admission._types import AdmissionStats, Admitted, LoadSnapshot, Refused
 
 
 class AdmissionRefused(Exception):

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from statistics import NormalDist
 
-from serving.batching._fair_queue import TenantState
+from serving.admission._fair_queue import TenantState
 
 _EXACT_BELOW = 200.0
 """Expected releases up to which the Poisson sum is computed exactly (a normal approximation above)."""

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from serving.batching._fair_queue import TenantState
-from serving.batching._meters import DrainMeter
-from serving.batching._wait import sure_releases, work_ahead_tokens
+from serving.admission._fair_queue import TenantState
+from serving.admission._meters import DrainMeter
+from serving.admission._wait import sure_releases, work_ahead_tokens
 
 
 def poisson_below(n: int, m: float) -> float:

@@ -1,0 +1,1 @@
+"""The OpenAI wire surface: request models, response rendering, errors."""

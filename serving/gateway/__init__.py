@@ -1,0 +1,1 @@
+"""The gateway replica: HTTP ingress, request path, pool directory."""
