@@ -1,17 +1,44 @@
 """Benchmark: Tokenweir against vLLM's own OpenAI server and Ray Serve LLM on the same tiny model.
 
-Runs the three servers ONE AT A TIME on 127.0.0.1 (each on its own port), with the same model and the
+Runs the servers ONE AT A TIME on 127.0.0.1 (each on its own port), with the same model and the
 same engine settings (the catalog's CPU settings for ``tiny-llama``: float32, eager, max_num_seqs 64,
 max_num_batched_tokens 2048, max_model_len 2048, ``VLLM_CPU_KVCACHE_SPACE=1``):
 
-1. ``tokenweir``: ``tokenweir serve --config TMP`` (``deploy/local.yaml`` with another port).
+1. ``tokenweir``: ``tokenweir serve --config TMP`` (``deploy/local.yaml`` of ``--tree`` with another
+   port), started from the tree ``--tree`` (default: this one): that tree first on ``PYTHONPATH``
+   and as the working directory, so the gateway, the pool and every Ray worker run its ``serving``.
 2. ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` fails on the CPU build's
    package metadata).
 3. ``rayllm``: a small driver around ``ray.serve.llm.build_openai_app`` (CPU accelerator config, ingress
-   with ``num_cpus: 0``).
-4. ``tokenweir-metered`` (not in the default list): Tokenweir with metering on, called with the key of a
+   with ``num_cpus: 0``), at Ray Serve's defaults.
+4. ``rayllm-direct``: the same driver at Ray's best documented settings for throughput that keep every
+   listener on 127.0.0.1 (table below): direct ingress, and the response batching interval lowered.
+5. ``tokenweir-metered`` (not in the default list): Tokenweir with metering on, called with the key of a
    tenant created through the admin API (``tokenweir`` itself runs with ``metering.enabled: false``,
    doing the same work as the two peers: no keys, no ledger).
+
+Settings of each server beyond the engine settings above and the environment every server gets
+(``BASE_ENV``: ``VLLM_CPU_KVCACHE_SPACE=1``, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+``RAY_USAGE_STATS_ENABLED=0``, ``RAY_SERVE_LOG_TO_STDERR=0``, ``RAY_DEDUP_LOGS=1``); the run prints them
+and writes them to the result file (``meta.settings``):
+
+| server | environment added | how streamed tokens are grouped into messages |
+|---|---|---|
+| tokenweir, tokenweir-metered | none here; the CLI sets its own Serve settings (``SERVE_ENV`` in the tree's ``serving/cli``) | the token channel sends what a stream has queued together; no pacing (``stream_interval_ms: 0``) |
+| vllm | none | ``--stream-interval 1`` (vLLM's default: one SSE event per engine step) |
+| rayllm | none | ``stream_batching_interval_ms`` 50 (Ray Serve LLM's default, ``RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS``) |
+| rayllm-direct | ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0`` (shutdown only) | ``stream_batching_interval_ms`` ``--rayllm-stream-batching-ms`` (default 10) |
+
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (Ray docs, "Enable High Throughput on Ray Serve with KubeRay")
+turns on direct ingress, gRPC between deployments, user code and router on the replica's own event
+loop, buffered request logs and a frozen GC (``ray/serve/_private/constants.py``); direct ingress is
+also set by name, as issue 12 asks. With direct ingress the ingress replica does not listen on
+``http_options.port``: the controller gives it the lowest free port in 30000-31000
+(``RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT``) on ``http_options.host``; the driver asks the controller
+for the replica's HTTP target and the benchmark sends there. Not run: ``RAY_SERVE_ENABLE_HA_PROXY=1``
+and ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` (which runs on top of HAProxy, per Ray's "Direct
+streaming" guide): the bundled HAProxy binds its stats (8404) and metrics (9101) listeners on all
+interfaces with no setting to restrict them (``/work/shared/reference/ray_serve_floor.md``).
 
 Workload per server: streaming chat completions, prompts of exactly ``--prompt-tokens`` tokens after the
 chat template (checked with the model's tokenizer; every request gets its own prompt, identical across
@@ -28,7 +55,7 @@ Processes are stopped by process id only: each server's whole process tree (Ray'
 and the vLLM engine core included) is recorded while it runs, the server is asked to stop with SIGINT,
 and whatever of that tree survives is killed. Nothing else on the machine is touched (no ``ray stop``).
 
-    .venv/bin/python loadtests/bench_peers.py --servers tokenweir,vllm,rayllm --levels 1,8,32 --reps 3
+    .venv/bin/python loadtests/bench_peers.py --servers tokenweir,vllm,rayllm,rayllm-direct --levels 1,8,32
 """
 
 from __future__ import annotations
@@ -47,6 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +96,8 @@ from serving.engines.cpu_placement import (
 REPO = Path(__file__).resolve().parents[1]
 
 MODEL_NAME = "tiny-llama"
-SERVERS = ("tokenweir", "vllm", "rayllm", "tokenweir-metered")
+SERVERS = ("tokenweir", "vllm", "rayllm", "tokenweir-metered", "rayllm-direct")
+RAYLLM_KINDS = ("rayllm", "rayllm-direct")
 # The catalog's CPU engine settings for tiny-llama (models/catalog.yaml), given to every server.
 ENGINE_KWARGS: dict[str, Any] = {
     "dtype": "float32",
@@ -86,6 +115,25 @@ BASE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
     "RAY_DEDUP_LOGS": "1",
 }
+# What each server adds to BASE_ENV (the module docstring's table says why).
+PEER_ENV: dict[str, dict[str, str]] = {
+    "rayllm-direct": {
+        # Ray's documented high-throughput preset (ray/serve/_private/constants.py, end of file): direct
+        # ingress, gRPC between deployments, user code and router on the replica's loop, GC frozen.
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # Direct ingress by name as well (ray/serve/_private/constants.py), as issue 12 asks.
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # Shutdown only: an ingress replica otherwise drains for 30 s before it stops (replica.py).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    },
+}
+# Ray Serve LLM's streaming response batching: LLMServer._get_batch_interval_ms
+# (ray/llm/_internal/serve/core/server/llm_server.py) reads LLMConfig.experimental_configs
+# ["stream_batching_interval_ms"] (documented on the field in ray/llm/_internal/serve/core/configs/
+# llm_config.py) and falls back to MODEL_RESPONSE_BATCH_TIMEOUT_MS = env RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS,
+# default 50 (ray/llm/_internal/serve/constants.py); the Batcher (ray/llm/_internal/serve/utils/batcher.py)
+# sends what a stream produced in each interval as one message, and 0 sends every output on its own.
+RAYLLM_DEFAULT_STREAM_BATCHING_MS = 50.0
 WORDS = (  # noqa: SIM905  (prompt words: a few tokens each with the tiny byte-level BPE)
     "time year people way day man thing woman life child world school state family student group country "
     "problem hand part place case week company system program question work government number night point "
@@ -95,8 +143,10 @@ WORDS = (  # noqa: SIM905  (prompt words: a few tokens each with the tiny byte-l
 ).split()
 
 RAYLLM_DRIVER = '''\
-"""Ray Serve LLM on CPU for bench_peers: argv = model id, model path, port, num_cpus, engine kwargs JSON."""
+"""Ray Serve LLM on CPU for bench_peers: argv[1] is a JSON spec (bench_peers._command). Writes the URL
+to send to into spec["url_file"] once the application is RUNNING."""
 import json
+import os
 import signal
 import sys
 import threading
@@ -104,20 +154,24 @@ import threading
 if __name__ == "__main__":
     import ray
     from ray import serve
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_DIRECT_INGRESS
+    from ray.serve.context import _get_global_client
     from ray.serve.llm import LLMConfig, build_openai_app
 
-    model_id, model, port, num_cpus = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    engine_kwargs = json.loads(sys.argv[5])
+    spec = json.loads(sys.argv[1])
+    port = spec["port"]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(num_cpus=spec["num_cpus"], _node_ip_address="127.0.0.1", include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = LLMConfig(
-            model_loading_config={"model_id": model_id, "model_source": model},
+            model_loading_config={"model_id": spec["model_id"], "model_source": spec["model"]},
             accelerator_config={"kind": "cpu"},
-            engine_kwargs=engine_kwargs,
+            engine_kwargs=spec["engine_kwargs"],
+            experimental_configs=spec["experimental_configs"],
             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
             deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         )
@@ -129,7 +183,31 @@ if __name__ == "__main__":
             },
         })
         serve.run(app, name="rayllm", route_prefix="/", blocking=False)
-        print(f"rayllm: ready at http://127.0.0.1:{port}", flush=True)
+        url = None
+        while url is None and not stop.wait(1.0):
+            status = serve.status().applications.get("rayllm")
+            if status is not None and status.status == "DEPLOY_FAILED":
+                sys.exit(f"rayllm: deploy failed: {status.message}")
+            if status is None or status.status != "RUNNING":
+                continue
+            if not RAY_SERVE_ENABLE_DIRECT_INGRESS:
+                url = f"http://127.0.0.1:{port}"
+                break
+            # Direct ingress: the ingress replica listens on a port the controller chose (the lowest
+            # free one in RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT); ask for its HTTP target.
+            controller = _get_global_client()._controller
+            groups = ray.get(controller.get_target_groups.remote("rayllm"))
+            targets = [t for g in groups if g.protocol == RequestProtocol.HTTP for t in g.targets]
+            replica_ports = sorted({t.port for t in targets if t.port != port})
+            if replica_ports:
+                url = f"http://127.0.0.1:{replica_ports[0]}"
+                print(f"rayllm: direct ingress targets {targets}", flush=True)
+        if url is not None:
+            tmp = spec["url_file"] + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(url)
+            os.replace(tmp, spec["url_file"])
+            print(f"rayllm: ready at {url}", flush=True)
         while not stop.wait(1.0):
             pass
     finally:
@@ -329,29 +407,114 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _command(kind: str, model: Path, port: int, workdir: Path) -> list[str]:
+@dataclass
+class Launch:
+    """How one server is started, and the settings it runs with (printed, and written to the result)."""
+
+    command: list[str]
+    env: dict[str, str]  # added to this process's environment
+    cwd: Path
+    settings: dict[str, Any]
+    url_file: Path | None = None  # where the Ray Serve LLM driver writes the URL to send to
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """``PYTHONPATH`` with ``tree`` first: its ``serving``, ``models`` and ``loadtests`` shadow the
+    editable install's (whose finder comes after ``PYTHONPATH``), in the CLI and in every Ray worker
+    (they inherit the environment of the raylet the CLI starts)."""
+    rest = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": os.pathsep.join([str(tree), rest] if rest else [str(tree)])}
+
+
+def tokenweir_command(tree: Path, *args: str) -> list[str]:
+    """``tokenweir ARGS`` through the entry point the tree's own ``pyproject.toml`` declares (the
+    installed ``tokenweir`` script names the install's entry point, which another tree may have moved)."""
+    target = tomllib.loads((tree / "pyproject.toml").read_text())["project"]["scripts"]["tokenweir"]
+    module, _, attr = target.partition(":")
+    code = f"import sys; from {module} import {attr} as main; sys.argv[0] = 'tokenweir'; sys.exit(main())"
+    return [sys.executable, "-c", code, *args]
+
+
+def tree_commit(tree: Path) -> str:
+    """The tree's commit, with ``+dirty`` when it has uncommitted changes to tracked files."""
+    git = ["git", "-C", str(tree)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def tokenweir_launch(tree: Path, cfg: dict[str, Any], path: Path) -> Launch:
+    """``tokenweir serve`` of ``tree`` with config ``cfg`` (written to ``path``), cwd the tree."""
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**BASE_ENV, **tree_env(tree)}
+    settings = {
+        "tree": str(tree),
+        "commit": tree_commit(tree),
+        "config": cfg,
+        "env": env,
+        "serve_env": "the CLI's own (SERVE_ENV in the tree's serving/cli)",
+    }
+    return Launch(tokenweir_command(tree, "serve", "--config", str(path)), env, tree, settings)
+
+
+def _launch(kind: str, model: Path, port: int, workdir: Path, tree: Path, rayllm_batch_ms: float) -> Launch:
     py = sys.executable
     if kind.startswith("tokenweir"):
         metering = kind == "tokenweir-metered"
-        cfg = yaml.safe_load((REPO / "deploy" / "local.yaml").read_text())
+        cfg = yaml.safe_load((tree / "deploy" / "local.yaml").read_text())
         cfg["gateway"]["port"] = port
-        cfg["state_dir"] = str(workdir / "tokenweir-state")  # a fresh ledger, not the user's
+        cfg["state_dir"] = str(workdir / f"{kind}-state")  # a fresh ledger, not the user's
         cfg["metering"] = {"enabled": True, "admin_key": ADMIN_KEY} if metering else {"enabled": False}
-        path = workdir / f"{kind}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return [str(Path(py).with_name("tokenweir")), "serve", "--config", str(path)]
+        return tokenweir_launch(tree, cfg, workdir / f"{kind}.yaml")
+    env = {**BASE_ENV, **PEER_ENV.get(kind, {})}
     if kind == "vllm":
-        return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-                "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
-                "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]),
-                "--max-num-batched-tokens", str(ENGINE_KWARGS["max_num_batched_tokens"]),
-                "--max-model-len", str(ENGINE_KWARGS["max_model_len"])]  # fmt: skip
-    if kind == "rayllm":
+        command = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                   "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+                   "--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager",
+                   "--max-num-seqs", str(ENGINE_KWARGS["max_num_seqs"]),
+                   "--max-num-batched-tokens", str(ENGINE_KWARGS["max_num_batched_tokens"]),
+                   "--max-model-len", str(ENGINE_KWARGS["max_model_len"])]  # fmt: skip
+        settings: dict[str, Any] = {"env": env, "args": command[3:], "stream_interval": "1 (vLLM's default)"}
+        return Launch(command, env, REPO, settings)
+    if kind in RAYLLM_KINDS:
         driver = workdir / "rayllm_driver.py"
         driver.write_text(RAYLLM_DRIVER)
-        return [py, str(driver), MODEL_NAME, str(model), str(port), "8", json.dumps(ENGINE_KWARGS)]
+        batch_ms = RAYLLM_DEFAULT_STREAM_BATCHING_MS if kind == "rayllm" else rayllm_batch_ms
+        url_file = workdir / f"{kind}.url"
+        url_file.unlink(missing_ok=True)
+        # Set even at the default, so the result file says which interval ran.
+        experimental = {"stream_batching_interval_ms": batch_ms}
+        spec = {
+            "model_id": MODEL_NAME, "model": str(model), "port": port, "num_cpus": 8,
+            "engine_kwargs": ENGINE_KWARGS, "url_file": str(url_file), "experimental_configs": experimental,
+        }  # fmt: skip
+        settings = {
+            "env": env,
+            "engine_kwargs": ENGINE_KWARGS,
+            "experimental_configs": experimental,
+            "ingress": "OpenAiIngress, 1 replica, num_cpus 0; LLMServer 1 replica",
+            "http": "direct ingress: the ingress replica's own port"
+            if kind == "rayllm-direct"
+            else "Serve proxy",
+        }
+        return Launch([py, str(driver), json.dumps(spec)], env, REPO, settings, url_file)
     raise ValueError(f"unknown server {kind!r}; choose from {', '.join(SERVERS)}")
+
+
+def _base_url(launch: Launch, port: int) -> str | None:
+    """Where to send: the fixed port, or what the Ray Serve LLM driver found (None until it has)."""
+    if launch.url_file is None:
+        return f"http://127.0.0.1:{port}"
+    if not launch.url_file.exists():
+        return None
+    url = launch.url_file.read_text().strip()
+    if not url.startswith("http://127.0.0.1:"):
+        raise RuntimeError(f"refusing to send to {url!r}: only 127.0.0.1")
+    return url
 
 
 def _ready(kind: str, base: str) -> bool:
@@ -400,22 +563,20 @@ class _Tree:
 
 @contextlib.contextmanager
 def server(
-    kind: str, model: Path, port: int, logdir: Path, ready_timeout_s: float
+    kind: str, launch: Launch, port: int, logdir: Path, ready_timeout_s: float
 ) -> Iterator[tuple[str, str | None]]:
     """Start one server, wait until it answers, yield its base URL and the API key to send (Tokenweir
     with metering: a fresh tenant's); stop its whole process tree on exit."""
     if not _port_free(port):
         raise RuntimeError(f"port {port} on 127.0.0.1 is in use; pick another --port-base")
     log = logdir / f"{kind}.log"
-    env = {**os.environ, **BASE_ENV}
     with log.open("w") as out:
-        proc = subprocess.Popen(_command(kind, model, port, logdir), env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+        proc = subprocess.Popen(launch.command, env={**os.environ, **launch.env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=launch.cwd)  # fmt: skip
     tree = _Tree(proc.pid)
-    base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:
-        while not _ready(kind, base):
+        while (base := _base_url(launch, port)) is None or not _ready(kind, base):
             tree.record()
             if proc.poll() is not None:
                 raise RuntimeError(f"{kind} exited with {proc.returncode} before ready; see {log}")
@@ -499,8 +660,25 @@ def markdown(results: dict[str, dict[int, Any]], meta: dict[str, Any]) -> str:
                 f"| {m['ttft_p50_ms']:.0f} | {m['ttft_p99_ms']:.0f} | {m['itl_p50_ms']:.1f} "
                 f"| {m['itl_p99_ms']:.1f} | {m['failed']} |"
             )
-    lines += ["", goal_line(results)]
+    lines += ["", goal_line(results), "", "Settings (beyond the engine settings and `BASE_ENV`):", ""]
+    lines += [f"- {kind}: {settings_summary(s)}" for kind, s in meta.get("settings", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def settings_summary(settings: dict[str, Any]) -> str:
+    """One line of what a server ran with, beyond what every server shares."""
+    env = {k: v for k, v in settings.get("env", {}).items() if BASE_ENV.get(k) != v and k != "PYTHONPATH"}
+    parts = [f"env {' '.join(f'{k}={v}' for k, v in env.items()) or '(none added)'}"]
+    if "config" in settings:
+        metering = settings["config"].get("metering", {}).get("enabled")
+        parts.append(
+            f"tree {settings['tree']} at {settings['commit']}, metering {'on' if metering else 'off'}"
+        )
+        parts.append(f"Serve settings: {settings['serve_env']}")
+    for key in ("experimental_configs", "http", "stream_interval"):
+        if key in settings:
+            parts.append(f"{key} {settings[key]}")
+    return "; ".join(parts)
 
 
 def goal_line(results: dict[str, dict[int, Any]]) -> str:
@@ -543,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--servers",
-        default="tokenweir,vllm,rayllm",
+        default="tokenweir,vllm,rayllm,rayllm-direct",
         help=f"comma-separated, run in this order; of {', '.join(SERVERS)}",
     )
     p.add_argument("--levels", default="1,8,32", help="closed-loop concurrency levels")
@@ -557,6 +735,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model path (default: the built tiny-llama)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "peers")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the result JSON to this file")
+    p.add_argument("--tree", type=Path, default=REPO, help="the source tree whose Tokenweir is served")
+    p.add_argument(
+        "--rayllm-stream-batching-ms",
+        type=float,
+        default=10.0,
+        help="rayllm-direct's stream_batching_interval_ms (rayllm runs Ray's default, 50)",
+    )
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are stopped on SIGTERM too
     kinds = [k.strip() for k in a.servers.split(",") if k.strip()]
@@ -579,10 +765,14 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     results: dict[str, dict[int, Any]] = {}
     logdir = Path(tempfile.mkdtemp(prefix="bench_peers_"))
+    tree = a.tree.resolve()
     for kind in kinds:
         port = a.port_base + 1 + SERVERS.index(kind)
+        launch = _launch(kind, model, port, logdir, tree, a.rayllm_stream_batching_ms)
+        meta.setdefault("settings", {})[kind] = launch.settings
+        print(f"[{kind}] settings: {json.dumps(launch.settings)}", flush=True)
         with (
-            server(kind, model, port, logdir, a.ready_timeout_s) as (base, key),
+            server(kind, launch, port, logdir, a.ready_timeout_s) as (base, key),
             client_off_engine_cores() as cores,
         ):
             meta.setdefault("client_cores", {})[kind] = cores
@@ -611,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results, meta)
     (a.out / f"peers-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (a.out / f"peers-{stamp}.md").write_text(table)
+    if a.json_out:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print("\n" + table)
     print(f"wrote {a.out / f'peers-{stamp}.json'} and .md; server logs in {logdir}")
     return 0
