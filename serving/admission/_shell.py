@@ -15,37 +15,30 @@ sleep loops. ``done`` must be called exactly once for every request whose ``acqu
 from __future__ import annotations
 
 import asyncio
+import math
 
 from serving.admission._interface import AdmissionPolicy
 from serving.admission._types import AdmissionStats, Admitted, LoadSnapshot, Refused
+from serving.errors import APIError
 
 
-class AdmissionRefused(Exception):
-    """The admission core refused the request; carries what the HTTP answer needs."""
+class AdmissionRefused(APIError):
+    """The admission core refused the request: 429 when this tenant should slow down, 503 when the
+    pool is saturated, ``Retry-After`` from the queue's drain rate. A member of the
+    :mod:`serving.errors` tree, defined here beside the :class:`Refused` it carries (what the token
+    channel sends back)."""
 
     def __init__(self, refusal: Refused) -> None:
-        super().__init__(refusal.message)
+        slow_down = refusal.status_code == 429
+        super().__init__(
+            refusal.message,
+            status_code=429 if slow_down else 503,
+            error_type="rate_limit_exceeded" if slow_down else "server_error",
+            code=refusal.reason.value,
+            headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))},
+        )
         self.refusal = refusal
-
-    @property
-    def status_code(self) -> int:
-        return self.refusal.status_code
-
-    @property
-    def retry_after_s(self) -> float:
-        return self.refusal.retry_after_s
-
-    def error_body(self) -> dict[str, dict[str, str | None]]:
-        """The OpenAI-shaped error body."""
-        kind = "rate_limit_exceeded" if self.refusal.status_code == 429 else "service_unavailable"
-        return {
-            "error": {
-                "message": self.refusal.message,
-                "type": kind,
-                "param": None,
-                "code": self.refusal.reason.value,
-            }
-        }
+        self.retry_after_s = refusal.retry_after_s
 
 
 class AsyncAdmission:

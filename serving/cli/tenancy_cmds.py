@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 
 from serving.config import load_config
-from serving.tenancy import TenancyBackend, TenancyError, TenantCreate, TenantLimits, TenantUpdate, TopUp
+from serving.errors import APIError, validation_message
+from serving.tenancy import TenancyBackend, TenantCreate, TenantLimits, TenantUpdate, TopUp
 
 
 @asynccontextmanager
@@ -238,14 +239,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(_run(args))
-    except TenancyError as e:
+    except APIError as e:
         print(f"tokenweir: {e}", file=sys.stderr)
         return 1
     except ValidationError as e:
-        err = e.errors()[0]
-        print(
-            f"tokenweir: {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})",
-            file=sys.stderr,
-        )
+        print(f"tokenweir: {validation_message(e.errors()[0], show_input=True)[0]}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from serving.config.schema import TokenweirConfig
+from serving.errors import validation_message
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 
@@ -34,12 +35,5 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> TokenweirConf
     try:
         return TokenweirConfig.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "value_error":
-                lines.append(f"{msg.removeprefix('Value error, ')}")
-            else:
-                lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
+        lines = [validation_message(err, show_input=True)[0] for err in e.errors()]
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from e

@@ -21,13 +21,18 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from models.catalog import ModelEntry
-from serving.api.errors import APIError, AuthenticationError, PermissionDeniedError, ServiceUnavailableError
 from serving.config.schema import TokenweirConfig
+from serving.errors import (
+    APIError,
+    AuthenticationError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    error_response,
+    install_error_handlers,
+)
 from serving.gateway.http import (
     RequestIdMiddleware,
     bearer_token,
-    error_response,
-    install_error_handlers,
     json_response,
     read_json,
     request_id_of,
@@ -202,7 +207,7 @@ class Gateway:
             result = await self.service.complete(prepared)
             return json_response(result, rid, prepared.extra_headers)
         except APIError as e:
-            return error_response(e, rid)
+            return error_response(e)
 
     def _add_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions")
@@ -252,9 +257,7 @@ class Gateway:
             await asyncio.gather(*(probe(p) for p in self.pools.pools))
             if all(v == "ready" for v in results.values()):
                 return json_response({"status": "ready", "pools": results}, rid)
-            return error_response(
-                ServiceUnavailableError(f"pools not ready: {results}", code="not_ready"), rid
-            )
+            return error_response(ServiceUnavailableError(f"pools not ready: {results}", code="not_ready"))
 
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from serving.api.errors import (
+from serving.engines.base import EngineChunk, EngineDeadError, EngineRequest
+from serving.errors import (
     APIError,
-    EngineFailureError,
     InvalidRequestError,
-    RateLimitError,
     ServiceUnavailableError,
+    from_exception,
+    is_retryable,
 )
-from serving.admission import AdmissionRefused
-from serving.engines.base import EngineChunk, EngineRequest
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
 from serving.pools.channel import ChannelClient, ChannelLost
@@ -103,39 +101,19 @@ async def open_stream(
     raise AssertionError("unreachable")
 
 
-def _admission_refusal(e: BaseException) -> AdmissionRefused | None:
-    if isinstance(e, AdmissionRefused):
-        return e
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, AdmissionRefused) else None
-
-
 def _retryable(e: BaseException) -> bool:
     """A replica death or timeout before the first token (not a refusal, not a cancellation)."""
-    if isinstance(e, asyncio.CancelledError) or _admission_refusal(e) is not None:
-        return False
     if isinstance(e, asyncio.TimeoutError | TimeoutError | ChannelLost):
         return True
-    name = type(e).__name__
-    return any(
-        k in name for k in ("ActorDied", "ActorUnavailable", "RayActorError")
-    ) or "EngineDeadError" in str(e)
+    if isinstance(e, PoolFailure):
+        # A failure frame names the engine's error class first (serving.pools.replica).
+        return str(e).startswith(f"{EngineDeadError.__name__}:")
+    return is_retryable(e)
 
 
 def map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
-    """Map what a pool call raised to the client-visible error."""
-    if isinstance(e, APIError):
-        return e
-    refusal = _admission_refusal(e)
-    if refusal is not None:
-        retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
-        body = refusal.error_body()["error"]
-        err: APIError
-        if refusal.status_code == 429:
-            err = RateLimitError(str(body["message"]), code=str(body["code"]), headers=retry)
-        else:
-            err = ServiceUnavailableError(str(body["message"]), code=str(body["code"]), headers=retry)
-        return err
+    """Map what a pool call raised to the client-visible error: the transport's own failures here,
+    the rest by :func:`serving.errors.from_exception`."""
     if isinstance(e, asyncio.TimeoutError | TimeoutError):
         return ServiceUnavailableError(f"no first token from the model pool within {timeout_s:g} s")
     if isinstance(e, RequestTimeout):
@@ -144,19 +122,4 @@ def map_dispatch_error(e: BaseException, timeout_s: float) -> APIError:
         return ServiceUnavailableError(f"lost the model replica mid-stream: {e}")
     if isinstance(e, PoolFailure):
         return ServiceUnavailableError(f"the model pool failed: {e}")
-    name = type(e).__name__
-    text = str(e)
-    if "BackPressureError" in name or "BackPressure" in text:
-        return ServiceUnavailableError(
-            "the model pool is saturated; retry shortly", headers={"Retry-After": "1"}
-        )
-    if (
-        "EngineDeadError" in text
-        or "ActorDied" in name
-        or "ActorUnavailable" in name
-        or "RayActorError" in name
-    ):
-        return ServiceUnavailableError(
-            "the model replica is unavailable; retry shortly", headers={"Retry-After": "1"}
-        )
-    return EngineFailureError("the engine failed while serving this request")
+    return from_exception(e)

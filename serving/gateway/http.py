@@ -1,25 +1,21 @@
-"""The HTTP surface: a FastAPI app whose routes call :class:`GatewayService`.
+"""HTTP plumbing of the gateway app: request ids, the bearer key, bounded JSON bodies, responses.
 
-Every response carries ``x-request-id``; every error is the OpenAI error body, mapped here in one
-place from :class:`serving.api.errors.APIError`.
+Every response carries ``x-request-id`` (:class:`RequestIdMiddleware`); errors are rendered in
+:mod:`serving.errors`, which also installs the app's exception handlers.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api.errors import APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from serving.errors import InvalidRequestError, PayloadTooLargeError
 
-log = logging.getLogger("tokenweir.http")
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -52,12 +48,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def error_response(e: APIError, request_id: str) -> JSONResponse:
-    """The one mapping from a client-visible error to an HTTP response (``x-request-id`` is added
-    by :class:`RequestIdMiddleware`)."""
-    return JSONResponse(e.body(), status_code=e.status_code, headers=dict(e.headers))
 
 
 def bearer_token(request: Request) -> str:
@@ -93,33 +83,6 @@ async def read_json(request: Request, max_body_bytes: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI-shaped bodies for every error, including Starlette's own 404/405 and crashes."""
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc, request_id_of(request))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            err: APIError = NotFoundError(f"no route {request.method} {request.url.path}", code="not_found")
-        else:
-            err = InvalidRequestError(str(exc.detail), code="http_error")
-            err.status_code = exc.status_code
-        return error_response(err, request_id_of(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(InvalidRequestError(str(exc.errors()[:1])), request_id_of(request))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        err = APIError("internal error; the request was not completed", code="internal_error")
-        return error_response(err, request_id_of(request))
 
 
 def sse_response(body: Any, request_id: str, headers: dict[str, str] | None = None) -> StreamingResponse:

@@ -16,14 +16,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from models.catalog import ModelEntry
-from serving.api.errors import (
-    ContextLengthError,
-    InvalidRequestError,
-    NotFoundError,
-)
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
+from serving.errors import ContextLengthError, InvalidRequestError, NotFoundError, validation_message
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream
@@ -67,15 +63,6 @@ class Outcome:
     ttft_s: float | None = None
 
 
-def _validation_error(e: ValidationError) -> InvalidRequestError:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
-    msg = err["msg"].removeprefix("Value error, ")
-    return InvalidRequestError(
-        f"{loc}: {msg}" if loc else msg, param=str(err["loc"][0]) if err["loc"] else None
-    )
-
-
 class GatewayService:
     """One gateway replica's request logic."""
 
@@ -115,10 +102,13 @@ class GatewayService:
                 else CompletionRequest.model_validate(body)
             )
         except ValidationError as e:
-            raise _validation_error(e) from e
+            message, param = validation_message(e.errors()[0])
+            raise InvalidRequestError(message, param=param) from e
         entry = self.entries.get(req.model)
         if entry is None or not self.pools.serves(req.model):
-            raise NotFoundError(f"The model `{model_name}` does not exist.", param="model")
+            raise NotFoundError(
+                f"The model `{model_name}` does not exist.", param="model", code="model_not_found"
+            )
         tok = self.tokenizers[req.model]
         if isinstance(req, ChatCompletionRequest):
             try:
@@ -189,7 +179,7 @@ class GatewayService:
         )
 
     async def authorize(self, p: Prepared, api_key: str) -> None:
-        """Reserve credits and rate limits for a prepared request (raises QuotaError subclasses).
+        """Reserve credits and rate limits for a prepared request (raises the refusal's APIError).
 
         The engine's ``max_tokens`` becomes the reservation's: a request without ``max_tokens`` gets
         what the model length, the tenant's cap and its balance allow.

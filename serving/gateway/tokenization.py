@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.api.errors import InvalidRequestError
 from serving.api.protocol import ChatMessage
+from serving.errors import InvalidRequestError
 
 
 class PromptTokenizer:

@@ -13,26 +13,10 @@ from ._meter import Meter
 from ._policy import ModelPrice, TokenBucket, format_reset, rate_limit_headers
 from ._socket import LedgerSocketServer, SocketTransport
 from ._stats import LedgerCollector, LedgerStats
-from ._types import (
-    DuplicateRequestError,
-    InsufficientQuotaError,
-    InvalidApiKeyError,
-    InvalidMaxTokensError,
-    LedgerUnavailableError,
-    ModelNotAllowedError,
-    QuotaError,
-    RateLimitExceededError,
-    Refusal,
-    Reservation,
-    Settlement,
-)
+from ._types import Refusal, Reservation, Settlement
 
 __all__ = [
     "ActorTransport",
-    "DuplicateRequestError",
-    "InsufficientQuotaError",
-    "InvalidApiKeyError",
-    "InvalidMaxTokensError",
     "LedgerActor",
     "LedgerClient",
     "LedgerCollector",
@@ -41,15 +25,11 @@ __all__ = [
     "LedgerSocketServer",
     "LedgerStats",
     "LedgerTransport",
-    "LedgerUnavailableError",
     "LocalTransport",
     "Meter",
     "MeteringConfig",
-    "ModelNotAllowedError",
     "ModelPrice",
     "PriceConfig",
-    "QuotaError",
-    "RateLimitExceededError",
     "Refusal",
     "Reservation",
     "Settlement",

@@ -17,14 +17,16 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from serving.errors import LedgerUnavailableError
 from serving.priority import run_at_normal_priority
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
 from ._socket import LedgerSocketServer
-from ._types import LedgerUnavailableError, Refusal
 
 __all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
+
+_UNAVAILABLE = "The usage ledger is unavailable; retry later."
 
 
 class LedgerActor:
@@ -111,14 +113,7 @@ class ActorTransport:
                 return await self.handle.apply.remote(ops)
             except RayActorError as e:
                 if not retry or time.monotonic() + delay_s > deadline:
-                    raise LedgerUnavailableError(
-                        Refusal(
-                            "ledger_unavailable",
-                            "The usage ledger is unavailable; retry later.",
-                            retry_after_s=1.0,
-                            headers={"retry-after": "1"},
-                        )
-                    ) from e
+                    raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e
                 await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the actor
                 delay_s = min(1.0, delay_s * 2)
 
@@ -126,11 +121,4 @@ class ActorTransport:
         try:
             return await self.handle.read.remote(name, *args)
         except RayActorError as e:
-            raise LedgerUnavailableError(
-                Refusal(
-                    "ledger_unavailable",
-                    "The usage ledger is unavailable; retry later.",
-                    retry_after_s=1.0,
-                    headers={"retry-after": "1"},
-                )
-            ) from e
+            raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e

@@ -10,11 +10,9 @@ import json
 import re
 import sqlite3
 
+from serving.errors import ConflictError, InvalidInputError, NotFoundError
 from serving.tenancy import (
     ApiKeyView,
-    ConflictError,
-    InvalidInputError,
-    NotFoundError,
     TenantCreate,
     TenantLimits,
     TenantUpdate,

@@ -13,12 +13,11 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from serving.errors import APIError, AuthenticationError, LedgerUnavailableError
 from serving.tenancy import (
-    AdminAuthError,
     ApiKeyView,
     CreatedApiKey,
     ExportFormat,
-    TenancyError,
     TenantCreate,
     TenantUpdate,
     TenantView,
@@ -31,7 +30,6 @@ from serving.tenancy import (
 
 from ._core import LedgerCore
 from ._stats import LedgerStats
-from ._types import LedgerUnavailableError, Refusal
 
 __all__ = ["LedgerClient", "LedgerTransport", "LocalTransport"]
 
@@ -104,9 +102,7 @@ class _Coalescer:
             for f in futs:
                 if not f.done():
                     f.set_exception(
-                        e
-                        if isinstance(e, Exception)
-                        else LedgerUnavailableError(Refusal("ledger_unavailable", "ledger call cancelled"))
+                        e if isinstance(e, Exception) else LedgerUnavailableError("ledger call cancelled")
                     )
             if not isinstance(e, Exception):
                 raise
@@ -121,7 +117,7 @@ class _Coalescer:
 
 
 def _unwrap(result: Any) -> Any:
-    if isinstance(result, TenancyError):
+    if isinstance(result, APIError):
         raise result
     return result
 
@@ -212,7 +208,7 @@ class LedgerClient:
         if looks_like_api_key(api_key):
             tenant_id = await self._read("tenant_for_key_hash", hash_api_key(api_key))
         if tenant_id is None:
-            raise AdminAuthError("Incorrect API key provided.")
+            raise AuthenticationError("Incorrect API key provided.")
         return tenant_id
 
     async def usage_summary(self, tenant_id: str, since_ts: float | None = None) -> UsageSummary:

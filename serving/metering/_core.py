@@ -36,9 +36,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from serving.errors import APIError
 from serving.tenancy import (
     RateLimitState,
-    TenancyError,
     TenantCreate,
     TenantLimits,
     TenantUpdate,
@@ -190,7 +190,7 @@ class LedgerCore:
         model_max_len|None)``, ``("settle", request_id, prompt_tokens, completion_tokens, outcome,
         pool, gpu_type)``, ``("progress", request_id, completion_tokens)``, and the admin ones
         (``create_tenant``, ``update_tenant``, ``top_up``, ``add_key``, ``revoke_key``). An admin
-        operation that fails returns its :class:`TenancyError` as the result.
+        operation that fails returns its :class:`serving.errors.APIError` as the result.
         """
         now, ts = self._clock(), self._wall()
         st, results, wrote = self._state, [], False
@@ -212,7 +212,7 @@ class LedgerCore:
                 try:
                     res = self._apply_admin(op, now, ts)
                     wrote = True
-                except TenancyError as e:
+                except APIError as e:
                     res = e
             results.append(res)
         self._stats.ops_total += len(ops)
@@ -240,7 +240,7 @@ class LedgerCore:
         ``usage_summary``, ``export_usage``, ``stats``, ``audit``. Errors are returned, not raised."""
         try:
             return await getattr(self, f"_read_{name}")(*args)
-        except TenancyError as e:
+        except APIError as e:
             return e
 
     async def _in_reader(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -4,7 +4,7 @@
 
     meter = Meter(LedgerClient(ActorTransport(get_or_create_ledger_actor(cfg))))
     res = await meter.authorize(api_key, model, prompt_tokens, body.max_tokens, request_id,
-                                model_max_len=ctx_len)       # raises QuotaError subclasses
+                                model_max_len=ctx_len)       # raises a serving.errors.APIError
     try:
         ...  # dispatch with max_tokens=res.max_tokens; send res.headers on the response
     finally:
@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+from serving.errors import AuthenticationError
 from serving.tenancy import hash_api_key, looks_like_api_key
 
 from ._client import LedgerClient
 from ._stats import LedgerCollector, LedgerStats
-from ._types import InvalidApiKeyError, Refusal, Reservation, Settlement, error_for
+from ._types import Refusal, Reservation, Settlement, error_for
 
 __all__ = ["Meter"]
 
@@ -45,7 +46,8 @@ class Meter:
         *,
         model_max_len: int | None = None,
     ) -> Reservation:
-        """Reserve ``prompt + max_tokens`` credits and the rate limits, or raise a :class:`QuotaError`.
+        """Reserve ``prompt + max_tokens`` credits and the rate limits, or raise the refusal's
+        :class:`serving.errors.APIError`.
 
         ``max_tokens=None`` reserves what the model length, the tenant's cap, its TPM limit and its
         balance allow; the granted value is ``Reservation.max_tokens`` and must bound the engine.
@@ -58,7 +60,7 @@ class Meter:
             )
             return Reservation(request_id, "default", "", model, prompt_tokens, max(1, bound), 0)
         if not looks_like_api_key(api_key):
-            raise InvalidApiKeyError(Refusal("invalid_api_key", "Incorrect API key provided."))
+            raise AuthenticationError("Incorrect API key provided.")
         assert self.client is not None
         result = await self.client.reserve(
             request_id, hash_api_key(api_key), model, prompt_tokens, max_tokens, model_max_len

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray.exceptions import RayActorError
 
+from serving.errors import LedgerUnavailableError
 from serving.wire import check_secret, frame, new_secret, read_frame
-
-from ._types import LedgerUnavailableError, Refusal
 
 if TYPE_CHECKING:
     from ._actor import ActorTransport
@@ -41,9 +40,7 @@ HOT_OPS = frozenset({"reserve", "settle", "progress"})
 
 
 def _unavailable(message: str) -> LedgerUnavailableError:
-    return LedgerUnavailableError(
-        Refusal("ledger_unavailable", message, retry_after_s=1.0, headers={"retry-after": "1"})
-    )
+    return LedgerUnavailableError(message, headers={"retry-after": "1"})
 
 
 class LedgerSocketServer:

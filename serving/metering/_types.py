@@ -1,27 +1,24 @@
-"""What the ledger answers: reservations, refusals, settlements; and the errors the gateway raises."""
+"""What the ledger answers: reservations, refusals, settlements; and the client-visible error of a
+refusal (:func:`error_for`; the error classes are :mod:`serving.errors`'s)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from serving.api.errors import APIError
+from serving.errors import (
+    APIError,
+    AuthenticationError,
+    DuplicateRequestError,
+    InsufficientQuotaError,
+    InvalidMaxTokensError,
+    LedgerUnavailableError,
+    ModelNotAllowedError,
+    RateLimitExceededError,
+)
 
 from ._policy import headers_from_rate
 
-__all__ = [
-    "DuplicateRequestError",
-    "InsufficientQuotaError",
-    "InvalidApiKeyError",
-    "InvalidMaxTokensError",
-    "LedgerUnavailableError",
-    "ModelNotAllowedError",
-    "QuotaError",
-    "RateLimitExceededError",
-    "Refusal",
-    "Reservation",
-    "Settlement",
-]
+__all__ = ["Refusal", "Reservation", "Settlement", "error_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,84 +72,20 @@ class Settlement:
     """No reservation and no usage event under this id."""
 
 
-class QuotaError(APIError):
-    """A refused request: an :class:`serving.api.errors.APIError`, so the gateway maps it to HTTP in
-    its one place; the subclasses fix status, type and code."""
-
-    status_code = 429
-    error_type = "invalid_request_error"
-    code: str | None = None
-    param: str | None = None
-
-    def __init__(self, refusal: Refusal) -> None:
-        cls = type(self)
-        super().__init__(refusal.message, param=cls.param, code=cls.code, headers=dict(refusal.headers))
-        self.refusal = refusal
-        self.retry_after_s = refusal.retry_after_s
-        self.limit = refusal.limit
-
-    def to_openai(self) -> dict[str, Any]:
-        """``{"error": {"message", "type", "param", "code"}}``."""
-        return self.body()
-
-
-class InvalidApiKeyError(QuotaError):
-    status_code = 401
-    code = "invalid_api_key"
-
-
-class ModelNotAllowedError(QuotaError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "model_not_allowed"
-    param = "model"
-
-
-class InsufficientQuotaError(QuotaError):
-    status_code = 429
-    error_type = "insufficient_quota"
-    code = "insufficient_quota"
-
-
-class RateLimitExceededError(QuotaError):
-    status_code = 429
-    error_type = "requests"
-    code = "rate_limit_exceeded"
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal)
-        # OpenAI reports the exhausted limit as the error type ("requests" or "tokens").
-        self.error_type = "tokens" if refusal.limit == "tokens" else "requests"
-
-
-class InvalidMaxTokensError(QuotaError):
-    status_code = 400
-    code = "invalid_value"
-    param = "max_tokens"
-
-
-class DuplicateRequestError(QuotaError):
-    status_code = 409
-    code = "duplicate_request_id"
-
-
-class LedgerUnavailableError(QuotaError):
-    status_code = 503
-    error_type = "server_error"
-    code = "ledger_unavailable"
-
-
-_BY_KIND: dict[str, type[QuotaError]] = {
-    "invalid_api_key": InvalidApiKeyError,
+_BY_KIND: dict[str, type[APIError]] = {
+    "invalid_api_key": AuthenticationError,
     "model_not_allowed": ModelNotAllowedError,
     "insufficient_quota": InsufficientQuotaError,
-    "rate_limit_exceeded": RateLimitExceededError,
     "invalid_max_tokens": InvalidMaxTokensError,
     "duplicate_request": DuplicateRequestError,
     "ledger_unavailable": LedgerUnavailableError,
 }
 
 
-def error_for(refusal: Refusal) -> QuotaError:
-    """The typed error for a refusal."""
-    return _BY_KIND.get(refusal.kind, QuotaError)(refusal)
+def error_for(refusal: Refusal) -> APIError:
+    """The client-visible error for a refusal."""
+    if refusal.kind == "rate_limit_exceeded":
+        return RateLimitExceededError(
+            refusal.message, limit=refusal.limit, retry_after_s=refusal.retry_after_s, headers=refusal.headers
+        )
+    return _BY_KIND[refusal.kind](refusal.message, headers=refusal.headers)

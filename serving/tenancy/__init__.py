@@ -5,7 +5,6 @@ Persistence and enforcement live in :mod:`serving.metering` (the ledger), which 
 """
 
 from ._backend import ExportFormat, TenancyBackend
-from ._errors import AdminAuthError, ConflictError, InvalidInputError, NotFoundError, TenancyError
 from ._http import make_tenancy_router
 from ._http_client import AdminHttpBackend
 from ._keys import (
@@ -36,18 +35,13 @@ from ._ops import ensure_demo_tenant
 __all__ = [
     "API_KEY_PREFIX",
     "UCREDITS_PER_CREDIT",
-    "AdminAuthError",
     "AdminHttpBackend",
     "ApiKeyView",
-    "ConflictError",
     "CreatedApiKey",
     "ExportFormat",
     "GeneratedKey",
-    "InvalidInputError",
-    "NotFoundError",
     "RateLimitState",
     "TenancyBackend",
-    "TenancyError",
     "TenantCreate",
     "TenantLimits",
     "TenantUpdate",

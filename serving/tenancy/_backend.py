@@ -25,7 +25,7 @@ ExportFormat = Literal["csv", "json"]
 
 
 class TenancyBackend(Protocol):
-    """Tenant administration and self-service reads. Errors raise :class:`TenancyError` subclasses."""
+    """Tenant administration and self-service reads. Errors raise :mod:`serving.errors` classes."""
 
     async def create_tenant(self, spec: TenantCreate) -> TenantView: ...
 
@@ -44,7 +44,8 @@ class TenancyBackend(Protocol):
     async def revoke_key(self, key_id: str) -> ApiKeyView: ...
 
     async def tenant_for_key(self, api_key: str) -> str:
-        """The tenant id owning a live key; raises :class:`AdminAuthError` otherwise."""
+        """The tenant id owning a live key; raises :class:`serving.errors.AuthenticationError`
+        otherwise."""
         ...
 
     async def usage_summary(self, tenant_id: str, since_ts: float | None = None) -> UsageSummary: ...

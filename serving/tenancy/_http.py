@@ -1,7 +1,9 @@
 """The admin API (``/admin/v1/...``, admin key only) and self-service ``GET /v1/usage``.
 
-Bodies and query strings are validated here, so every error, including malformed input, is the
-OpenAI error body regardless of the app's exception handlers; nothing changes on a 4xx.
+Bodies and query strings are validated here, and each route renders its own errors with
+:func:`serving.errors.error_response` (a router cannot install exception handlers), so every error,
+including malformed input, is the OpenAI error body in whatever app mounts the router; nothing
+changes on a 4xx.
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from serving.errors import (
+    APIError,
+    AuthenticationError,
+    InvalidInputError,
+    error_response,
+    validation_message,
+)
+
 from ._backend import TenancyBackend
-from ._errors import AdminAuthError, InvalidInputError, TenancyError
 from ._keys import constant_time_equals
 from ._model import TenantCreate, TenantLimits, TenantUpdate, TopUp
 
@@ -29,7 +38,7 @@ def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise AdminAuthError("Missing API key: send 'Authorization: Bearer <key>'.")
+        raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
     return token.strip()
 
 
@@ -41,9 +50,8 @@ async def _body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise InvalidInputError(f"Invalid {param or 'body'}: {err['msg']}.", param=param) from e
+        message, param = validation_message(e.errors()[0])
+        raise InvalidInputError(message, param=param) from e
 
 
 def _float_query(request: Request, name: str) -> float | None:
@@ -63,8 +71,8 @@ def _guard(fn: Handler) -> Handler:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             result = await fn(*args, **kwargs)
-        except TenancyError as e:
-            return JSONResponse(e.to_openai(), status_code=e.status_code)
+        except APIError as e:
+            return error_response(e)
         if isinstance(result, Response):
             return result
         if isinstance(result, list):
@@ -81,7 +89,7 @@ def make_tenancy_router(backend: TenancyBackend, admin_key: str | None) -> APIRo
     def admin(request: Request) -> None:
         token = _bearer(request)
         if admin_key is None or not constant_time_equals(token, admin_key):
-            raise AdminAuthError("This endpoint needs the admin key.")
+            raise AuthenticationError("This endpoint needs the admin key.")
 
     @router.post("/admin/v1/tenants")
     @_guard

@@ -6,22 +6,23 @@ from typing import Any
 
 import httpx
 
+from serving.errors import APIError, AuthenticationError, ConflictError, InvalidInputError, NotFoundError
+
 from ._backend import ExportFormat
-from ._errors import AdminAuthError, ConflictError, InvalidInputError, NotFoundError, TenancyError
 from ._model import ApiKeyView, CreatedApiKey, TenantCreate, TenantUpdate, TenantView, TopUp, UsageSummary
 
 __all__ = ["AdminHttpBackend"]
 
-_BY_STATUS: dict[int, type[TenancyError]] = {
+_BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidInputError,
-    401: AdminAuthError,
+    401: AuthenticationError,
     404: NotFoundError,
     409: ConflictError,
 }
 
 
 class AdminHttpBackend:
-    """Calls ``/admin/v1`` with the admin key; errors come back as :class:`TenancyError` subclasses.
+    """Calls ``/admin/v1`` with the admin key; errors come back as :mod:`serving.errors` classes.
 
     ``tenant_for_key`` and ``usage_summary`` use ``GET /v1/usage`` and need the tenant's own key
     (``tenant_key``), since the admin API never takes tenant keys.
@@ -46,7 +47,9 @@ class AdminHttpBackend:
                 message, param = err["message"], err.get("param")
             except (ValueError, KeyError, TypeError):
                 message, param = r.text, None
-            raise _BY_STATUS.get(r.status_code, TenancyError)(message, param=param)
+            if r.status_code in _BY_STATUS:
+                raise _BY_STATUS[r.status_code](message, param=param)
+            raise APIError(message, param=param, status_code=r.status_code)
         return r
 
     async def create_tenant(self, spec: TenantCreate) -> TenantView:
@@ -85,7 +88,7 @@ class AdminHttpBackend:
 
     async def _own_usage(self, since_ts: float | None) -> UsageSummary:
         if self._tenant_key is None:
-            raise AdminAuthError("This operation needs the tenant's own key.")
+            raise AuthenticationError("This operation needs the tenant's own key.")
         params = {} if since_ts is None else {"since": str(since_ts)}
         r = await self._call(
             "GET", "/v1/usage", params=params, headers={"authorization": f"Bearer {self._tenant_key}"}
@@ -98,7 +101,7 @@ class AdminHttpBackend:
     async def usage_summary(self, tenant_id: str, since_ts: float | None = None) -> UsageSummary:
         summary = await self._own_usage(since_ts)
         if summary.tenant_id != tenant_id:
-            raise AdminAuthError("The tenant key belongs to another tenant.")
+            raise AuthenticationError("The tenant key belongs to another tenant.")
         return summary
 
     async def export_usage(

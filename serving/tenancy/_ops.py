@@ -7,8 +7,9 @@ not; the ledger holds a lock on its file, so the second is refused while a gatew
 
 from __future__ import annotations
 
+from serving.errors import NotFoundError
+
 from ._backend import TenancyBackend
-from ._errors import NotFoundError
 from ._model import TenantCreate, TenantLimits
 
 __all__ = ["ensure_demo_tenant"]

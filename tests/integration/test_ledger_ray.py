@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import ray
 
+from serving.errors import InsufficientQuotaError
 from serving.metering import (
     ActorTransport,
-    InsufficientQuotaError,
     LedgerClient,
     Meter,
     MeteringConfig,

@@ -43,8 +43,9 @@ async def test_deadline_timer_refuses_a_waiting_request() -> None:
     assert adm.now() - t0 >= 0.03
     err = ei.value
     assert err.refusal.reason is RefusalReason.QUEUE_DEADLINE and err.status_code == 503
-    body = err.error_body()["error"]
-    assert body["type"] == "service_unavailable" and body["code"] == "queue_deadline"
+    body = err.body()["error"]
+    assert body["type"] == "server_error" and body["code"] == "queue_deadline"
+    assert err.headers == {"Retry-After": "1"}
     assert adm.stats().refused_total == {"queue_deadline": 1}
 
 
@@ -56,7 +57,7 @@ async def test_refusal_is_immediate_when_the_queue_is_full() -> None:
     with pytest.raises(AdmissionRefused) as ei:
         await adm.acquire("a-2", "a", 1.0, 10, 10)
     assert ei.value.status_code == 429 and ei.value.retry_after_s > 0
-    assert ei.value.error_body()["error"]["type"] == "rate_limit_exceeded"
+    assert ei.value.body()["error"]["type"] == "rate_limit_exceeded"
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter

@@ -10,23 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from serving.metering import (
+from serving.errors import (
+    AuthenticationError,
     InsufficientQuotaError,
-    InvalidApiKeyError,
+    InvalidInputError,
     InvalidMaxTokensError,
+    ModelNotAllowedError,
+    NotFoundError,
+    RateLimitExceededError,
+)
+from serving.metering import (
     LedgerClient,
     LedgerCore,
     LedgerLockedError,
     LocalTransport,
     Meter,
     MeteringConfig,
-    ModelNotAllowedError,
     PriceConfig,
-    RateLimitExceededError,
     Reservation,
 )
 from serving.metering._store import SCHEMA_VERSION
-from serving.tenancy import InvalidInputError, NotFoundError, TenantCreate, TenantLimits, TenantUpdate, TopUp
+from serving.tenancy import TenantCreate, TenantLimits, TenantUpdate, TopUp
 
 U = 1_000_000  # micro-credits per credit
 
@@ -117,9 +121,9 @@ async def test_refusals_carry_openai_shapes_and_bucket_retry(core: LedgerCore, c
         client, "t", credits=1000, rpm=2, max_tokens_per_request=50, max_concurrency=5
     )
     await client.update_tenant("t", TenantUpdate(allowed_models=["m"]))
-    with pytest.raises(InvalidApiKeyError) as e:
+    with pytest.raises(AuthenticationError) as e:
         await meter.authorize("tw-" + "x" * 43, "m", 1, 1, "a")
-    assert e.value.status_code == 401 and e.value.to_openai()["error"]["code"] == "invalid_api_key"
+    assert e.value.status_code == 401 and e.value.body()["error"]["code"] == "invalid_api_key"
     with pytest.raises(ModelNotAllowedError) as e2:
         await meter.authorize(key, "other", 1, 1, "b")
     assert e2.value.status_code == 403
@@ -245,7 +249,7 @@ async def test_revoked_key_refused_and_second_writer_locked_out(
     r = await meter.authorize(k2.api_key, "m", 1, 1, "a")
     assert isinstance(r, Reservation) and r.key_id == k2.key_id
     await client.revoke_key(k2.key_id)
-    with pytest.raises(InvalidApiKeyError):
+    with pytest.raises(AuthenticationError):
         await meter.authorize(k2.api_key, "m", 1, 1, "b")
     assert rows(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     with pytest.raises(LedgerLockedError):

@@ -7,10 +7,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from serving.api.errors import ContextLengthError, InvalidRequestError, NotFoundError, RateLimitError
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import ChoiceDelta, TokenLogprob
+from serving.errors import ContextLengthError, InvalidRequestError, NotFoundError, RateLimitError
 
 
 def chat(**kw):

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from serving.errors import NotFoundError
 from serving.metering import LedgerClient, Meter, MeteringConfig, local_ledger
-from serving.tenancy import AdminHttpBackend, NotFoundError, TopUp, ensure_demo_tenant, make_tenancy_router
+from serving.tenancy import AdminHttpBackend, TopUp, ensure_demo_tenant, make_tenancy_router
 
 ADMIN = "admin-key-0123456789abcdef"
 
