@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check, the same one CI runs: format, lint, types, then the whole test suite.
+# Every check, the same one CI runs: format, lint, types, import contracts, then the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
@@ -7,4 +7,5 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUF
 .venv/bin/ruff format --check serving models loadtests tests
 .venv/bin/ruff check serving models loadtests tests
 .venv/bin/mypy serving
+.venv/bin/lint-imports --no-cache  # the layers and contracts in pyproject.toml [tool.importlinter]
 .venv/bin/python -m pytest "$@"

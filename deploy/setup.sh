@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install Tokenweir with the engine that fits this machine:
 #   NVIDIA GPU present -> vLLM's CUDA build (extra "gpu"); otherwise vLLM's CPU build (extra "cpu").
+# Plus the extra "dev" (tests, lint, types, import contracts), which includes "load" (the harness).
 # Idempotent: a second run with an unchanged pyproject.toml returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ if [ "$extra" = cpu ]; then
   # and break `import transformers` ("operator torchvision::nms does not exist"). Nothing here needs them.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | quiet
 fi
-.venv/bin/python -c "import vllm, ray, transformers, serving, models, loadtests" >/dev/null
+.venv/bin/python -c "import vllm, ray, transformers, serving, models, loadtests.cli" >/dev/null
 rm -f .venv/.setup-*
 touch "$stamp"
 echo "setup: done"

@@ -1,22 +1,42 @@
 """``python -m loadtests`` / ``tokenweir load``: run a scenario, compare two runs, list shipped scenarios.
 
+``tokenweir load`` finds :func:`main` through the entry point ``load`` in the group
+``tokenweir.commands`` (pyproject.toml), so the gateway never imports this package. Importing this
+module raises ImportError when the ``load`` extra is not installed; ``tokenweir load`` then says so.
+
 Exit codes: 0 the run completed (some requests succeeded); 1 every request failed; 2 configuration
 error (invalid scenario, remote target without ``--allow-remote``, bad run folders).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from loadtests.scenario import ScenarioError, load_scenario
 
-__all__ = ["SCENARIO_DIR", "build_parser", "main", "shipped_scenarios"]
+__all__ = ["SCENARIO_DIR", "app", "main", "shipped_scenarios"]
+
+_LOAD_EXTRA = ("aiohttp", "matplotlib")
+"""What the harness imports from the ``load`` extra (checked here, imported when a run starts)."""
+if _missing := [m for m in _LOAD_EXTRA if importlib.util.find_spec(m) is None]:
+    raise ModuleNotFoundError(f"No module named {_missing[0]!r}", name=_missing[0])
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 """Where the shipped scenarios live."""
+
+app = typer.Typer(
+    help="Multi-tenant open-loop load tests for OpenAI-compatible servers (see loadtests/README.md).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 def shipped_scenarios() -> dict[str, Path]:
@@ -31,63 +51,55 @@ def _resolve(arg: str) -> Path:
     return shipped_scenarios().get(arg, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed so ``tokenweir load`` can embed it)."""
-    p = argparse.ArgumentParser(
-        prog="loadtests", description="Multi-tenant open-loop load tests for OpenAI-compatible servers."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a scenario")
-    r.add_argument("scenario", help="scenario YAML file, or the name of a shipped scenario")
-    r.add_argument(
-        "--out", type=Path, default=None, help="result folder (default: loadtest-results/<name>-<time>)"
-    )
-    r.add_argument(
-        "--allow-remote", action="store_true", help="allow a target that is not a loopback address"
-    )
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a scenario field, e.g. --set bounds.duration_s=10 --set arrival.rate_rps=5",
-    )
-    r.add_argument("--target", help="override target_url")
-    r.add_argument("--model", help="override model")
-    r.add_argument("--duration-s", type=float, help="override bounds.duration_s")
-    r.add_argument("--max-requests", type=int, help="override bounds.max_requests")
-    r.add_argument("--seed", type=int, help="override seed")
-    r.add_argument("--label", help="name of this run in comparisons")
-    r.add_argument("--no-progress", action="store_true", help="no live display")
-    c = sub.add_parser("compare", help="put two run folders side by side")
-    c.add_argument("a", type=Path)
-    c.add_argument("b", type=Path)
-    c.add_argument("--out", type=Path, default=None, help="folder for compare.md (default: B's parent)")
-    sub.add_parser("list", help="list shipped scenarios")
-    return p
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
 
 
-def _run(args: argparse.Namespace) -> int:
+@app.command()
+def run(
+    scenario_arg: Annotated[
+        str, typer.Argument(metavar="SCENARIO", help="Scenario YAML file, or the name of a shipped scenario.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Result folder (default: loadtest-results/<name>-<time>).")
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a target that is not a loopback address.")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="PATH=VALUE",
+            help="Override a scenario field, e.g. --set bounds.duration_s=10 --set arrival.rate_rps=5.",
+        ),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Override target_url.")] = None,
+    model: Annotated[str | None, typer.Option(help="Override model.")] = None,
+    duration_s: Annotated[float | None, typer.Option(help="Override bounds.duration_s.")] = None,
+    max_requests: Annotated[int | None, typer.Option(help="Override bounds.max_requests.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override seed.")] = None,
+    label: Annotated[str | None, typer.Option(help="Name of this run in comparisons.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No live display.")] = False,
+) -> None:
+    """Run a scenario: requests.jsonl, summary.json, report.md and plots in the result folder."""
     from loadtests.runner import run_scenario
 
-    overrides = list(args.overrides)
-    for flag, key in (("target", "target_url"), ("model", "model"), ("duration_s", "bounds.duration_s"),
-                      ("max_requests", "bounds.max_requests"), ("seed", "seed")):  # fmt: skip
-        value = getattr(args, flag)
+    sets = list(overrides or [])
+    for value, key in ((target, "target_url"), (model, "model"), (duration_s, "bounds.duration_s"),
+                       (max_requests, "bounds.max_requests"), (seed, "seed")):  # fmt: skip
         if value is not None:
-            overrides.append(f"{key}={value}")
+            sets.append(f"{key}={value}")
     try:
-        scenario = load_scenario(_resolve(args.scenario), overrides)
+        scenario = load_scenario(_resolve(scenario_arg), sets)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        out = args.out or Path("loadtest-results") / f"{scenario.name}-{stamp}"
         outcome = run_scenario(
-            scenario, out, allow_remote=args.allow_remote, progress=not args.no_progress and sys.stderr.isatty(),
-            label=args.label,
+            scenario, out or Path("loadtest-results") / f"{scenario.name}-{stamp}", allow_remote=allow_remote,
+            progress=not no_progress and sys.stderr.isatty(), label=label,
         )  # fmt: skip
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise typer.Exit(2) from e
     for s in outcome.summaries:
         print(
             f"{s.succeeded}/{s.requests_sent} ok, {s.request_throughput_rps:.2f} req/s, "
@@ -98,33 +110,41 @@ def _run(args: argparse.Namespace) -> int:
     print(f"report: {outcome.report}")
     if outcome.all_failed:
         print("error: every request failed", file=sys.stderr)
-        return 1
-    return 0
+        raise typer.Exit(1)
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f} ms"
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="Run folder A.")],
+    b: Annotated[Path, typer.Argument(help="Run folder B.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for compare.md (default: B's parent).")] = None,
+) -> None:
+    """Put two run folders side by side (compare.md and a latency CDF plot)."""
+    from loadtests.report import compare_runs
+
+    try:
+        path = compare_runs(a, b, out or b.parent)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from e
+    print(f"report: {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "list":
-        for name, path in shipped_scenarios().items():
-            try:
-                desc = load_scenario(path).description.strip().splitlines()[0]
-            except (ScenarioError, IndexError):
-                desc = ""
-            print(f"{name:14s} {desc}")
-        return 0
-    if args.command == "compare":
-        from loadtests.report import compare_runs
-
+@app.command("list")
+def list_scenarios() -> None:
+    """List shipped scenarios."""
+    for name, path in shipped_scenarios().items():
         try:
-            path = compare_runs(args.a, args.b, args.out or args.b.parent)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"report: {path}")
-        return 0
-    return _run(args)
+            desc = load_scenario(path).description.strip().splitlines()[0]
+        except (ScenarioError, IndexError):
+            desc = ""
+        print(f"{name:14s} {desc}")
+
+
+def main(argv: list[str] | None = None, prog_name: str = "loadtests") -> int:
+    """Entry point; returns the exit code (also ``tokenweir load``'s, with ``prog_name``)."""
+    try:
+        typer.main.get_command(app).main(args=argv, prog_name=prog_name, standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0

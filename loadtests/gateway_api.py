@@ -6,7 +6,9 @@ Admin (only when a scenario has tenants without keys and an ``admin`` block):
 (or ``key``), both with
 ``Authorization: Bearer <admin key>``.
 
-Meter: ``GET {target}/v1/usage`` with each tenant's key, before and after the run. Accepted bodies:
+Meter: ``GET {target}/v1/usage`` with each distinct key, before and after the run. The gateway meters
+a key (its tenant), not a scenario tenant: scenario tenants that share a key are checked as one group
+against that key's charge (the sum of their client-seen tokens). Accepted bodies:
 token fields (``prompt_tokens``, ``completion_tokens``, ``total_tokens``) at the top level, or under
 ``usage``, ``totals`` or ``data`` (an object, or a list of rows that are summed: the gateway's
 ``UsageSummary.usage`` is a list of per-day, per-model rows). A 404, an error or an unreadable body makes
@@ -15,6 +17,7 @@ the check "unavailable", never a failed run.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +26,7 @@ import httpx
 from loadtests.client import RequestRecord
 from loadtests.scenario import Scenario, ScenarioError
 
-__all__ = ["MeterReading", "MeterRow", "meter_rows", "provision_keys", "read_usage"]
+__all__ = ["MeterReading", "MeterRow", "key_groups", "meter_rows", "provision_keys", "read_usage"]
 
 _TIMEOUT_S = 10.0
 _FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -96,11 +99,11 @@ def _parse(body: Any) -> MeterReading | None:
     return MeterReading(p, c, total)
 
 
-def read_usage(base_url: str, keys: dict[str, str]) -> tuple[dict[str, MeterReading] | None, str | None]:
-    """Each tenant's counters, or ``(None, reason)`` when the meter cannot be read."""
+def read_usage(base_url: str, keys: Iterable[str]) -> tuple[dict[str, MeterReading] | None, str | None]:
+    """Each distinct key's counters, or ``(None, reason)`` when the meter cannot be read."""
     out: dict[str, MeterReading] = {}
     with httpx.Client(timeout=_TIMEOUT_S) as client:
-        for tenant, key in keys.items():
+        for key in dict.fromkeys(keys):
             try:
                 r = client.get(f"{base_url.rstrip('/')}/v1/usage", headers={"Authorization": f"Bearer {key}"})
             except httpx.HTTPError as e:
@@ -113,36 +116,52 @@ def read_usage(base_url: str, keys: dict[str, str]) -> tuple[dict[str, MeterRead
                 reading = None
             if reading is None:
                 return None, "GET /v1/usage body has no token counters"
-            out[tenant] = reading
+            out[key] = reading
     return out, None
+
+
+def key_groups(keys: dict[str, str]) -> dict[str, list[str]]:
+    """Key → the scenario tenants that send with it (in scenario order)."""
+    groups: dict[str, list[str]] = {}
+    for tenant, key in keys.items():
+        groups.setdefault(key, []).append(tenant)
+    return groups
 
 
 @dataclass(frozen=True, slots=True)
 class MeterRow:
-    """Client-seen against gateway-charged tokens for one tenant, over the run."""
+    """Client-seen against gateway-charged tokens for one key, over the run."""
 
     tenant: str
+    """The scenario tenant, or the group sharing one key (``a + b``)."""
+    tenants: tuple[str, ...]
+    """The scenario tenants behind the key."""
     client_tokens: int
-    """Prompt + completion tokens from ``usage`` in the streams the client received."""
+    """Prompt + completion tokens from ``usage`` in the streams the client received, summed over ``tenants``."""
     gateway_tokens: int | None
-    """Increase of the gateway's total over the run."""
+    """Increase of the gateway's total for the key over the run."""
     diff_tokens: int | None
     requests_without_usage: int
     """Requests whose stream ended without a usage chunk (aborted, refused): not in ``client_tokens``."""
 
 
 def meter_rows(
-    records: list[RequestRecord], before: dict[str, MeterReading], after: dict[str, MeterReading]
+    records: list[RequestRecord],
+    keys: dict[str, str],
+    before: dict[str, MeterReading],
+    after: dict[str, MeterReading],
 ) -> list[MeterRow]:
-    """Per-tenant comparison of the client's token counts with the gateway's meter."""
+    """Per-key comparison of the client's token counts with the gateway's meter (``keys``: tenant →
+    key; ``before``/``after``: key → reading); tenants that share a key are summed."""
     rows = []
-    for tenant in after:
-        mine = [r for r in records if r.tenant == tenant]
+    for key, tenants in key_groups(keys).items():
+        if key not in after:
+            continue
+        mine = [r for r in records if r.tenant in tenants]
         client = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in mine)
         no_usage = sum(r.completion_tokens is None for r in mine)
-        a, b = after[tenant].total_tokens, before.get(tenant, MeterReading(0, 0, 0)).total_tokens
+        a, b = after[key].total_tokens, before.get(key, MeterReading(0, 0, 0)).total_tokens
         gateway = a - (b or 0) if a is not None else None
-        rows.append(
-            MeterRow(tenant, client, gateway, None if gateway is None else gateway - client, no_usage)
-        )
+        diff = None if gateway is None else gateway - client
+        rows.append(MeterRow(" + ".join(tenants), tuple(tenants), client, gateway, diff, no_usage))
     return rows

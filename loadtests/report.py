@@ -106,6 +106,12 @@ def _meter_lines(meter: list[MeterRow] | None, unavailable: str | None) -> list[
         )
     exact = all(m.diff_tokens == 0 for m in meter)
     lines.append("")
+    if any(len(m.tenants) > 1 for m in meter):
+        lines += [
+            "Tenants that share an API key are one row: the gateway charges the key, so the check "
+            "compares the key's charge with the sum of its tenants' tokens.",
+            "",
+        ]
     lines.append(
         "Meter agrees with the client on every tenant."
         if exact

@@ -66,10 +66,10 @@ def _meter(
 ) -> list[MeterRow] | str:
     deadline = time.monotonic() + _METER_SETTLE_S
     while True:
-        after, why = read_usage(scenario.target_url, keys)
+        after, why = read_usage(scenario.target_url, keys.values())
         if after is None:
             return why or "unreadable"
-        rows = meter_rows(result.records, before, after)
+        rows = meter_rows(result.records, keys, before, after)
         if all(r.diff_tokens == 0 for r in rows) or time.monotonic() >= deadline:
             return rows
         time.sleep(0.25)  # polling the gateway's meter for its last settlements, bounded by the deadline
@@ -103,7 +103,7 @@ def _one_point(
 ) -> RunSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     header = _header(scenario, sweep_value)
-    before, why = read_usage(scenario.target_url, keys)
+    before, why = read_usage(scenario.target_url, keys.values())
     title = f"{scenario.name}" + (f" @ {sweep_value:g}" if sweep_value is not None else "")
     plan = build_plan(scenario)
     result = _run_async(_drive(scenario, plan, keys, progress, title))

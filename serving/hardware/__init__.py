@@ -33,7 +33,6 @@ from serving.hardware.plan import (
     EngineSettings,
     PlanError,
     PoolSlo,
-    format_plan_table,
     plan_engine,
 )
 
@@ -56,7 +55,6 @@ __all__ = [
     "detect_local_gpu",
     "factors_for",
     "fit_table",
-    "format_plan_table",
     "get_gpu",
     "leave_one_out",
     "load_factors",

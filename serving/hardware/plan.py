@@ -15,13 +15,13 @@ sequence at the typical context does not fit, or when the SLO cannot be met even
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from serving.hardware.catalog import GpuProfile
 from serving.hardware.perfmodel import ModelArch, PerfFactors, PerfModel
 
-__all__ = ["EnginePlan", "EngineSettings", "PlanError", "PoolSlo", "format_plan_table", "plan_engine"]
+__all__ = ["EnginePlan", "EngineSettings", "PlanError", "PoolSlo", "plan_engine"]
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 MAX_NUM_SEQS_CAP = 1024
@@ -174,41 +174,3 @@ def plan_engine(
         tokens_per_s=seqs / tpot,
         price_per_hour_relative=gpu.price_per_hour_relative,
     )
-
-
-def format_plan_table(plans: Sequence[EnginePlan], names: Sequence[str] | None = None) -> str:
-    """A fixed-width text table, one row per plan (``names``: pool names, default model@gpu)."""
-    headers = (
-        "pool",
-        "gpu",
-        "max_num_seqs",
-        "max_batched_tok",
-        "gpu_mem_util",
-        "kv_tokens",
-        "tpot_ms",
-        "ttft_ms",
-        "tok/s",
-        "tok/s/price",
-    )
-    rows = []
-    for i, p in enumerate(plans):
-        s = p.settings
-        rows.append(
-            (
-                names[i] if names is not None else f"{p.model}@{p.gpu}",
-                p.gpu,
-                str(s.max_num_seqs),
-                str(s.max_num_batched_tokens),
-                f"{s.gpu_memory_utilization:.2f}",
-                f"{p.kv_capacity_tokens:,}",
-                f"{p.predicted_tpot_ms:.1f}",
-                f"{p.predicted_ttft_ms:.0f}",
-                f"{p.tokens_per_s:,.0f}",
-                f"{p.tokens_per_s_per_price:,.0f}",
-            )
-        )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    fmt = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-    )
-    return "\n".join([fmt(headers), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)])

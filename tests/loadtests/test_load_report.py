@@ -191,3 +191,30 @@ def test_shipped_scenarios_validate_and_overrides_apply(tmp_path: Path) -> None:
         load_scenario(_write(tmp_path, 1, name="nobounds", bounds=None))
     with pytest.raises(ScenarioError, match="NOPE_UNSET"):
         load_scenario(_write(tmp_path, 1, name="env", model="${NOPE_UNSET}"))
+
+
+def test_meter_check_groups_tenants_that_share_a_key(tmp_path: Path) -> None:
+    """The README's example gives both smoke tenants one key: the gateway charges the key once, so
+    the check compares that charge with the sum of both tenants' tokens, not with each tenant's."""
+    shared = [
+        {"name": "alpha", "api_key": "sk-shared", "share": 2},
+        {"name": "beta", "api_key": "sk-shared"},
+        {"name": "gamma", "api_key": "sk-gamma"},
+    ]
+    with stub_thread(StubConfig()) as (port, state):
+        path = _write(tmp_path, port, name="shared", tenants=shared)
+        assert main(["run", str(path), "--out", str(tmp_path / "shared"), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    rows = {m["tenant"]: m for m in doc["meter"]}
+    assert set(rows) == {"alpha + beta", "gamma"}
+    assert rows["alpha + beta"]["tenants"] == ["alpha", "beta"]
+    charged = state.charged["sk-shared"]
+    assert rows["alpha + beta"]["gateway_tokens"] == charged["prompt_tokens"] + charged["completion_tokens"]
+    per_tenant = {t["tenant"]: t for t in doc["summary"]["tenants"]}
+    both = sum(per_tenant[t]["prompt_tokens"] + per_tenant[t]["completion_tokens"] for t in ("alpha", "beta"))
+    assert per_tenant["alpha"]["succeeded"] > 0 and per_tenant["beta"]["succeeded"] > 0
+    assert rows["alpha + beta"]["client_tokens"] == both
+    assert all(m["diff_tokens"] == 0 for m in doc["meter"])
+    md = (tmp_path / "shared" / "report.md").read_text()
+    assert "Meter agrees with the client on every tenant." in md
+    assert "| alpha + beta |" in md and "share an API key" in md

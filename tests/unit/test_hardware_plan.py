@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.hardware.catalog import CATALOG, get_gpu
+from serving.hardware.catalog import get_gpu
 from serving.hardware.perfmodel import ModelArch, PerfModel
-from serving.hardware.plan import EnginePlan, PlanError, PoolSlo, format_plan_table, plan_engine
+from serving.hardware.plan import PlanError, PoolSlo, plan_engine
 
 LLAMA8B = ModelArch("llama-8b", 8_030_261_248, 32, 4096, 32, 8, 128, 14336, 128256, 2)
 LLAMA70B = ModelArch("llama-70b", 70_553_706_496, 80, 8192, 64, 8, 128, 28672, 128256, 2)
@@ -76,14 +76,3 @@ def test_explicit_settings_override_the_plan() -> None:
     assert (plan.settings.max_num_seqs, plan.settings.max_num_batched_tokens) == (64, 4096)
     assert plan.settings.gpu_memory_utilization == 0.8
     assert plan.kv_capacity_tokens == PerfModel(LLAMA8B, get_gpu("H100")).kv_capacity_tokens(0.8, 8192)
-
-
-def test_format_plan_table_has_a_row_per_pool() -> None:
-    slo = PoolSlo(2000, 50)
-    plans: list[EnginePlan] = [plan_engine(LLAMA8B, CATALOG[g], slo) for g in ("H20", "H100", "L20")]
-    text = format_plan_table(plans, names=["h20-pool", "h100-pool", "l20-pool"])
-    lines = text.splitlines()
-    assert len(lines) == 5
-    assert "tpot_ms" in lines[0] and "tok/s/price" in lines[0]
-    assert lines[2].startswith("h20-pool") and "H20" in lines[2]
-    assert f"{plans[1].kv_capacity_tokens:,}" in lines[3]
