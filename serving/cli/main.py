@@ -112,30 +112,21 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from serving.config import resolve
+    from serving.hardware import format_plan_table
 
-    from models.catalog import CATALOG_PATH, load_catalog
-    from serving.hardware import PlanError, format_plan_table
-    from serving.pools.planning import deployed_entry, plan_pool
-
-    cfg = load_config(args.config)
-    catalog = load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
+    deployment = resolve(load_config(args.config), require_plans=False)
     plans, names, failures = [], [], []
-    for pool in cfg.pools:
+    for pool in deployment.pools:
         if pool.accelerator == "CPU":
             failures.append(
                 f"{pool.name}: CPU pool, no hardware plan (engine settings come from the catalog)"
             )
-            continue
-        try:
-            plans.append(
-                plan_pool(
-                    pool, deployed_entry(catalog[pool.model], cfg.models.get(pool.model)), cfg.gpu_prices
-                )
-            )
+        elif pool.plan is None:
+            failures.append(f"{pool.name}: cannot plan: {pool.plan_error}")
+        else:
+            plans.append(pool.plan)
             names.append(pool.name)
-        except PlanError as e:
-            failures.append(f"{pool.name}: cannot plan: {e}")
     if plans:
         print(format_plan_table(plans, names))
     for line in failures:

@@ -10,6 +10,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from serving.admission import AdmissionRefused
 from serving.api.errors import (
     APIError,
     EngineFailureError,
@@ -17,7 +18,6 @@ from serving.api.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from serving.admission import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
