@@ -3,7 +3,7 @@ smoothed gradient on measured TTFT/TPOT vs the pool's SLOs) and back-pressure th
 arrival what would outwait the queue deadline; pure and clock-free, with a thin asyncio shell. See
 :class:`AdmissionPolicy` for the contract."""
 
-from serving.admission._config import AdmissionConfig
+from serving.admission._config import AdmissionConfig, AdmissionSettings
 from serving.admission._core import AdmissionCore
 from serving.admission._interface import AdmissionPolicy
 from serving.admission._shell import AdmissionRefused, AsyncAdmission
@@ -24,6 +24,7 @@ __all__ = [
     "AdmissionCore",
     "AdmissionPolicy",
     "AdmissionRefused",
+    "AdmissionSettings",
     "AdmissionStats",
     "Admitted",
     "AsyncAdmission",

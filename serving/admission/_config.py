@@ -1,27 +1,25 @@
-"""Settings of one pool replica's admission core (typed, validated, every field documented)."""
+"""Settings of one pool replica's admission core (typed, validated, every field documented).
+
+Two layers: :class:`AdmissionSettings` is what an operator may set per pool (``pools[].admission``),
+checked when the config is parsed; :class:`AdmissionConfig` adds what only the running replica
+knows (the engine's batch and KV bounds) and the pool's SLOs, built once by
+:meth:`AdmissionSettings.for_engine` when the engine has started.
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class AdmissionConfig(BaseModel):
-    """How one replica queues, admits and refuses requests.
+class AdmissionSettings(BaseModel):
+    """How one replica queues, admits and refuses requests, as far as an operator sets it.
 
-    The bounds (``max_num_seqs``, ``kv_capacity_tokens``) come from the hardware plan; the SLOs from
-    the pool. Everything else has defaults that need no per-GPU tuning.
+    Everything has defaults that need no per-GPU tuning; the bounds come from the engine and the
+    SLOs from the pool (see :class:`AdmissionConfig`).
     """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
-    max_num_seqs: int = Field(ge=1)
-    """Upper bound of the in-flight sequence limit: the plan's (or engine's) `max_num_seqs`."""
-    kv_capacity_tokens: int = Field(ge=1)
-    """KV cache capacity of the engine, tokens; in-flight tokens never exceed `kv_admit_fraction` of it."""
-    ttft_slo_ms: float = Field(gt=0)
-    """The pool's time-to-first-token target, milliseconds (end to end: queue wait included)."""
-    tpot_slo_ms: float = Field(gt=0)
-    """The pool's time-per-output-token target, milliseconds."""
     initial_num_seqs: int | None = Field(default=None, ge=1)
     """Sequence limit at start (None: `max_num_seqs`, the plan's value)."""
     min_num_seqs: int = Field(default=1, ge=1)
@@ -80,6 +78,43 @@ class AdmissionConfig(BaseModel):
     """Smallest `retry_after_s` a refusal carries."""
 
     @model_validator(mode="after")
+    def _check_settings(self) -> AdmissionSettings:
+        init = self.initial_num_seqs
+        if init is not None and init < self.min_num_seqs:
+            raise ValueError(f"initial_num_seqs ({init}) is below min_num_seqs ({self.min_num_seqs})")
+        return self
+
+    def queue_deadline_s_at(self, ttft_slo_ms: float) -> float:
+        """The queue deadline in seconds for a pool with this TTFT target (the default applied)."""
+        ms = self.queue_deadline_ms if self.queue_deadline_ms is not None else 0.6 * ttft_slo_ms
+        return ms / 1000.0
+
+    def for_engine(
+        self, max_num_seqs: int, kv_capacity_tokens: int, ttft_slo_ms: float, tpot_slo_ms: float
+    ) -> AdmissionConfig:
+        """The full configuration for an engine with these bounds and a pool with these SLOs."""
+        return AdmissionConfig(
+            max_num_seqs=max_num_seqs,
+            kv_capacity_tokens=kv_capacity_tokens,
+            ttft_slo_ms=ttft_slo_ms,
+            tpot_slo_ms=tpot_slo_ms,
+            **self.model_dump(include=set(AdmissionSettings.model_fields)),
+        )
+
+
+class AdmissionConfig(AdmissionSettings):
+    """The settings plus the bounds from the engine (or the hardware plan) and the pool's SLOs."""
+
+    max_num_seqs: int = Field(ge=1)
+    """Upper bound of the in-flight sequence limit: the plan's (or engine's) `max_num_seqs`."""
+    kv_capacity_tokens: int = Field(ge=1)
+    """KV cache capacity of the engine, tokens; in-flight tokens never exceed `kv_admit_fraction` of it."""
+    ttft_slo_ms: float = Field(gt=0)
+    """The pool's time-to-first-token target, milliseconds (end to end: queue wait included)."""
+    tpot_slo_ms: float = Field(gt=0)
+    """The pool's time-per-output-token target, milliseconds."""
+
+    @model_validator(mode="after")
     def _check(self) -> AdmissionConfig:
         if self.min_num_seqs > self.max_num_seqs:
             raise ValueError(f"min_num_seqs ({self.min_num_seqs}) exceeds max_num_seqs ({self.max_num_seqs})")
@@ -94,8 +129,7 @@ class AdmissionConfig(BaseModel):
     @property
     def queue_deadline_s(self) -> float:
         """The queue deadline in seconds (the default applied)."""
-        ms = self.queue_deadline_ms if self.queue_deadline_ms is not None else 0.6 * self.ttft_slo_ms
-        return ms / 1000.0
+        return self.queue_deadline_s_at(self.ttft_slo_ms)
 
     @property
     def kv_admit_tokens(self) -> int:

@@ -208,27 +208,20 @@ def plan_row(name: str, p: Any) -> list[str]:
 @app.command()
 def plan(config: ConfigOpt = None) -> None:
     """The hardware plan of every GPU pool: engine settings and predictions."""
-    from pathlib import Path
+    from serving.config import resolve
 
-    from models.catalog import CATALOG_PATH, load_catalog
-    from serving.hardware import PlanError
-    from serving.pools.planning import deployed_entry, plan_pool
-
-    cfg = load_config(config)
-    catalog = load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
+    deployment = resolve(load_config(config), require_plans=False)
     rows, failures, failed = [], [], False
-    for pool in cfg.pools:
+    for pool in deployment.pools:
         if pool.accelerator == "CPU":
             failures.append(
                 f"{pool.name}: CPU pool, no hardware plan (engine settings come from the catalog)"
             )
-            continue
-        try:
-            entry = deployed_entry(catalog[pool.model], cfg.models.get(pool.model))
-            rows.append(plan_row(pool.name, plan_pool(pool, entry, cfg.gpu_prices)))
-        except PlanError as e:
-            failures.append(f"{pool.name}: cannot plan: {e}")
+        elif pool.plan is None:
+            failures.append(f"{pool.name}: cannot plan: {pool.plan_error}")
             failed = True
+        else:
+            rows.append(plan_row(pool.name, pool.plan))
     if rows:
         print_table(PLAN_COLUMNS, rows, right_from=2)
     for line in failures:

@@ -1,11 +1,18 @@
-"""The typed configuration: one YAML file, validated by pydantic (every field documented)."""
+"""The typed configuration: one YAML file, validated by pydantic (every field documented).
+
+This is what the operator writes, checked on its own (no file is read here); the model catalog and
+the hardware plan join it in :mod:`serving.config.resolved`, which turns it into the one object the
+replicas run from.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from serving.admission import AdmissionSettings
+from serving.hardware import CATALOG
 from serving.metering import MeteringConfig
 
 
@@ -83,21 +90,29 @@ class PoolConfig(_Strict):
     """For `engine: sim`: how much faster than real time the simulated engine runs."""
     slo: SloConfig = SloConfig()
     """Latency targets used by planning and admission."""
-    admission: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the admission core's settings (`serving.admission.AdmissionConfig`), e.g. `queue_deadline_ms`."""
+    admission: AdmissionSettings = AdmissionSettings()
+    """The admission core's settings (queue bounds and deadline, limit steering, fair-share prices)."""
 
-    @model_validator(mode="after")
-    def _check_admission(self) -> PoolConfig:
-        from serving.admission import AdmissionConfig
+    @field_validator("admission", mode="before")
+    @classmethod
+    def _admission_keys_set_elsewhere(cls, v: Any, info: ValidationInfo) -> Any:
+        moved = (
+            [f"`{k}` is set by {_SET_ELSEWHERE[k]}" for k in v if k in _SET_ELSEWHERE]
+            if isinstance(v, dict)
+            else []
+        )
+        if moved:
+            raise ValueError(f"pools.{info.data.get('name')}.admission: " + "; ".join(moved))
+        return v
 
-        reserved = {"max_num_seqs", "kv_capacity_tokens", "ttft_slo_ms", "tpot_slo_ms"}
-        bad = sorted(reserved & set(self.admission))
-        if bad:
-            raise ValueError(
-                f"pools.{self.name}.admission: {bad} come from the engine and `slo`, not from here"
-            )
-        AdmissionConfig(max_num_seqs=1, kv_capacity_tokens=1, ttft_slo_ms=1, tpot_slo_ms=1, **self.admission)
-        return self
+
+_SET_ELSEWHERE = {
+    "max_num_seqs": "`engine_args.max_num_seqs` (GPU pools: the hardware plan)",
+    "kv_capacity_tokens": "the engine's KV cache (`engine_args.gpu_memory_utilization`, `kv_cache_space_gib` on CPU)",
+    "ttft_slo_ms": "`slo.ttft_ms`",
+    "tpot_slo_ms": "`slo.tpot_ms`",
+}
+"""Admission bounds that come from the engine and the pool's SLOs, and where to set them instead."""
 
 
 class RayConfig(_Strict):
@@ -146,27 +161,13 @@ class TokenweirConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pools: duplicate pool names {dupes}")
-        from pathlib import Path
-
-        from models.catalog import CATALOG_PATH, load_catalog
-
-        catalog = load_catalog(Path(self.catalog) if self.catalog else CATALOG_PATH)
-        from serving.hardware import CATALOG
-
         for i, pool in enumerate(self.pools):
-            if pool.model not in catalog:
-                raise ValueError(
-                    f"pools.{i}.model: unknown model {pool.model!r}; the catalog has {sorted(catalog)}"
-                )
             if pool.accelerator not in CATALOG:
                 raise ValueError(
                     f"pools.{i}.accelerator: unknown accelerator {pool.accelerator!r}; known: {sorted(CATALOG)}"
                 )
             if pool.engine == "sim" and pool.accelerator == "CPU":
                 raise ValueError(f"pools.{i}: a simulated pool needs a GPU accelerator type, got 'CPU'")
-        for name in self.models:
-            if name not in catalog:
-                raise ValueError(f"models.{name}: not in the catalog {sorted(catalog)}")
         for gpu, price in self.gpu_prices.items():
             if gpu not in CATALOG or price <= 0:
                 raise ValueError(f"gpu_prices.{gpu}: unknown accelerator or non-positive price ({price!r})")
@@ -178,7 +179,3 @@ class TokenweirConfig(_Strict):
 
         state = self.metering.state_dir or Path(self.state_dir)
         return self.metering.model_copy(update={"state_dir": Path(state).expanduser()})
-
-    def served_models(self) -> list[str]:
-        """Served model names, in pool order, without repeats."""
-        return list(dict.fromkeys(p.model for p in self.pools))

@@ -20,8 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from models.catalog import ModelEntry
-from serving.config.schema import TokenweirConfig
+from serving.config.resolved import ResolvedDeployment
 from serving.errors import (
     APIError,
     AuthenticationError,
@@ -73,27 +72,23 @@ class Gateway:
     """One gateway replica: tokenizes, meters, routes and relays streams."""
 
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
-        self,
-        config: dict[str, Any],
-        entries: dict[str, dict[str, Any]],
-        sources: dict[str, str],
-        pool_handles: dict[str, Any],
+        self, deployment: ResolvedDeployment, pool_handles: dict[str, Any]
     ) -> None:
         run_at_normal_priority()
         route_logs_to_serve()
-        self.cfg = TokenweirConfig.model_validate(config)
-        self.entries = {name: ModelEntry.model_validate(e) for name, e in entries.items()}
+        self.cfg = deployment
+        self.entries = {name: m.entry for name, m in deployment.models.items()}
         loop = asyncio.get_running_loop()
         tokenizers = {}
-        for model in self.cfg.served_models():
-            tokenizers[model] = await loop.run_in_executor(None, PromptTokenizer, sources[model])
+        for name, m in deployment.models.items():
+            tokenizers[name] = await loop.run_in_executor(None, PromptTokenizer, m.tokenizer_source)
         refs = [
             PoolRef(
                 p.name, p.model, p.accelerator, p.replicas, pool_handles[p.name], p.slo.ttft_ms, p.slo.tpot_ms
             )
-            for p in self.cfg.pools
+            for p in deployment.pools
         ]
-        infos = [pool_info(p, self.entries[p.model], self.cfg.gpu_prices) for p in self.cfg.pools]
+        infos = [pool_info(p) for p in deployment.pools]
         self._replica = replica_id()
         self.channels = ChannelClient(self._replica) if self.cfg.gateway.token_channel else None
         self.pools = PoolDirectory(refs, infos, self.channels, node=node_ip())
@@ -122,7 +117,7 @@ class Gateway:
     def _make_meter(self) -> Meter:
         """Metering on: one LedgerClient per replica, all sharing the one ledger actor; mount the
         admin and self-service routes."""
-        mcfg = self.cfg.metering_config()
+        mcfg = self.cfg.metering
         if not mcfg.enabled:
             return Meter(None, enabled=False)
         actor = get_or_create_ledger_actor(mcfg, namespace=self.cfg.ray.namespace)
@@ -232,7 +227,7 @@ class Gateway:
                     "max_model_len": self.entries[name].max_model_len,
                     "pools": [p.name for p in self.pools.pools if p.model == name],
                 }
-                for name in self.cfg.served_models()
+                for name in self.entries
             ]
             return json_response({"object": "list", "data": data}, request_id_of(request))
 

@@ -10,16 +10,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.catalog import ModelEntry
-from serving.admission import AdmissionConfig, LoadSnapshot, merge_snapshots
-from serving.config.schema import PoolConfig
+from serving.admission import LoadSnapshot, merge_snapshots
+from serving.config.resolved import ResolvedPool
 from serving.engines.base import EngineRequest
 from serving.engines.cpu_placement import avoid_cores, engine_cores_on
-from serving.hardware import PerfModel, PlanError, get_gpu, with_prices
+from serving.hardware import PerfModel
 from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
-from serving.pools.planning import engine_args, model_arch, plan_pool
-from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest, price_per_mtok
+from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest
 
 log = logging.getLogger("tokenweir.gateway.pools")
 
@@ -54,37 +52,17 @@ class PoolRef:
         return bool(await self.handle.ready.remote())
 
 
-def pool_info(pool: PoolConfig, entry: ModelEntry, gpu_prices: dict[str, float]) -> PoolInfo:
+def pool_info(pool: ResolvedPool) -> PoolInfo:
     """Static routing facts of a pool: its performance model, price per token, batch bounds."""
-    gpu = with_prices(gpu_prices)[pool.accelerator] if gpu_prices else get_gpu(pool.accelerator)
-    arch = model_arch(entry)
-    args = engine_args(pool, entry)
-    try:
-        tokens_per_s = plan_pool(pool, entry, gpu_prices).tokens_per_s
-    except PlanError:
-        tokens_per_s = 0.0
-    replica_gpus = 0 if pool.accelerator == "CPU" else pool.gpus_per_replica
-    price = (
-        price_per_mtok(gpu.price_per_hour_relative, tokens_per_s, max(replica_gpus, 1))
-        if tokens_per_s
-        else 0.0
-    )
-    deadline = AdmissionConfig(
-        max_num_seqs=1,
-        kv_capacity_tokens=1,
-        ttft_slo_ms=pool.slo.ttft_ms,
-        tpot_slo_ms=pool.slo.tpot_ms,
-        **pool.admission,
-    ).queue_deadline_s
     return PoolInfo(
         pool_id=pool.name,
         model=pool.model,
         gpu_type=pool.accelerator,
-        price_per_mtok=price,
-        predictor=PerfModel(arch, gpu),
-        chunk_tokens=int(args.get("max_num_batched_tokens", 2048)),
-        max_num_seqs=int(args.get("max_num_seqs", 256)),
-        queue_deadline_s=deadline,
+        price_per_mtok=pool.price_per_mtok,
+        predictor=PerfModel(pool.arch, pool.gpu),
+        chunk_tokens=int(pool.engine_args.get("max_num_batched_tokens", 2048)),
+        max_num_seqs=int(pool.engine_args.get("max_num_seqs", 256)),
+        queue_deadline_s=pool.admission.queue_deadline_s_at(pool.slo.ttft_ms),
         replicas=pool.replicas,
     )
 

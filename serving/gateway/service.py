@@ -19,12 +19,12 @@ from models.catalog import ModelEntry
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
-from serving.errors import ContextLengthError, InvalidRequestError, NotFoundError, validation_message
+from serving.errors import InvalidRequestError, NotFoundError, validation_message
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
-from serving.metering import Meter, Reservation
+from serving.metering import Meter, Reservation, TokenBudget
 from serving.metrics import GatewayStats
 from serving.pools.channel import ChannelClient
 
@@ -43,10 +43,10 @@ class Prepared:
     stream: bool
     include_usage: bool
     user: str | None
+    budget: TokenBudget
+    """Its token budget (``max_tokens`` as sent, the model's room); the reservation grants from it."""
     pinned_gpu: str | None = None
     """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
-    requested_max_tokens: int | None = None
-    """``max_tokens`` as the client sent it (None: as many as the model length and quota allow)."""
     reservation: Reservation | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
 
@@ -131,30 +131,16 @@ class GatewayService:
                     )
             else:
                 ids = tok.text(req.prompt)
-        limit = entry.max_model_len
-        n_prompt = len(ids)
-        max_tokens = requested = req.requested_max_tokens()
-        if n_prompt >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{n_prompt} tokens, leaving no room for a completion.",
-                param="messages" if kind == "chat" else "prompt",
-            )
-        if max_tokens is None:
-            max_tokens = limit - n_prompt
-        elif n_prompt + max_tokens > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                f"Please reduce the prompt or max_tokens.",
-                param="max_tokens",
-            )
-        if req.min_tokens > max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
-            )
+        budget = TokenBudget.for_request(
+            len(ids),
+            entry.max_model_len,
+            req.requested_max_tokens(),
+            req.n,
+            req.min_tokens,
+            prompt_param="messages" if kind == "chat" else "prompt",
+        )
         sampling = SamplingSpec(
-            max_tokens=max_tokens,
+            max_tokens=budget.max_tokens_per_choice,
             temperature=req.temperature,
             top_p=req.top_p,
             n=req.n,
@@ -175,34 +161,32 @@ class GatewayService:
             stream=req.stream,
             include_usage=req.include_usage(),
             user=req.user,
-            requested_max_tokens=requested,
+            budget=budget,
         )
 
     async def authorize(self, p: Prepared, api_key: str) -> None:
         """Reserve credits and rate limits for a prepared request (raises the refusal's APIError).
 
-        The engine's ``max_tokens`` becomes the reservation's: a request without ``max_tokens`` gets
-        what the model length, the tenant's cap and its balance allow.
+        The engine's ``max_tokens`` becomes each choice's share of what the reservation grants
+        (:class:`TokenBudget` decides both).
         """
-        n = p.sampling.n
+        budget = p.budget
         res = await self.meter.authorize(
             api_key,
             p.entry.name,
-            len(p.prompt_ids),
-            p.requested_max_tokens * n if p.requested_max_tokens is not None else None,
+            budget.prompt_tokens,
+            budget.requested_tokens,
             p.request_id,
-            model_max_len=(p.entry.max_model_len - len(p.prompt_ids)) * n + len(p.prompt_ids),
+            model_max_len=budget.reservation_max_len,
         )
         p.reservation = res
         if self.meter.enabled:
             p.extra_headers.update(res.headers)
-        # The reservation covers every choice: each of the n gets an equal share of it.
-        per_choice = res.max_tokens // n
-        if per_choice < 1:
+        try:
+            per_choice = budget.per_choice(res.max_tokens)
+        except InvalidRequestError:
             await self.meter.settle(res, 0, 0, "error", "", "")
-            raise InvalidRequestError(
-                f"n={n} choices do not fit in the granted {res.max_tokens} tokens", param="n"
-            )
+            raise
         if per_choice != p.sampling.max_tokens:
             p.sampling = dataclasses.replace(
                 p.sampling, max_tokens=per_choice, min_tokens=min(p.sampling.min_tokens, per_choice)

@@ -1,10 +1,11 @@
 """Token metering and hard quotas on a durable, single-writer ledger.
 
 Read :mod:`serving.metering._core` for the group commit and the crash rule, :mod:`._state` for
-enforcement, :mod:`._policy` for the pure arithmetic.
+enforcement, :mod:`._policy` for the pure arithmetic, :mod:`._budget` for a request's ``max_tokens``.
 """
 
 from ._actor import ActorTransport, LedgerActor, get_or_create_ledger_actor
+from ._budget import TokenBudget
 from ._client import LedgerClient, LedgerTransport, LocalTransport
 from ._config import MeteringConfig, PriceConfig
 from ._core import LedgerCore, LedgerLockedError
@@ -35,6 +36,7 @@ __all__ = [
     "Settlement",
     "SocketTransport",
     "TokenBucket",
+    "TokenBudget",
     "format_reset",
     "get_or_create_ledger_actor",
     "local_ledger",

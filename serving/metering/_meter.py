@@ -16,6 +16,7 @@ from __future__ import annotations
 from serving.errors import AuthenticationError
 from serving.tenancy import hash_api_key, looks_like_api_key
 
+from ._budget import TokenBudget
 from ._client import LedgerClient
 from ._stats import LedgerCollector, LedgerStats
 from ._types import Refusal, Reservation, Settlement, error_for
@@ -53,12 +54,9 @@ class Meter:
         balance allow; the granted value is ``Reservation.max_tokens`` and must bound the engine.
         """
         if not self.enabled:
-            bound = (
-                max_tokens
-                if max_tokens is not None
-                else (model_max_len - prompt_tokens if model_max_len is not None else self.default_max_tokens)
-            )
-            return Reservation(request_id, "default", "", model, prompt_tokens, max(1, bound), 0)
+            budget = TokenBudget.from_reservation(prompt_tokens, max_tokens, model_max_len)
+            granted = budget.grant(default_tokens=self.default_max_tokens)
+            return Reservation(request_id, "default", "", model, prompt_tokens, granted, 0)
         if not looks_like_api_key(api_key):
             raise AuthenticationError("Incorrect API key provided.")
         assert self.client is not None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from serving.tenancy import TenantLimits
 
 from ._batch import WriteBatch
+from ._budget import TokenBudget
 from ._policy import ModelPrice, TokenBucket, bucket_rate, rate_limit_headers, retry_headers
 from ._types import Refusal, Reservation, Settlement
 
@@ -191,21 +192,21 @@ class LedgerState:
         price = self.price(model)
         available = t.balance_ucredits - t.reserved_ucredits
         cap = t.limits.max_tokens_per_request
-        room = None if model_max_len is None else model_max_len - prompt_tokens
-        if max_tokens is not None:
-            if cap is not None and max_tokens > cap:
-                return self._refuse(
-                    "invalid_max_tokens",
-                    f"max_tokens {max_tokens} exceeds this tenant's limit of {cap}.",
-                    t.tenant_id,
-                )
-            effective = max_tokens
-        else:
-            bounds = [b for b in (cap, room) if b is not None] or [self.default_max_tokens]
-            if t.tpm is not None:
-                bounds.append(t.tpm.capacity - prompt_tokens)
-            bounds.append(price.affordable_completion_tokens(available - price.prompt_cost(prompt_tokens)))
-            effective = max(1, min(bounds))
+        budget = TokenBudget.from_reservation(prompt_tokens, max_tokens, model_max_len)
+        if budget.over_cap(cap):
+            return self._refuse(
+                "invalid_max_tokens",
+                f"max_tokens {max_tokens} exceeds this tenant's limit of {cap}.",
+                t.tenant_id,
+            )
+        effective = budget.grant(
+            default_tokens=self.default_max_tokens,
+            cap=cap,
+            tpm_capacity=None if t.tpm is None else t.tpm.capacity,
+            affordable_tokens=price.affordable_completion_tokens(
+                available - price.prompt_cost(prompt_tokens)
+            ),
+        )
         if t.rpm is not None and not t.rpm.has_capacity(1, now):
             return self._rate_refusal(
                 t,

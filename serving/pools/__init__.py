@@ -1,1 +1,1 @@
-"""Pool replicas: the engine behind admission, the token channel, placement, the load board."""
+"""Pool replicas: the engine behind admission, the token channel, the load board."""

@@ -19,9 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from models.catalog import ModelEntry
-from serving.admission import AdmissionConfig, AdmissionCore, AdmissionRefused, AsyncAdmission
-from serving.config.schema import PoolConfig
+from serving.admission import AdmissionCore, AdmissionRefused, AsyncAdmission
+from serving.config.resolved import ResolvedPool
 from serving.engines.base import Engine, EngineChunk, EngineError, EngineRequest
 from serving.logs import route_logs_to_serve
 from serving.pools.channel import ChannelLost, ChannelServer, RemoteFailure, Submissions
@@ -31,27 +30,30 @@ from serving.priority import run_at_normal_priority
 log = logging.getLogger("tokenweir.pool")
 
 
-def build_engine(pool: PoolConfig, entry: ModelEntry, model_source: str) -> Engine:
-    """The engine a pool's config asks for."""
+def build_engine(pool: ResolvedPool) -> Engine:
+    """The engine a pool runs, on its resolved engine arguments."""
     if pool.engine == "vllm":
         from serving.engines.vllm_engine import VllmEngine
-        from serving.pools.planning import engine_args
 
-        args = engine_args(pool, entry)
-        if pool.accelerator != "CPU" and pool.gpus_per_replica > 1:
-            args.setdefault("tensor_parallel_size", pool.gpus_per_replica)
         cpu = pool.accelerator == "CPU"
         return VllmEngine(
-            model_source,
-            entry.name,
-            entry.max_model_len,
-            args,
+            pool.weights_source,
+            pool.model,
+            pool.entry.max_model_len,
+            pool.engine_args,
             cpu_placement=cpu and pool.cpu_core_placement,
             cpu_model_in_engine_core=cpu and pool.cpu_model_in_engine_core,
         )
-    from serving.engines.sim_factory import build_sim_engine
+    from serving.engines.sim import SimEngine
+    from serving.hardware import EngineSettings
 
-    return build_sim_engine(pool, entry)
+    args = pool.engine_args
+    settings = EngineSettings(
+        int(args["max_num_seqs"]), int(args["max_num_batched_tokens"]), float(args["gpu_memory_utilization"])
+    )
+    return SimEngine(
+        pool.arch, pool.gpu, settings, speedup=pool.sim_speedup, max_model_len=pool.entry.max_model_len
+    )
 
 
 def replica_id() -> str:
@@ -81,13 +83,12 @@ class PoolReplica:
     """The body of a pool deployment replica."""
 
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits async constructors
-        self, pool: dict[str, Any], entry: dict[str, Any], model_source: str, namespace: str = "tokenweir"
+        self, pool: ResolvedPool, namespace: str = "tokenweir"
     ) -> None:
         run_at_normal_priority()  # before the engine starts: its processes inherit it
         route_logs_to_serve()
-        self.pool = PoolConfig.model_validate(pool)
-        self.entry = ModelEntry.model_validate(entry)
-        self._engine = build_engine(self.pool, self.entry, model_source)
+        self.pool = pool
+        self._engine = build_engine(pool)
         self._channel_host = node_ip()
         self._interval_s = self.pool.stream_interval_ms / 1000.0
         self._started = 0
@@ -96,12 +97,8 @@ class PoolReplica:
         cap = self._engine.capacity()
         self.admission = AsyncAdmission(
             AdmissionCore(
-                AdmissionConfig(
-                    max_num_seqs=cap.max_num_seqs,
-                    kv_capacity_tokens=cap.kv_capacity_tokens,
-                    ttft_slo_ms=self.pool.slo.ttft_ms,
-                    tpot_slo_ms=self.pool.slo.tpot_ms,
-                    **self.pool.admission,
+                pool.admission.for_engine(
+                    cap.max_num_seqs, cap.kv_capacity_tokens, pool.slo.ttft_ms, pool.slo.tpot_ms
                 )
             )
         )

@@ -1,4 +1,5 @@
-"""Typed configuration, the model catalog, the tiny model builder and pool planning."""
+"""Typed configuration, the model catalog, the tiny model builder, and the deployment resolved from
+them (catalog entries after overrides, engine arguments after the plan, placement, admission)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from models.catalog import load_catalog, resolve_source
-from serving.config import ConfigError, load_config, parse_config
-from serving.pools.placement import ray_actor_options_for
-from serving.pools.planning import deployed_entry, engine_args, plan_pool
+from serving.admission import AdmissionSettings
+from serving.config import ConfigError, load_config, parse_config, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,6 @@ def test_shipped_configs_validate() -> None:
     [
         ({"pools": [{"name": "a", "model": "tiny-llama", "replicas": 0}]}, ["pools.0.replicas", "0"]),
         ({"pools": [{"name": "a", "model": "tiny-llama", "colour": "red"}]}, ["pools.0.colour", "red"]),
-        ({"pools": [{"name": "a", "model": "gpt-9"}]}, ["pools.0.model", "gpt-9"]),
         (
             {"pools": [{"name": "a", "model": "tiny-llama", "accelerator": "TPU"}]},
             ["pools.0.accelerator", "TPU"],
@@ -43,6 +42,22 @@ def test_shipped_configs_validate() -> None:
         (
             {"pools": [{"name": "a", "model": "tiny-llama", "engine": "sim", "accelerator": "CPU"}]},
             ["sim", "CPU"],
+        ),
+        (
+            {"pools": [{"name": "a", "model": "tiny-llama", "admission": {"queue_deadline_s": 1}}]},
+            ["pools.0.admission.queue_deadline_s", "1"],
+        ),
+        (
+            {"pools": [{"name": "a", "model": "tiny-llama", "admission": {"kv_admit_fraction": 2}}]},
+            ["pools.0.admission.kv_admit_fraction", "2"],
+        ),
+        (
+            {
+                "pools": [
+                    {"name": "a", "model": "tiny-llama", "admission": {"max_num_seqs": 8, "ttft_slo_ms": 9}}
+                ]
+            },
+            ["pools.a.admission", "`max_num_seqs` is set by `engine_args.max_num_seqs`", "`slo.ttft_ms`"],
         ),
     ],
 )
@@ -97,36 +112,62 @@ def test_tiny_tokenizer_chat_template(tmp_path: Path) -> None:
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+@pytest.mark.parametrize(
+    ("raw", "fragments"),
+    [
+        ({"pools": [{"name": "a", "model": "gpt-9"}]}, ["pools.0.model", "gpt-9", "tiny-llama"]),
+        (
+            {"models": {"gpt-9": {"max_model_len": 64}}, "pools": [{"name": "a", "model": "tiny-llama"}]},
+            ["models.gpt-9", "not in the catalog"],
+        ),
+        (
+            {"catalog": "/nonexistent/catalog.yaml", "pools": [{"name": "a", "model": "tiny-llama"}]},
+            ["catalog file not found", "/nonexistent/catalog.yaml"],
+        ),
+    ],
+)
+def test_catalog_errors_name_the_bad_value_at_resolution(raw: dict, fragments: list[str]) -> None:
+    cfg = parse_config(raw)  # the file alone is valid: only the catalog knows the models
+    with pytest.raises(ConfigError) as ei:
+        resolve(cfg)
+    for f in fragments:
+        assert f in str(ei.value)
+
+
 def test_gpu_pools_take_plan_settings_unless_explicit() -> None:
-    cfg = parse_config(
-        {
-            "pools": [
-                {
-                    "name": "h",
-                    "model": "llama-3.1-8b-instruct",
-                    "accelerator": "H100",
-                    "slo": {"tpot_ms": 40},
-                },
-                {
-                    "name": "e",
-                    "model": "llama-3.1-8b-instruct",
-                    "accelerator": "H100",
-                    "engine_args": {"max_num_seqs": 7},
-                },
-            ]
-        }
+    d = resolve(
+        parse_config(
+            {
+                "pools": [
+                    {
+                        "name": "h",
+                        "model": "llama-3.1-8b-instruct",
+                        "accelerator": "H100",
+                        "slo": {"tpot_ms": 40},
+                    },
+                    {
+                        "name": "e",
+                        "model": "llama-3.1-8b-instruct",
+                        "accelerator": "H100",
+                        "engine_args": {"max_num_seqs": 7},
+                        "gpus_per_replica": 2,
+                    },
+                ]
+            }
+        )
     )
-    entry = load_catalog()["llama-3.1-8b-instruct"]
-    planned = engine_args(cfg.pools[0], entry)
-    plan = plan_pool(cfg.pools[0], entry)
-    assert planned["max_num_seqs"] == plan.settings.max_num_seqs > 8
-    assert engine_args(cfg.pools[1], entry)["max_num_seqs"] == 7
-    assert ray_actor_options_for(cfg.pools[0]) == {"num_cpus": 0.0, "num_gpus": 1, "accelerator_type": "H100"}
+    planned, explicit = d.pools
+    assert planned.plan is not None
+    assert planned.engine_args["max_num_seqs"] == planned.plan.settings.max_num_seqs > 8
+    assert planned.engine_args["dtype"] == "bfloat16"  # the catalog's per-GPU settings stay
+    assert explicit.engine_args["max_num_seqs"] == 7 and explicit.engine_args["tensor_parallel_size"] == 2
+    assert planned.ray_actor_options == {"num_cpus": 0.0, "num_gpus": 1, "accelerator_type": "H100"}
+    assert planned.price_per_mtok > 0 and planned.weights_source == "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def test_placement_uses_custom_resource_for_types_ray_does_not_know() -> None:
     cfg = parse_config({"pools": [{"name": "l", "model": "qwen2.5-7b-instruct", "accelerator": "L20"}]})
-    opts = ray_actor_options_for(cfg.pools[0])
+    opts = resolve(cfg).pools[0].ray_actor_options
     assert opts["resources"] == {"accelerator_type:L20": 0.001} and "accelerator_type" not in opts
 
 
@@ -137,5 +178,55 @@ def test_model_overrides_apply() -> None:
             "pools": [{"name": "s", "model": "llama-3.1-8b-instruct", "accelerator": "H20", "engine": "sim"}],
         }
     )
-    entry = deployed_entry(load_catalog()["llama-3.1-8b-instruct"], cfg.models["llama-3.1-8b-instruct"])
+    d = resolve(cfg)
+    entry = d.pools[0].entry
     assert entry.tokenizer == "builtin:tiny-llama" and entry.max_model_len == 4096
+    assert d.models["llama-3.1-8b-instruct"].entry == entry
+    assert "tiny-llama-" in d.models["llama-3.1-8b-instruct"].tokenizer_source  # built, not a hub id
+    assert d.pools[0].weights_source == "" and d.pools[0].ray_actor_options == {"num_cpus": 0.0}
+
+
+def test_unplannable_gpu_pool_is_a_config_error_unless_only_planning() -> None:
+    cfg = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "tight",
+                    "model": "llama-3.1-8b-instruct",
+                    "accelerator": "A10",
+                    "slo": {"tpot_ms": 1},
+                }
+            ]
+        }
+    )
+    with pytest.raises(ConfigError, match=r"pools\.tight: cannot plan"):
+        resolve(cfg)
+    pool = resolve(cfg, require_plans=False).pools[0]
+    assert pool.plan is None and pool.plan_error and "TPOT" in pool.plan_error
+
+
+def test_admission_settings_are_typed_and_become_the_core_config() -> None:
+    cfg = parse_config(
+        {
+            "pools": [
+                {
+                    "name": "a",
+                    "model": "tiny-llama",
+                    "slo": {"ttft_ms": 1000, "tpot_ms": 50},
+                    "admission": {"queue_deadline_ms": 250, "min_num_seqs": 2},
+                }
+            ]
+        }
+    )
+    pool = resolve(cfg).pools[0]
+    assert pool.admission == AdmissionSettings(queue_deadline_ms=250, min_num_seqs=2)
+    core = pool.admission.for_engine(16, 4096, pool.slo.ttft_ms, pool.slo.tpot_ms)
+    assert (core.max_num_seqs, core.min_num_seqs, core.queue_deadline_s, core.ttft_slo_ms) == (
+        16,
+        2,
+        0.25,
+        1000,
+    )
+    assert AdmissionSettings().queue_deadline_s_at(1000) == 0.6  # default: 60% of the TTFT target
+    with pytest.raises(ValueError, match="min_num_seqs"):
+        pool.admission.for_engine(1, 4096, 1000, 50)  # the engine's bound is checked when it is known
