@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from serving.engines.base import EngineChunk, EngineDeadError, EngineRequest
 from serving.errors import (
@@ -18,12 +18,10 @@ from serving.errors import (
     is_retryable,
 )
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
+from serving.gateway.request import Outcome, Prepared
 from serving.gateway.streams import ChunkStream, PoolFailure, RequestTimeout
 from serving.pools.channel import ChannelClient, ChannelLost
 from serving.routing import NoPoolForGpuError
-
-if TYPE_CHECKING:
-    from serving.gateway.service import Outcome, Prepared
 
 __all__ = ["map_dispatch_error", "open_stream"]
 

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -22,45 +21,14 @@ from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, Token
 from serving.errors import InvalidRequestError, NotFoundError, validation_message
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
+from serving.gateway.request import Outcome, Prepared
 from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
-from serving.metering import Meter, Reservation, TokenBudget
+from serving.metering import Meter, TokenBudget
 from serving.metrics import GatewayStats
 from serving.pools.channel import ChannelClient
 
 log = logging.getLogger("tokenweir.gateway")
-
-
-@dataclass
-class Prepared:
-    """A validated, tokenized request ready for dispatch."""
-
-    request_id: str
-    kind: Literal["chat", "completion"]
-    entry: ModelEntry
-    prompt_ids: list[int]
-    sampling: SamplingSpec
-    stream: bool
-    include_usage: bool
-    user: str | None
-    budget: TokenBudget
-    """Its token budget (``max_tokens`` as sent, the model's room); the reservation grants from it."""
-    pinned_gpu: str | None = None
-    """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
-    reservation: Reservation | None = None
-    extra_headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Outcome:
-    """What a finished (or failed) request produced, for settlement."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    status: str = "ok"
-    pool: str = ""
-    accelerator: str = ""
-    ttft_s: float | None = None
 
 
 class GatewayService:

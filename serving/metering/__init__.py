@@ -4,7 +4,7 @@ Read :mod:`serving.metering._core` for the group commit and the crash rule, :mod
 enforcement, :mod:`._policy` for the pure arithmetic, :mod:`._budget` for a request's ``max_tokens``.
 """
 
-from ._actor import ActorTransport, LedgerActor, get_or_create_ledger_actor
+from ._actor import LedgerActor, get_or_create_ledger_actor
 from ._budget import TokenBudget
 from ._client import LedgerClient, LedgerTransport, LocalTransport
 from ._config import MeteringConfig, PriceConfig
@@ -12,7 +12,7 @@ from ._core import LedgerCore, LedgerLockedError
 from ._local import local_ledger
 from ._meter import Meter
 from ._policy import ModelPrice, TokenBucket, format_reset, rate_limit_headers
-from ._socket import LedgerSocketServer, SocketTransport
+from ._socket import ActorTransport, LedgerSocketServer, SocketTransport
 from ._stats import LedgerCollector, LedgerStats
 from ._types import Refusal, Reservation, Settlement
 

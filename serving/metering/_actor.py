@@ -11,20 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 
-from serving.errors import LedgerUnavailableError
 from serving.priority import run_at_normal_priority
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
 from ._socket import LedgerSocketServer
 
-__all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
+__all__ = ["LedgerActor", "get_or_create_ledger_actor"]
 
 _UNAVAILABLE = "The usage ledger is unavailable; retry later."
 
@@ -96,29 +93,3 @@ def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "toke
         max_concurrency=1000,
         num_cpus=0,
     ).remote(config.model_dump_json())
-
-
-class ActorTransport:
-    """Reaches the ledger actor; resends idempotent batches while it restarts."""
-
-    def __init__(self, handle: Any, *, restart_deadline_s: float = 60.0) -> None:
-        self.handle = handle
-        self.restart_deadline_s = restart_deadline_s
-
-    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
-        deadline = time.monotonic() + self.restart_deadline_s
-        delay_s = 0.05
-        while True:
-            try:
-                return await self.handle.apply.remote(ops)
-            except RayActorError as e:
-                if not retry or time.monotonic() + delay_s > deadline:
-                    raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e
-                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the actor
-                delay_s = min(1.0, delay_s * 2)
-
-    async def read(self, name: str, *args: Any) -> Any:
-        try:
-            return await self.handle.read.remote(name, *args)
-        except RayActorError as e:
-            raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e

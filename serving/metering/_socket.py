@@ -22,17 +22,16 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.exceptions import RayActorError
 
 from serving.errors import LedgerUnavailableError
 from serving.wire import check_secret, frame, new_secret, read_frame
 
-if TYPE_CHECKING:
-    from ._actor import ActorTransport
+__all__ = ["HOT_OPS", "ActorTransport", "LedgerSocketServer", "SocketTransport"]
 
-__all__ = ["HOT_OPS", "LedgerSocketServer", "SocketTransport"]
+_UNAVAILABLE = "The usage ledger is unavailable; retry later."
 
 log = logging.getLogger("tokenweir.ledger")
 HOT_OPS = frozenset({"reserve", "settle", "progress"})
@@ -196,3 +195,29 @@ class SocketTransport:
             self._connecting.cancel()
             with contextlib.suppress(BaseException):
                 await self._connecting
+
+
+class ActorTransport:
+    """Reaches the ledger actor; resends idempotent batches while it restarts."""
+
+    def __init__(self, handle: Any, *, restart_deadline_s: float = 60.0) -> None:
+        self.handle = handle
+        self.restart_deadline_s = restart_deadline_s
+
+    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
+        deadline = time.monotonic() + self.restart_deadline_s
+        delay_s = 0.05
+        while True:
+            try:
+                return await self.handle.apply.remote(ops)
+            except RayActorError as e:
+                if not retry or time.monotonic() + delay_s > deadline:
+                    raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e
+                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the actor
+                delay_s = min(1.0, delay_s * 2)
+
+    async def read(self, name: str, *args: Any) -> Any:
+        try:
+            return await self.handle.read.remote(name, *args)
+        except RayActorError as e:
+            raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from serving.errors import ContextLengthError, InvalidRequestError
 
+from serving.errors import ContextLengthError, InvalidRequestError
 from serving.metering import TokenBudget
 
 

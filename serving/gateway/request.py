@@ -1,0 +1,45 @@
+"""A request as it moves through the gateway: prepared (validated, tokenized, budgeted) and its
+outcome (what it produced, for settlement). Below both the service and dispatch, which share them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.catalog import ModelEntry
+from serving.engines.base import SamplingSpec
+from serving.metering import Reservation, TokenBudget
+
+__all__ = ["Outcome", "Prepared"]
+
+
+@dataclass
+class Prepared:
+    """A validated, tokenized request ready for dispatch."""
+
+    request_id: str
+    kind: Literal["chat", "completion"]
+    entry: ModelEntry
+    prompt_ids: list[int]
+    sampling: SamplingSpec
+    stream: bool
+    include_usage: bool
+    user: str | None
+    budget: TokenBudget
+    """Its token budget (``max_tokens`` as sent, the model's room); the reservation grants from it."""
+    pinned_gpu: str | None = None
+    """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
+    reservation: Reservation | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What a finished (or failed) request produced, for settlement."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "ok"
+    pool: str = ""
+    accelerator: str = ""
+    ttft_s: float | None = None
