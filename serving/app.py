@@ -18,6 +18,9 @@ from serving.ray_env import SERVE_ENV
 
 APP_NAME = "tokenweir"
 GATEWAY_DEPLOYMENT = "gateway"
+_POOL_CONTROL_CALLS = 64
+"""Concurrent Serve calls a pool replica takes: control only (readiness, stats); requests come on
+the token channel and queue in the replica's admission core."""
 
 
 def build_app(cfg: TokenweirConfig) -> Application:
@@ -29,11 +32,11 @@ def build_app(cfg: TokenweirConfig) -> Application:
         dep = serve.deployment(PoolReplica).options(  # type: ignore[attr-defined]
             name=pool.deployment_name,
             num_replicas=pool.replicas,
-            max_ongoing_requests=pool.max_ongoing_requests,
+            max_ongoing_requests=_POOL_CONTROL_CALLS,
             ray_actor_options={**pool.ray_actor_options, "runtime_env": runtime_env},
             health_check_period_s=10,
             health_check_timeout_s=60,
-            graceful_shutdown_timeout_s=5,
+            graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         )
         handles[pool.name] = dep.bind(pool, deployment.ray.namespace)
     gateway = serve.deployment(Gateway).options(  # type: ignore[attr-defined]

@@ -19,7 +19,16 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-__all__ = ["SECRET_BYTES", "AuthError", "Codec", "FrameError", "check_secret", "frame", "new_secret", "read_frame"]
+__all__ = [
+    "SECRET_BYTES",
+    "AuthError",
+    "Codec",
+    "FrameError",
+    "check_secret",
+    "frame",
+    "new_secret",
+    "read_frame",
+]
 
 SECRET_BYTES = 32
 _LEN = struct.Struct("!I")

@@ -63,7 +63,7 @@ class ResolvedPool:
     replicas: int
     gpus_per_replica: int
     """GPUs one replica stands for, real or simulated (0 on CPU)."""
-    max_ongoing_requests: int
+    graceful_shutdown_timeout_s: float
     ray_actor_options: dict[str, Any]
     """CPUs, GPUs and the accelerator pin of a replica (without the runtime environment)."""
     weights_source: str
@@ -207,7 +207,7 @@ def _resolve_pool(pool: PoolConfig, entry: ModelEntry, gpu: GpuProfile) -> Resol
         gpu=gpu,
         replicas=pool.replicas,
         gpus_per_replica=gpus,
-        max_ongoing_requests=pool.max_ongoing_requests,
+        graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         ray_actor_options=options,
         weights_source=resolve_source(entry.source) if pool.engine == "vllm" else "",
         engine_args=args,

@@ -7,7 +7,7 @@ replicas run from.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -18,6 +18,18 @@ from serving.metering import MeteringConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    _REMOVED: ClassVar[dict[str, str]] = {}
+    """Keys of earlier releases and what replaces each: an old config fails naming it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            gone = [f"`{k}` was removed: {cls._REMOVED[k]}" for k in v if k in cls._REMOVED]
+            if gone:
+                raise ValueError("; ".join(gone))
+        return v
 
 
 class GatewayConfig(_Strict):
@@ -41,9 +53,10 @@ class GatewayConfig(_Strict):
     """Concurrent requests (connections) one gateway replica serves; beyond it the replica answers 503."""
     allow_gpu_pinning: bool = True
     """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
-    token_channel: bool = True
-    """Carry streamed tokens on one TCP channel per gateway-pool replica pair, one frame per engine
-    step (off: one Ray message per chunk on each request's handle stream)."""
+
+    _REMOVED: ClassVar[dict[str, str]] = {
+        "token_channel": "the token channel is the only data path between gateways and pools (delete the key)",
+    }
 
 
 class SloConfig(_Strict):
@@ -72,8 +85,9 @@ class PoolConfig(_Strict):
     """GPUs each replica takes (tensor parallel size); ignored on CPU and for `sim`."""
     num_cpus: float = Field(default=0.0, ge=0)
     """Logical CPUs Ray reserves per replica."""
-    max_ongoing_requests: int = Field(default=512, ge=1)
-    """Requests Ray Serve hands one replica at once (set high: the replica queues fairly itself)."""
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=1, le=3600)
+    """On a redeploy or scale-down, how long a replica's running streams may take to finish (it takes
+    no new ones); then they end with an error and are charged what they produced."""
     stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
     """Hold a stream's tokens this long to send several per message (0: send each step's at once)."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
@@ -92,6 +106,11 @@ class PoolConfig(_Strict):
     """Latency targets used by planning and admission."""
     admission: AdmissionSettings = AdmissionSettings()
     """The admission core's settings (queue bounds and deadline, limit steering, fair-share prices)."""
+
+    _REMOVED: ClassVar[dict[str, str]] = {
+        "max_ongoing_requests": "requests reach pools on the token channel, not through Ray Serve; "
+        "the replica's admission core bounds them (`admission.max_queued_requests`, `engine_args.max_num_seqs`)",
+    }
 
     @field_validator("admission", mode="before")
     @classmethod

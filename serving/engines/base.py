@@ -58,8 +58,6 @@ class EngineRequest:
     tenant_id: str = "default"
     """Who pays; the pool's fair queue uses it."""
     tenant_weight: float = 1.0
-    reply_to: str | None = None
-    """The gateway replica's channel id: its chunks after the first go on that channel when open."""
 
 
 @dataclass(slots=True)
@@ -91,9 +89,6 @@ class EngineChunk:
     prompt_tokens: int
     completion_tokens: int
     finished: bool = False
-    via_channel: str | None = None
-    """Set by the pool replica on a request's first chunk: the rest of the request's chunks come on
-    this replica's token channel (``serving.pools.channel``) instead of the handle stream."""
 
 
 def merge_chunks(a: EngineChunk, b: EngineChunk) -> EngineChunk:
@@ -112,9 +107,7 @@ def merge_chunks(a: EngineChunk, b: EngineChunk) -> EngineChunk:
         m.finish_reason = d.finish_reason
         if d.logprobs:
             m.logprobs = (m.logprobs or []) + d.logprobs
-    return EngineChunk(
-        list(by_index.values()), b.prompt_tokens, b.completion_tokens, b.finished, a.via_channel
-    )
+    return EngineChunk(list(by_index.values()), b.prompt_tokens, b.completion_tokens, b.finished)
 
 
 @dataclass(frozen=True, slots=True)

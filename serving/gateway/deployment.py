@@ -4,7 +4,8 @@ Each gateway replica serves HTTP itself (uvicorn on ``gateway.host:gateway.port`
 with ``SO_REUSEPORT`` so every replica on a node shares the port and the kernel spreads connections
 among them) instead of behind Ray Serve's HTTP proxy: the proxy hop costs a Ray message per streamed
 SSE event and ~6 ms of CPU per request on two cores (see README, "Speed"). Ray Serve still runs the
-replicas (placement, health checks, replacement, scaling) and carries every request to the pools.
+replicas (placement, health checks, replacement, scaling); requests reach the pools on the token
+channel (:mod:`serving.gateway.transport`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from serving.gateway.http import (
 from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
+from serving.gateway.transport import ChannelTransport
 from serving.logs import route_logs_to_serve
 from serving.metering import ActorTransport, LedgerClient, Meter, SocketTransport, get_or_create_ledger_actor
 from serving.metrics import BoardCollector, render
-from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.pools.replica import node_ip, replica_id
 from serving.priority import run_at_normal_priority
@@ -90,8 +91,8 @@ class Gateway:
         ]
         infos = [pool_info(p) for p in deployment.pools]
         self._replica = replica_id()
-        self.channels = ChannelClient(self._replica) if self.cfg.gateway.token_channel else None
-        self.pools = PoolDirectory(refs, infos, self.channels, node=node_ip())
+        self.transport = ChannelTransport(self._replica)
+        self.pools = PoolDirectory(refs, infos, self.transport, node=node_ip())
         self.app = FastAPI(title="Tokenweir", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(self.app)
         self.meter = self._make_meter()
@@ -101,7 +102,6 @@ class Gateway:
             self.pools,
             self.cfg.gateway.first_token_timeout_s,
             self.meter,
-            self.channels,
             self.cfg.gateway.request_timeout_s,
         )
         self.created = int(time.time())
@@ -176,8 +176,7 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
-        if self.channels is not None:
-            await self.channels.close()
+        await self.transport.close()
 
     # ------------------------------------------------------------------ routes
     async def _generate(self, kind: str, request: Request) -> Response:

@@ -1,10 +1,12 @@
-"""The gateway's view of the pools: their handles, static facts for routing, and the load each
-publishes on the load board (refreshed every ``PUBLISH_INTERVAL_S``, so at most ~1 s stale)."""
+"""The gateway's view of the pools: their Serve handles (control calls only), static facts for
+routing, the load each publishes on the load board (refreshed every ``PUBLISH_INTERVAL_S``, so at
+most ~1 s stale), and which of their replicas the transport reaches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -12,19 +14,18 @@ from typing import Any
 
 from serving.admission import LoadSnapshot, merge_snapshots
 from serving.config.resolved import ResolvedPool
-from serving.engines.base import EngineRequest
 from serving.engines.cpu_placement import avoid_cores, engine_cores_on
+from serving.gateway.transport import ChannelLost, ChannelTransport
 from serving.hardware import PerfModel
-from serving.pools.channel import ChannelClient
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
-from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest
+from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest, pick_replica
 
 log = logging.getLogger("tokenweir.gateway.pools")
 
 
 @dataclass
 class PoolRef:
-    """A pool as the gateway sees it: config facts and its deployment handle."""
+    """A pool as the gateway sees it: config facts and its deployment handle (for control calls)."""
 
     name: str
     model: str
@@ -37,11 +38,7 @@ class PoolRef:
     board: list[dict[str, Any]] = field(default_factory=list)
     """The latest payload of each replica from the load board (for /metrics and status)."""
     replica_keys: list[str] = field(default_factory=list)
-    """The replicas on the board: where direct submissions on the token channel may go."""
-
-    def stream(self, request: EngineRequest) -> Any:
-        """A ``DeploymentResponseGenerator`` of engine chunks (cancel() aborts upstream)."""
-        return self.handle.options(stream=True).generate.remote(request)
+    """The replicas on the board: where requests may go."""
 
     async def stats(self) -> dict[str, Any]:
         """One replica's stats (whichever Serve picks)."""
@@ -74,15 +71,17 @@ class PoolDirectory:
         self,
         pools: list[PoolRef],
         infos: list[PoolInfo],
-        channels: ChannelClient | None = None,
+        transport: ChannelTransport,
         node: str | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """``node``: this gateway's node address; it keeps off the cores of same-node vLLM CPU
         workers that pools publish (:mod:`serving.engines.cpu_placement`)."""
         self.pools = pools
         self.node = node
         self.avoided_cores: frozenset[int] = frozenset()
-        self.channels = channels
+        self.transport = transport
+        self._rng = rng or random.Random()
         self.by_name = {p.name: p for p in pools}
         self.router = Router(infos)
         self._by_model: dict[str, list[PoolRef]] = defaultdict(list)
@@ -114,15 +113,30 @@ class PoolDirectory:
         )
         return self.by_name[decision.pool_id], decision
 
+    async def replica(self, pool: PoolRef, exclude: str | None, deadline: float) -> str:
+        """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one
+        to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it."""
+        loop = asyncio.get_running_loop()
+        transport = self.transport
+        while True:
+            usable = [k for k in pool.replica_keys if transport.usable(k)]
+            others = [k for k in usable if k != exclude]
+            key = pick_replica(others or usable, transport.load, self._rng)
+            if key is not None:
+                return key
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ChannelLost(f"no replica of pool {pool.name} is reachable")
+            await transport.wait_changed(left)
+
     def apply_board(self, entries: list[tuple[str, str, float, Any]]) -> None:
         """Take the board's pool entries: merge each pool's replica snapshots for the router."""
         per_pool: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for _kind, _key, _age, payload in entries:
             per_pool[payload["pool"]].append(payload)
-        if self.channels is not None:
-            self.channels.sync(
-                (p["replica"], *p["channel"]) for _k, _key, _a, p in entries if p.get("pool") in self.by_name
-            )
+        self.transport.sync(
+            (p["replica"], *p["channel"]) for _k, _key, _a, p in entries if p.get("pool") in self.by_name
+        )
         if self.node is not None:
             busy = engine_cores_on(self.node, (p for _k, _key, _a, p in entries))
             if busy - self.avoided_cores:
@@ -139,6 +153,7 @@ class PoolDirectory:
             snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
             if snaps:
                 self.router.update_snapshot(name, merge_snapshots(snaps))
+        self.transport.notify()
 
     async def follow_board(self, board: Any) -> None:
         """Background task: read the board every publish interval (one small actor call)."""

@@ -22,11 +22,10 @@ from serving.errors import InvalidRequestError, NotFoundError, validation_messag
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.request import Outcome, Prepared
-from serving.gateway.streams import ChunkStream
 from serving.gateway.tokenization import PromptTokenizer
+from serving.gateway.transport import TokenStream
 from serving.metering import Meter, TokenBudget
 from serving.metrics import GatewayStats
-from serving.pools.channel import ChannelClient
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -41,7 +40,6 @@ class GatewayService:
         pools: PoolDirectory,
         first_token_timeout_s: float,
         meter: Meter | None = None,
-        channels: ChannelClient | None = None,
         request_timeout_s: float = 600.0,
     ) -> None:
         self.entries = entries
@@ -50,7 +48,6 @@ class GatewayService:
         self.first_token_timeout_s = first_token_timeout_s
         self.meter: Meter = meter or Meter(None, enabled=False)
         self.stats = GatewayStats()
-        self.channels = channels
         self.request_timeout_s = request_timeout_s
         self._settling: set[asyncio.Task[None]] = set()
 
@@ -164,16 +161,15 @@ class GatewayService:
     def _engine_request(self, p: Prepared) -> EngineRequest:
         tenant = p.reservation.tenant_id if p.reservation else "default"
         weight = p.reservation.tenant_weight if p.reservation else 1.0
-        reply_to = self.channels.gateway_id if self.channels is not None else None
-        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight, reply_to)
+        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight)
 
-    async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, ChunkStream, EngineChunk]:
+    async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
         request = self._engine_request(p)
-        return await open_stream(self.pools, self.channels, self.first_token_timeout_s, request, p, outcome)
+        return await open_stream(self.pools, self.first_token_timeout_s, request, p, outcome)
 
     async def _open_or_settle(
         self, p: Prepared, outcome: Outcome
-    ) -> tuple[PoolRef, ChunkStream, EngineChunk]:
+    ) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
         """``_open``, releasing the reservation when nothing was produced."""
         try:
             return await self._open(p, outcome)
@@ -193,12 +189,12 @@ class GatewayService:
         self,
         p: Prepared,
         pool: PoolRef,
-        chunks: ChunkStream,
-        first: EngineChunk,
+        chunks: TokenStream,
+        first: list[EngineChunk],
         renderer: Renderer,
         outcome: Outcome,
     ) -> AsyncIterator[bytes]:
-        batch = [first]
+        batch = first
         finished = False
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
@@ -217,10 +213,6 @@ class GatewayService:
                 if events:
                     yield events
                 batch = await chunks.next_batch(deadline)
-                if not batch:
-                    finished = True
-                    yield DONE_EVENT
-                    return
         except (asyncio.CancelledError, GeneratorExit):
             outcome.status = "disconnected"
             raise
@@ -231,7 +223,7 @@ class GatewayService:
             yield sse_event(err.body()) + DONE_EVENT
         finally:
             pool.in_flight -= 1
-            chunks.close(finished)
+            chunks.close()
             if not finished and outcome.status == "ok":
                 outcome.status = "disconnected"
             await self._settle_shielded(p, outcome)
@@ -245,11 +237,10 @@ class GatewayService:
         lps: dict[int, list[TokenLogprob]] | None = (
             {i: [] for i in range(p.sampling.n)} if p.sampling.logprobs is not None else None
         )
-        pool, chunks, first = await self._open_or_settle(p, outcome)
-        batch = [first]
+        pool, chunks, batch = await self._open_or_settle(p, outcome)
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
-            while batch and not finished:
+            while not finished:
                 for chunk in batch:
                     for d in chunk.deltas:
                         texts.setdefault(d.index, []).append(d.text)
@@ -262,7 +253,6 @@ class GatewayService:
                     finished = chunk.finished
                 if not finished:
                     batch = await chunks.next_batch(deadline)
-            finished = True
         except (asyncio.CancelledError, GeneratorExit):
             outcome.status = "disconnected"
             raise
@@ -271,7 +261,7 @@ class GatewayService:
             raise map_dispatch_error(e, self.first_token_timeout_s) from e
         finally:
             pool.in_flight -= 1
-            chunks.close(finished)
+            chunks.close()
             await self._settle_shielded(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, False)
         return renderer.final_body(

@@ -1,6 +1,8 @@
 """Hardware-aware routing across pools of one model on different GPU types: the cheapest pool
-predicted to meet the SLOs, else the fastest; pure policy, the clock passed in."""
+predicted to meet the SLOs, else the fastest; then a replica within the pool. Pure policy, the
+clock passed in."""
 
+from serving.routing._replica import pick_replica
 from serving.routing._router import Router, price_per_mtok
 from serving.routing._types import (
     NoPoolForGpuError,
@@ -27,5 +29,6 @@ __all__ = [
     "RoutingError",
     "RoutingStats",
     "StepTimePredictor",
+    "pick_replica",
     "price_per_mtok",
 ]

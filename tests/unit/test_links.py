@@ -1,5 +1,5 @@
-"""Tokenweir's own TCP links: the ledger socket and the token channel refuse peers without the
-secret before unpickling anything, and the ledger socket carries only the hot operations.
+"""The ledger socket refuses peers without the secret before decoding anything, and carries only
+the hot operations (the token channel's peers: ``test_channel.py``).
 
 Real sockets on 127.0.0.1; the ledger socket's ``apply`` is a recording stand-in for the ledger
 core (the boundary under test is the link, not the ledger)."""
@@ -7,13 +7,11 @@ core (the boundary under test is the link, not the ledger)."""
 from __future__ import annotations
 
 import asyncio
-import pickle
 from typing import Any
 
 import pytest
 
 from serving.metering import ActorTransport, LedgerSocketServer, SocketTransport
-from serving.pools.channel import ChannelServer
 from serving.wire import SECRET_BYTES, frame, read_frame
 
 
@@ -68,27 +66,6 @@ async def test_ledger_socket_drops_a_peer_without_the_secret_before_unpickling()
     writer.write(b"x" * SECRET_BYTES + frame((1, [_Bomb()])))
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
     assert not _Bomb.unpickled and seen == []
-    await server.close()
-
-
-async def test_token_channel_drops_a_peer_without_the_secret() -> None:
-    server = ChannelServer("127.0.0.1")
-    host, port, secret = await server.start()
-    assert len(secret) == SECRET_BYTES
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(pickle.dumps(_Bomb()).ljust(SECRET_BYTES, b"\0") + frame(("hello", "gw")))
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    assert not _Bomb.unpickled and server.connection("gw") is None
-    # With the secret the same hello registers the gateway.
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(secret + frame(("hello", "gw")))
-    await writer.drain()
-    for _ in range(100):
-        if server.connection("gw") is not None:
-            break
-        await asyncio.sleep(0.01)  # a polled condition: the server registers on its own task
-    assert server.connection("gw") is not None
-    writer.close()
     await server.close()
 
 

@@ -1,0 +1,78 @@
+"""The token channel's wire messages, one struct per kind, msgpack-encoded by :mod:`serving.wire`.
+
+Gateway to pool: :class:`Hello` (once, after the link secret), then :class:`Submit` and
+:class:`Abort`. Pool to gateway: :class:`Welcome` (the answer to the hello), then :class:`Batch`
+(every stream's news of one event-loop pass: one frame per engine step, however many streams) and
+:class:`Drain` (the replica is going away: send it nothing new). Both ends check
+``PROTOCOL_VERSION`` in the hello and its answer, so a rolling upgrade across an incompatible change
+fails loudly at connect time, never mid-stream.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from serving.admission import Refused
+from serving.engines.base import EngineChunk, EngineRequest
+from serving.wire import Codec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Abort",
+    "Batch",
+    "Drain",
+    "Failure",
+    "Hello",
+    "Submit",
+    "Welcome",
+    "from_gateway",
+    "from_pool",
+]
+
+PROTOCOL_VERSION = 1
+"""Bumped on any change to these structs that an older peer could not read."""
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    protocol: int
+    gateway_id: str
+
+
+class Submit(msgspec.Struct, frozen=True, tag="submit"):
+    request: EngineRequest
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort"):
+    request_id: str
+
+
+class Welcome(msgspec.Struct, frozen=True, tag="welcome"):
+    protocol: int
+    replica: str
+
+
+class Failure(msgspec.Struct, frozen=True):
+    """A request ended at the pool without its finished chunk."""
+
+    request_id: str
+    message: str
+    retryable: bool = False
+    """Nothing was produced and another replica may serve it (the engine died, the replica drains)."""
+    refusal: Refused | None = None
+    """The admission core's refusal (the gateway answers 429/503 with its ``Retry-After``)."""
+
+
+class Batch(msgspec.Struct, frozen=True, tag="batch"):
+    """Chunks, then failures: a failure ends its request, so it never precedes that one's chunks."""
+
+    chunks: list[tuple[str, EngineChunk]]
+    failures: list[Failure] = []
+
+
+class Drain(msgspec.Struct, frozen=True, tag="drain"):
+    """The replica is shutting down: its running streams finish (or end with a failure), new
+    requests go elsewhere."""
+
+
+from_gateway: Codec[Hello | Submit | Abort] = Codec(Hello | Submit | Abort)
+from_pool: Codec[Welcome | Batch | Drain] = Codec(Welcome | Batch | Drain)
