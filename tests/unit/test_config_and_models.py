@@ -59,6 +59,14 @@ def test_shipped_configs_validate() -> None:
             },
             ["pools.a.admission", "`max_num_seqs` is set by `engine_args.max_num_seqs`", "`slo.ttft_ms`"],
         ),
+        (  # keys removed in round 2: an old config fails naming what replaces them
+            {"gateway": {"token_channel": False}, "pools": [{"name": "a", "model": "tiny-llama"}]},
+            ["gateway", "`token_channel` was removed", "only data path"],
+        ),
+        (
+            {"pools": [{"name": "a", "model": "tiny-llama", "max_ongoing_requests": 64}]},
+            ["pools.0", "`max_ongoing_requests` was removed", "admission.max_queued_requests"],
+        ),
     ],
 )
 def test_config_errors_name_field_and_value(raw: dict, fragments: list[str]) -> None:
