@@ -3,9 +3,13 @@
 A frame is ``4-byte big-endian length + msgpack body``, encoded and decoded by msgspec against the
 link's declared message type (a tagged union of structs): a peer can only send values of the types
 the link names, never code or arbitrary objects, and a frame that does not decode as one ends the
-link with :class:`FrameError`. The first thing a client sends is the link's secret (raw bytes,
-compared in constant time); a secret travels only over Ray (actor calls, the load board), so only
-members of the Ray cluster can open a link at all.
+link with :class:`FrameError`.
+
+Before any frame, both ends prove they hold the link's secret without sending it
+(:func:`client_handshake`, :func:`server_handshake`: HMAC-SHA256 over both sides' fresh nonces,
+distinct labels per direction, a deadline on every read). A secret travels only over Ray (actor
+calls, the load board), so only members of the Ray cluster can open a link, and a gateway never
+sends requests to a listener that merely took over an advertised address.
 """
 
 from __future__ import annotations
@@ -48,6 +52,44 @@ class FrameError(ValueError):
 
 def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
+
+
+HANDSHAKE_TIMEOUT_S = 5.0
+"""Longest a peer may take over its part of the handshake (and a server's first frame)."""
+_NONCE_BYTES = 16
+
+
+def _proof(secret: bytes, label: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.digest(secret, label + client_nonce + server_nonce, "sha256")
+
+
+async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> None:
+    """The connecting side: raise :class:`AuthError` unless the server proves the secret."""
+    client_nonce = secrets.token_bytes(_NONCE_BYTES)
+    writer.write(client_nonce)
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            server_nonce = await reader.readexactly(_NONCE_BYTES)
+            proof = await reader.readexactly(32)
+    except TimeoutError as e:
+        raise AuthError("the peer did not answer the link handshake in time") from e
+    if not hmac.compare_digest(proof, _proof(secret, b"server", client_nonce, server_nonce)):
+        raise AuthError("the peer does not hold the link's secret")
+    writer.write(_proof(secret, b"client", client_nonce, server_nonce))
+
+
+async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> None:
+    """The accepting side: raise :class:`AuthError` unless the client proves the secret."""
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            client_nonce = await reader.readexactly(_NONCE_BYTES)
+            server_nonce = secrets.token_bytes(_NONCE_BYTES)
+            writer.write(server_nonce + _proof(secret, b"server", client_nonce, server_nonce))
+            proof = await reader.readexactly(32)
+    except TimeoutError as e:
+        raise AuthError("the peer did not complete the link handshake in time") from e
+    if not hmac.compare_digest(proof, _proof(secret, b"client", client_nonce, server_nonce)):
+        raise AuthError("wrong link secret")
 
 
 async def check_secret(reader: asyncio.StreamReader, secret: bytes) -> None:

@@ -3,10 +3,9 @@
 vLLM's CPU backend binds the model's OpenMP threads to some cores (on this 2-core machine: core 0)
 and expects everything else (API front end, engine core) on the others. Left to itself it runs the
 model in a separate worker process, and that worker and the engine core busy-wait with
-``sched_yield()`` for up to a second after each message (the shared-memory queues' ``busy_loop_s``).
-Measured here (2 cores, kernel 6.18, autogroup on): a process that shares a core with such a spinner
-is starved for 0.2-1 s at a time, and for ~10 s when the engine core spins on the core the gateway
-uses. Every stall is a TTFT spike and a gap in every stream.
+``sched_yield()`` for up to a second after each message (the shared-memory queues' ``busy_loop_s``),
+and a process sharing a core with such a spinner is starved for up to seconds: a TTFT spike and a
+gap in every stream (measured: README, "Speed", items 1 and 2).
 
 Pools therefore run the model in the engine-core process by default (``VllmEngine``,
 ``cpu_model_in_engine_core``): no worker process, no spinning hand-off, the engine core's threads get
@@ -19,10 +18,7 @@ engine:
 * the pool publishes the model's cores on the load board, and a gateway on the same node moves off
   them too (:func:`avoid_cores`).
 
-Measured on this machine with 32 concurrent streams, with the worker process: 1,040-2,410 output
-tokens/s before placement (stalls of up to 1.2 s before a request reached the gateway), 2,240-2,640
-after; with the model in the engine core, 4,200-4,400. Nothing changes on GPU engines, or where the
-model is not bound to a subset of the cores.
+Nothing changes on GPU engines, or where the model is not bound to a subset of the cores.
 
 The policy (:func:`plan_placement`) is pure; the functions around it read ``/proc`` and call
 ``sched_setaffinity``.

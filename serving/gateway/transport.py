@@ -34,7 +34,7 @@ from serving.pools.frames import (
     from_gateway,
     from_pool,
 )
-from serving.wire import FrameError
+from serving.wire import HANDSHAKE_TIMEOUT_S, FrameError, client_handshake
 
 __all__ = [
     "ChannelLost",
@@ -239,9 +239,12 @@ class ChannelTransport:
     async def _run(self, link: _Link, host: str, port: int, secret: bytes) -> None:
         writer = None
         try:
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(secret + from_gateway.frame(Hello(PROTOCOL_VERSION, self.gateway_id)))
-            welcome = await from_pool.read(reader)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(host, port)
+            await client_handshake(reader, writer, secret)
+            writer.write(from_gateway.frame(Hello(PROTOCOL_VERSION, self.gateway_id)))
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                welcome = await from_pool.read(reader)
             if not isinstance(welcome, Welcome) or welcome.protocol != PROTOCOL_VERSION:
                 got = welcome.protocol if isinstance(welcome, Welcome) else type(welcome).__name__
                 log.error(
@@ -279,7 +282,7 @@ class ChannelTransport:
                     self.notify()
                 if loop.time() - since > READ_SLICE_S:
                     await asyncio.sleep(0)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, FrameError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, FrameError, TimeoutError) as e:
             log.info("channel to %s closed: %s", link.key, e)
         finally:
             link.live = False

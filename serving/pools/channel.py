@@ -11,8 +11,10 @@ goes out in one frame. A gateway that reads slower than the engine steps fills t
 ``SEND_BUFFER_BYTES``) send buffer; the outbox then merges each request's chunks until the link
 drains, as vLLM's output collector merges for a slow reader: fewer, larger chunks, no backlog.
 
-A gateway proves it holds the replica's secret (published with the address on the load board),
-then says :class:`~serving.pools.frames.Hello` with its protocol version; a mismatch closes the link.
+Gateway and replica prove to each other that they hold the replica's secret (published with the
+address on the load board; :func:`serving.wire.server_handshake`), then the gateway says
+:class:`~serving.pools.frames.Hello` with its id and protocol version: a mismatch, or an id that is
+already connected, closes the link.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from serving.pools.frames import (
     from_gateway,
     from_pool,
 )
-from serving.wire import FrameError, check_secret, new_secret
+from serving.wire import HANDSHAKE_TIMEOUT_S, FrameError, new_secret, server_handshake
 
 __all__ = ["SEND_BUFFER_BYTES", "ChannelServer", "Outbound", "Submissions"]
 
@@ -173,8 +175,12 @@ class ChannelServer:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
         try:
-            await check_secret(reader, self.secret)
-            hello = await from_gateway.read(reader)
+            await server_handshake(reader, writer, self.secret)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    hello = await from_gateway.read(reader)
+            except TimeoutError as e:
+                raise FrameError("no hello in time") from e
             if not isinstance(hello, Hello):
                 raise FrameError(f"expected a hello, got {type(hello).__name__}")
             writer.write(from_pool.frame(Welcome(PROTOCOL_VERSION, self.replica)))
@@ -183,8 +189,10 @@ class ChannelServer:
                     f"gateway speaks channel protocol {hello.protocol}, this replica {PROTOCOL_VERSION}"
                 )
             old = self._conns.get(hello.gateway_id)
-            if old is not None:
-                old.alive = False
+            if old is not None and old.alive:
+                # One connection per gateway id: a second one while the first is up is an impostor
+                # (or a reconnect racing the old link's close; the gateway retries on its next sync).
+                raise FrameError(f"gateway {hello.gateway_id!r} is already connected")
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)

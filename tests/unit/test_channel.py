@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from serving import wire
 from serving.admission import AdmissionCore, AdmissionSettings, AsyncAdmission
 from serving.engines.base import (
     Abort,
@@ -31,7 +32,7 @@ from serving.gateway.transport import ChannelLost, ChannelTransport, PoolFailure
 from serving.pools.frames import PROTOCOL_VERSION, Hello, Welcome, from_gateway, from_pool
 from serving.pools.host import ReplicaHost
 from serving.pools.pacing import PacedSink
-from serving.wire import SECRET_BYTES
+from serving.wire import SECRET_BYTES, AuthError, client_handshake, server_handshake
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -251,26 +252,46 @@ async def test_pacing_wraps_the_one_path() -> None:
     await host.close()
 
 
-async def test_hostile_peers_are_dropped_and_the_channel_goes_on() -> None:
+async def _handshaken(h: str, port: int, secret: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(h, port)
+    await client_handshake(reader, writer, secret)
+    return reader, writer
+
+
+async def test_hostile_peers_are_dropped_and_the_channel_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, host, transport = await pair()
     (h, port, secret) = (host.channel.host, host.channel.port, host.channel.secret)
-    # No secret: closed before any frame is decoded.
+    # Without the secret: the handshake fails at both ends, before any frame is decoded.
     reader, writer = await asyncio.open_connection(h, port)
-    writer.write(b"x" * SECRET_BYTES + from_gateway.frame(Hello(PROTOCOL_VERSION, "evil")))
+    with pytest.raises(AuthError):
+        await client_handshake(reader, writer, b"x" * SECRET_BYTES)  # the server's proof is wrong
+    writer.close()
+    reader, writer = await asyncio.open_connection(h, port)
+    writer.write(b"\0" * 48)  # a nonce and a made-up proof
+    assert len(await asyncio.wait_for(reader.read(), 5)) == 48  # the server's nonce and proof; no welcome
+    # A peer that connects and says nothing is dropped at the handshake's deadline.
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.2)
+    reader, writer = await asyncio.open_connection(h, port)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     # Another protocol version: told ours, then closed.
-    reader, writer = await asyncio.open_connection(h, port)
-    writer.write(secret + from_gateway.frame(Hello(PROTOCOL_VERSION + 1, "old-gw")))
+    reader, writer = await _handshaken(h, port, secret)
+    writer.write(from_gateway.frame(Hello(PROTOCOL_VERSION + 1, "old-gw")))
     welcome = await from_pool.read(reader)
     assert isinstance(welcome, Welcome) and welcome.protocol == PROTOCOL_VERSION
     assert await asyncio.wait_for(reader.read(), 5) == b""
+    # A second connection under a connected gateway's id is refused (it would take its streams).
+    reader, writer = await _handshaken(h, port, secret)
+    writer.write(from_gateway.frame(Hello(PROTOCOL_VERSION, "gw-1")))
+    await from_pool.read(reader)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
     # A frame that is not a message of the link's type, and one announcing 4 GiB: closed.
     for junk in (b"\x00\x00\x00\x03\x93\x01\x02", b"\xff\xff\xff\xff"):
-        reader, writer = await asyncio.open_connection(h, port)
-        writer.write(secret + from_gateway.frame(Hello(PROTOCOL_VERSION, "junk")) + junk)
+        reader, writer = await _handshaken(h, port, secret)
+        writer.write(from_gateway.frame(Hello(PROTOCOL_VERSION, "junk")) + junk)
         await from_pool.read(reader)
         assert await asyncio.wait_for(reader.read(), 5) == b""
     # The real gateway was never disturbed.
+    assert transport.usable("replica-1")
     stream = transport.submit("replica-1", request("ok"))
     await until(lambda: "ok" in engine.sinks)
     engine.sinks["ok"].chunk(_chunk("fine", 1, finished=True))
@@ -278,3 +299,21 @@ async def test_hostile_peers_are_dropped_and_the_channel_goes_on() -> None:
     stream.close()
     await transport.close()
     await host.close()
+
+
+async def test_a_gateway_never_talks_to_a_listener_without_the_secret() -> None:
+    """Whatever answers at a replica's advertised address must prove the secret first."""
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server_handshake(reader, writer, b"y" * SECRET_BYTES)
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = ChannelTransport("gw-1")
+    transport.sync([("replica-x", "127.0.0.1", port, b"z" * SECRET_BYTES)])
+    link = transport._links["replica-x"]
+    assert link.task is not None
+    await asyncio.wait_for(link.task, 10)  # the link gave up: the proof did not match
+    assert not transport.usable("replica-x")
+    server.close()
+    await transport.close()
