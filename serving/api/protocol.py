@@ -1,6 +1,8 @@
 """OpenAI request bodies (validated) and response builders.
 
-Unknown fields are ignored (as vLLM's server does); wrong types and out-of-range values are errors.
+Wrong types and out-of-range values are errors. Fields of the OpenAI API that Tokenweir does not
+implement are refused when they ask for something (:func:`unsupported_field`), never dropped
+silently; other unknown fields are ignored (as vLLM's server does).
 """
 
 from __future__ import annotations
@@ -50,6 +52,31 @@ class ChatMessage(BaseModel):
 
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+_INT64 = (-(2**63), 2**63 - 1)
+"""vLLM's range for ``seed`` (a torch long)."""
+
+_UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "parallel_tool_calls": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
+"""OpenAI request fields not implemented here, with the values that ask for nothing (accepted)."""
+
+
+def unsupported_field(body: dict[str, Any]) -> str | None:
+    """The first field of ``body`` that asks for something not supported, or None."""
+    for name, harmless in _UNSUPPORTED.items():
+        if name in body and body[name] not in harmless:
+            return name
+    return None
 
 
 class _SamplingFields(BaseModel):
@@ -61,7 +88,7 @@ class _SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=_INT64[0], le=_INT64[1])
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -117,7 +144,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` (one prompt: a string or a list of token ids)."""
 
-    prompt: str | list[int] | list[str] = Field()
+    prompt: str | list[StrictInt] | list[str] = Field()
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     echo: StrictBool = False
     suffix: str | None = None

@@ -186,7 +186,9 @@ class Gateway:
             if self.meter.enabled and not api_key:
                 raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
             body = await read_json(request, self.cfg.gateway.max_body_bytes)
-            prepared = self.service.prepare(kind, body, rid)  # type: ignore[arg-type]
+            # The caller's id is echoed and logged, never a key: each request gets its own internal id
+            # (its reservation, its stream on the channel, its admission entry).
+            prepared = self.service.prepare(kind, body, client_request_id=rid)  # type: ignore[arg-type]
             pin = request.headers.get("x-tokenweir-gpu")
             if pin:
                 if not self.cfg.gateway.allow_gpu_pinning:

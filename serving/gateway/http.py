@@ -80,9 +80,33 @@ async def read_json(request: Request, max_body_bytes: int) -> Any:
     if not raw:
         raise InvalidRequestError("request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise InvalidRequestError("request body is nested too deeply") from e
+    # A lone UTF-16 surrogate ("\ud800") is valid JSON but not text: no tokenizer, log or engine
+    # can take it. It can only come from a \u escape or a surrogate's UTF-8 form (0xED 0xA0-0xBF).
+    if (b"\\u" in raw or b"\xed" in raw) and _has_lone_surrogate(body):
+        raise InvalidRequestError("request body contains a lone UTF-16 surrogate (not valid Unicode text)")
+    return body
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return False
 
 
 def sse_response(body: Any, request_id: str, headers: dict[str, str] | None = None) -> StreamingResponse:

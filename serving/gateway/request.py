@@ -18,6 +18,7 @@ class Prepared:
     """A validated, tokenized request ready for dispatch."""
 
     request_id: str
+    """Minted by the gateway for this request: the key of its reservation and its stream."""
     kind: Literal["chat", "completion"]
     entry: ModelEntry
     prompt_ids: list[int]
@@ -27,6 +28,8 @@ class Prepared:
     user: str | None
     budget: TokenBudget
     """Its token budget (``max_tokens`` as sent, the model's room); the reservation grants from it."""
+    client_request_id: str | None = None
+    """The caller's ``x-request-id``: echoed and logged, never used as a key."""
     pinned_gpu: str | None = None
     """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
     reservation: Reservation | None = None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from models.catalog import ModelEntry
-from serving.api.protocol import ChatCompletionRequest, CompletionRequest
+from serving.api.protocol import ChatCompletionRequest, CompletionRequest, unsupported_field
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
 from serving.errors import InvalidRequestError, NotFoundError, validation_message
@@ -53,12 +53,16 @@ class GatewayService:
 
     # ----------------------------------------------------------------- preparation
     def prepare(
-        self, kind: Literal["chat", "completion"], body: Any, request_id: str | None = None
+        self, kind: Literal["chat", "completion"], body: Any, client_request_id: str | None = None
     ) -> Prepared:
-        """Validate and tokenize; raise :class:`APIError` on bad input."""
+        """Validate and tokenize; raise :class:`APIError` on bad input. The request gets a new
+        internal id; ``client_request_id`` (the caller's ``x-request-id``) is kept for the logs."""
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         model_name = body.get("model")
+        unsupported = unsupported_field(body)
+        if unsupported is not None:
+            raise InvalidRequestError(f"`{unsupported}` is not supported by this server", param=unsupported)
         try:
             req: ChatCompletionRequest | CompletionRequest
             req = (
@@ -118,7 +122,8 @@ class GatewayService:
             min_tokens=req.min_tokens,
         )
         return Prepared(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=uuid.uuid4().hex,
+            client_request_id=client_request_id,
             kind=kind,
             entry=entry,
             prompt_ids=ids,
@@ -219,7 +224,13 @@ class GatewayService:
         except Exception as e:
             outcome.status = "engine_error"
             err = map_dispatch_error(e, self.first_token_timeout_s)
-            log.warning("stream %s failed after %d tokens: %s", p.request_id, outcome.completion_tokens, e)
+            log.warning(
+                "stream %s (x-request-id %s) failed after %d tokens: %s",
+                p.request_id,
+                p.client_request_id,
+                outcome.completion_tokens,
+                e,
+            )
             yield sse_event(err.body()) + DONE_EVENT
         finally:
             pool.in_flight -= 1

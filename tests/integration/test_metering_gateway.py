@@ -117,6 +117,34 @@ async def test_zero_overspend_under_300_concurrent_requests(gateway_url: str, ad
     assert view["reserved_credits"] == 0 and view["in_flight"] == 0
 
 
+async def test_a_reused_x_request_id_is_only_echoed(gateway_url: str, admin: httpx.Client) -> None:
+    """Four concurrent requests of one tenant with the same ``x-request-id``: each is its own request
+    (reserved, served and charged on its own); the caller's id comes back on every response."""
+    tid, key = _tenant(admin, 100_000, limits={"max_tokens_per_request": 300})
+    body = {
+        "model": "llama-3.1-8b-instruct",  # the simulated pools: quick 250-token answers
+        "messages": [{"role": "user", "content": "same id"}],
+        "max_tokens": 250,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "shared-id-1"}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=60) as c:
+        rs = await asyncio.gather(
+            *(c.post("/v1/chat/completions", json=body, headers=headers) for _ in range(4))
+        )
+        too_big = await c.post("/v1/chat/completions", json={**body, "max_tokens": 301}, headers=headers)
+    assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+    assert all(r.headers["x-request-id"] == "shared-id-1" for r in rs)
+    assert len({r.json()["id"] for r in rs}) == 4
+    assert sum(r.json()["usage"]["completion_tokens"] for r in rs) == 1000
+    # The per-request cap still applies to a request that reuses a live id.
+    assert too_big.status_code == 400, too_big.text
+    view = _view(admin, tid)
+    charged = sum(r.json()["usage"]["total_tokens"] for r in rs)
+    assert view["credits"] == pytest.approx(100_000 - charged)
+    assert view["reserved_credits"] == 0 and view["in_flight"] == 0
+
+
 def test_rpm_limit_gives_429_with_retry_after(gateway_url: str, admin: httpx.Client) -> None:
     _, key = _tenant(admin, 10_000, limits={"rpm": 2})
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}

@@ -169,6 +169,16 @@ def _assert_openai_error(r: httpx.Response, status: int, *fragments: str) -> dic
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "best_of": 3}, "best_of"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 9}},
+            "logit_bias",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
     ],
 )
 def test_bad_chat_bodies_get_400(gateway_url: str, auth: dict, body: dict, fragment: str) -> None:
@@ -189,6 +199,54 @@ def test_malformed_json_and_non_object(gateway_url: str, auth: dict) -> None:
         "not valid JSON",
     )
     _assert_openai_error(_post(gateway_url, "/v1/completions", auth, json=[1, 2]), 400, "JSON object")
+
+
+def test_hostile_bodies_get_400_not_500(gateway_url: str, auth: dict) -> None:
+    deep = b'{"model": "tiny-llama", "messages": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    _assert_openai_error(
+        _post(
+            gateway_url,
+            "/v1/chat/completions",
+            auth,
+            content=deep,
+            headers={"content-type": "application/json"},
+        ),
+        400,
+        "nested too deeply",
+    )
+    lone = b'{"model": "tiny-llama", "prompt": "a\\ud800b", "max_tokens": 2}'
+    _assert_openai_error(
+        _post(
+            gateway_url, "/v1/completions", auth, content=lone, headers={"content-type": "application/json"}
+        ),
+        400,
+        "surrogate",
+    )
+    err = _assert_openai_error(
+        _post(gateway_url, "/v1/completions", auth, json={"model": MODEL, "prompt": [True, False]}), 400
+    )
+    assert err["param"] == "prompt"
+    # A surrogate pair (an emoji, as ensure_ascii JSON encoders send it) is fine.
+    pair = b'{"model": "tiny-llama", "prompt": "\\ud83d\\ude00", "max_tokens": 1}'
+    r = _post(
+        gateway_url, "/v1/completions", auth, content=pair, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    # Harmless values of unsupported fields are accepted.
+    r = _post(
+        gateway_url,
+        "/v1/chat/completions",
+        auth,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1,
+            "best_of": 1,
+            "tools": [],
+            "response_format": {"type": "text"},
+        },
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
