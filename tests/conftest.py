@@ -39,7 +39,13 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     state = tmp_path_factory.mktemp("state")
     cfg = parse_config(
         {
-            "gateway": {"host": "127.0.0.1", "port": free_port(), "max_body_bytes": 65536, "replicas": 2},
+            "gateway": {
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "internal_port": free_port(),
+                "max_body_bytes": 65536,
+                "replicas": 2,
+            },
             "metering": {"admin_key": ADMIN_KEY},
             "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
             "ray": {"num_cpus": 8},
@@ -79,7 +85,14 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         url = runtime.deploy(cfg)
         runtime.wait_ready(url, timeout_s=600)
         demo_key = runtime.ensure_demo_key(cfg)
-        yield {"url": url, "admin_key": ADMIN_KEY, "api_key": demo_key, "state_dir": str(state)}
+        internal = f"http://{cfg.gateway.internal_host}:{cfg.gateway.internal_port}"
+        yield {
+            "url": url,
+            "internal_url": internal,
+            "admin_key": ADMIN_KEY,
+            "api_key": demo_key,
+            "state_dir": str(state),
+        }
     finally:
         runtime.shutdown()
 
@@ -87,6 +100,12 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="session")
 def gateway_url(live: dict) -> str:
     return str(live["url"])
+
+
+@pytest.fixture(scope="session")
+def internal_url(live: dict) -> str:
+    """The operator's listener: /metrics, /internal/pools, the deep /readyz."""
+    return str(live["internal_url"])
 
 
 @pytest.fixture(scope="session")

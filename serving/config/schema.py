@@ -51,6 +51,11 @@ class GatewayConfig(_Strict):
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Concurrent requests (connections) one gateway replica serves; beyond it the replica answers 503."""
+    internal_host: str = "127.0.0.1"
+    """Address of the operator's listener (`/metrics`, `/internal/pools`, a deep `/readyz`): the
+    node's address for a Prometheus elsewhere; never the public one unless a firewall guards the port."""
+    internal_port: int = Field(default=9464, ge=1, le=65535)
+    """Port of the operator's listener (each gateway replica on a node shares it)."""
     allow_gpu_pinning: bool = True
     """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
 
@@ -176,6 +181,9 @@ class TokenweirConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_pools(self) -> TokenweirConfig:
+        g = self.gateway
+        if (g.internal_host, g.internal_port) == (g.host, g.port):
+            raise ValueError("gateway.internal_port: the operator's listener needs its own address or port")
         names = [p.name for p in self.pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -107,11 +107,20 @@ class Gateway:
         self.created = int(time.time())
         self.board = get_board(self.cfg.ray.namespace)
         self._add_routes(self.app)
+        self.internal_app = FastAPI(
+            title="Tokenweir internals", docs_url=None, redoc_url=None, openapi_url=None
+        )
+        install_error_handlers(self.internal_app)
+        self._add_internal_routes(self.internal_app)
         self._tasks = [
             loop.create_task(self.pools.follow_board(self.board)),
             loop.create_task(self._publish_stats()),
         ]
-        self._server = await self._start_http()
+        g = self.cfg.gateway
+        self._internal_server = await self._start_http(
+            self.internal_app, g.internal_host, g.internal_port, 64
+        )
+        self._server = await self._start_http(self.app, g.host, g.port, g.max_ongoing_requests)
 
     # ------------------------------------------------------------------ setup
     def _make_meter(self) -> Meter:
@@ -126,24 +135,23 @@ class Gateway:
         self.app.include_router(make_tenancy_router(client, admin_key))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
 
-    async def _start_http(self) -> Any:
+    async def _start_http(self, app: FastAPI, host: str, port: int, limit_concurrency: int) -> Any:
         """uvicorn on a shared (SO_REUSEPORT) listening socket, in this replica's event loop."""
         import uvicorn
 
-        g = self.cfg.gateway
-        sock = socket.socket(socket.AF_INET6 if ":" in g.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((g.host, g.port))
+        sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(
-            RequestIdMiddleware(self.app),
+            RequestIdMiddleware(app),
             log_level="warning",
             access_log=False,
             lifespan="off",
             timeout_keep_alive=30,
-            limit_concurrency=g.max_ongoing_requests,
+            limit_concurrency=limit_concurrency,
         )
         server = _Server(config)
         self._tasks.append(asyncio.get_running_loop().create_task(server.serve(sockets=[sock])))
@@ -164,13 +172,14 @@ class Gateway:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: the HTTP server must still be running."""
-        if self._server is None or self._tasks[-1].done():
+        """Ray Serve's health check: both HTTP servers must still be running."""
+        if self._server is None or any(t.done() for t in self._tasks[-2:]):
             raise RuntimeError("the gateway's HTTP server has stopped")
 
     async def __del__(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
+        for server in (self._server, self._internal_server):
+            if server is not None:
+                server.should_exit = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -239,7 +248,25 @@ class Gateway:
 
         @app.get("/readyz")
         async def readyz(request: Request) -> Response:
-            """Readiness: every pool has a replica whose engine takes requests."""
+            """Readiness, from what this replica already knows (no call into a pool): every pool has
+            a replica this gateway reaches on the token channel."""
+            results = self.pools.reachable()
+            if all(v == "ready" for v in results.values()):
+                return json_response({"status": "ready", "pools": results}, request_id_of(request))
+            return error_response(ServiceUnavailableError(f"pools not ready: {results}", code="not_ready"))
+
+    def _add_internal_routes(self, app: FastAPI) -> None:
+        """The operator's listener (``gateway.internal_host:internal_port``): metrics that name
+        tenants, and calls into the pools. Never on the public port."""
+
+        @app.get("/healthz")
+        async def healthz(request: Request) -> Response:
+            """Liveness: this gateway replica answers."""
+            return json_response({"status": "ok"}, request_id_of(request))
+
+        @app.get("/readyz")
+        async def readyz(request: Request) -> Response:
+            """Readiness, asked of the pools: every pool has a replica whose engine takes requests."""
             rid = request_id_of(request)
             results: dict[str, str] = {}
 

@@ -113,6 +113,15 @@ class PoolDirectory:
         )
         return self.by_name[decision.pool_id], decision
 
+    def reachable(self) -> dict[str, str]:
+        """Per pool: ``"ready"`` when this gateway reaches one of its replicas on the transport."""
+        return {
+            p.name: "ready"
+            if any(self.transport.usable(k) for k in p.replica_keys)
+            else "not ready: no reachable replica"
+            for p in self.pools
+        }
+
     async def replica(self, pool: PoolRef, exclude: str | None, deadline: float) -> str:
         """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one
         to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it."""

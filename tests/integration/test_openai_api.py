@@ -144,6 +144,22 @@ def test_models_health_ready_and_request_ids(gateway_url: str, client: openai.Op
     assert pools == {"tiny-cpu": "ready", "sim-h100": "ready", "sim-a10": "ready"}
 
 
+def test_internals_are_only_on_the_operators_listener(gateway_url: str, internal_url: str) -> None:
+    """The public port shows nothing about tenants and makes no call into the pools for anyone."""
+    for path in ("/metrics", "/internal/pools"):
+        r = httpx.get(gateway_url + path, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        assert "tenant" not in r.text
+    assert "tokenweir_credits_remaining" in httpx.get(internal_url + "/metrics", timeout=30).text
+    assert set(httpx.get(internal_url + "/internal/pools", timeout=30).json()) == {
+        "tiny-cpu",
+        "sim-h100",
+        "sim-a10",
+    }
+    deep = httpx.get(internal_url + "/readyz", timeout=30)
+    assert deep.status_code == 200 and deep.json()["status"] == "ready", deep.text
+
+
 def _post(url: str, path: str, auth: dict, **kw) -> httpx.Response:
     return httpx.post(url + path, timeout=60, headers={**auth, **kw.pop("headers", {})}, **kw)
 

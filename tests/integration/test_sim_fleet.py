@@ -73,13 +73,13 @@ def test_pin_to_absent_gpu_is_400(gateway_url: str, api_key: str) -> None:
     assert "L20" in r.json()["error"]["message"]
 
 
-def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI) -> None:
+def test_cheaper_pool_serves_light_load(internal_url: str, client: openai.OpenAI) -> None:
     """At light load both pools meet the SLO; the router picks the cheaper price per token."""
     # Light load means idle pools: wait out what earlier tests left in flight, then one board
     # publication so that the gateway's snapshots show it.
     deadline = time.monotonic() + 60
     while True:
-        pools = httpx.get(f"{gateway_url}/internal/pools", timeout=10).json()
+        pools = httpx.get(f"{internal_url}/internal/pools", timeout=10).json()
         busy = {
             n: (p.get("queue_depth"), p.get("in_flight_seqs"))
             for n, p in pools.items()
@@ -92,7 +92,7 @@ def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI)
     time.sleep(2 * PUBLISH_INTERVAL_S)  # the board's snapshot period, not a guess at a condition
     for _ in range(4):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
-    metrics = httpx.get(f"{gateway_url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{internal_url}/metrics", timeout=30).text
     decisions = [ln for ln in metrics.splitlines() if ln.startswith("tokenweir_routing_decisions_total{")]
     assert decisions, metrics[:2000]
     assert any('reason="cheapest_meets_slo"' in ln or 'reason="no_load_data"' in ln for ln in decisions), (
@@ -100,13 +100,13 @@ def test_cheaper_pool_serves_light_load(gateway_url: str, client: openai.OpenAI)
     )
 
 
-def test_metrics_cover_pools_gateways_and_ledger(gateway_url: str, client: openai.OpenAI) -> None:
+def test_metrics_cover_pools_gateways_and_ledger(internal_url: str, client: openai.OpenAI) -> None:
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3)
 
     deadline = time.monotonic() + 10
     text = ""
     while time.monotonic() < deadline:
-        text = httpx.get(f"{gateway_url}/metrics", timeout=30).text
+        text = httpx.get(f"{internal_url}/metrics", timeout=30).text
         if 'tokenweir_pool_seq_limit{gpu="A10"' in text and "tokenweir_requests_total" in text:
             break
         time.sleep(0.5)

@@ -33,8 +33,8 @@ def _wait_for(cond, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}; last={last!r}")
 
 
-def test_client_disconnect_aborts_generation(gateway_url: str, api_key: str) -> None:
-    before = _pool_stats(gateway_url)
+def test_client_disconnect_aborts_generation(gateway_url: str, internal_url: str, api_key: str) -> None:
+    before = _pool_stats(internal_url)
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "long"}],
@@ -57,7 +57,7 @@ def test_client_disconnect_aborts_generation(gateway_url: str, api_key: str) -> 
             if line.startswith("data: {"):
                 seen += 1
                 if seen == 5:
-                    running = _pool_stats(gateway_url)["num_unfinished"]
+                    running = _pool_stats(internal_url)["num_unfinished"]
                     assert running >= 1
                     break
     # The connection is closed here. The engine's own count of unfinished requests must fall back
@@ -65,7 +65,7 @@ def test_client_disconnect_aborts_generation(gateway_url: str, api_key: str) -> 
     t0 = time.monotonic()
     after = _wait_for(
         lambda: (
-            (s := _pool_stats(gateway_url))["num_unfinished"] == 0
+            (s := _pool_stats(internal_url))["num_unfinished"] == 0
             and s["requests_aborted"] > before["requests_aborted"]
             and s
         ),
@@ -76,7 +76,7 @@ def test_client_disconnect_aborts_generation(gateway_url: str, api_key: str) -> 
     assert time.monotonic() - t0 < 20
 
 
-async def test_concurrent_streams_all_complete(gateway_url: str, api_key: str) -> None:
+async def test_concurrent_streams_all_complete(gateway_url: str, internal_url: str, api_key: str) -> None:
     client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
     async def one(i: int) -> int:
@@ -95,11 +95,11 @@ async def test_concurrent_streams_all_complete(gateway_url: str, api_key: str) -
         assert usage is not None
         return usage.completion_tokens
 
-    before = _pool_stats(gateway_url)["requests_total"]
+    before = _pool_stats(internal_url)["requests_total"]
     counts = await asyncio.gather(*(one(i) for i in range(24)))
     assert counts == [24] * 24
     await client.close()
-    stats = _pool_stats(gateway_url)
+    stats = _pool_stats(internal_url)
     assert stats["num_unfinished"] == 0 and stats["gateway_in_flight"] == 0
     # Every request reached the pool on the token channel (its one data path), each exactly once.
     assert stats["requests_total"] - before == 24
@@ -118,13 +118,15 @@ def test_sse_framing_on_the_wire(gateway_url: str, api_key: str) -> None:
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_cpu_engine_runs_the_model_in_its_engine_core_apart_from_serving(gateway_url: str) -> None:
+def test_cpu_engine_runs_the_model_in_its_engine_core_apart_from_serving(
+    gateway_url: str, internal_url: str
+) -> None:
     """On vLLM's CPU build the pool runs the model in the engine-core process (no worker process),
     with the OpenMP threads vLLM would give a worker; the engine core's threads stay on those cores
     and the pool replica and the same-node gateways on the others (serving/engines/cpu_placement.py)."""
     import os
 
-    stats = _pool_stats(gateway_url)
+    stats = _pool_stats(internal_url)
     assert pids_titled(WORKER_PREFIX) == []
     engines = pids_titled(ENGINE_CORE_PREFIX)
     assert len(engines) == 1
