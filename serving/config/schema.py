@@ -50,7 +50,9 @@ class GatewayConfig(_Strict):
     first_token_timeout_s: float = Field(default=120.0, gt=0)
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
-    """Concurrent requests (connections) one gateway replica serves; beyond it the replica answers 503."""
+    """Requests one gateway replica serves at once; beyond it the replica answers 503 `overloaded`."""
+    read_timeout_s: float = Field(default=15.0, gt=0)
+    """Longest a client may take to send a request's headers and body; then 408 and the connection closes."""
     internal_host: str = "127.0.0.1"
     """Address of the operator's listener (`/metrics`, `/internal/pools`, a deep `/readyz`): the
     node's address for a Prometheus elsewhere; never the public one unless a firewall guards the port."""

@@ -31,13 +31,16 @@ from serving.errors import (
     install_error_handlers,
 )
 from serving.gateway.http import (
+    ClientDisconnected,
     RequestIdMiddleware,
     bearer_token,
     json_response,
     read_json,
     request_id_of,
     sse_response,
+    unless_disconnected,
 )
+from serving.gateway.http_server import guarded_protocol
 from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
@@ -135,8 +138,9 @@ class Gateway:
         self.app.include_router(make_tenancy_router(client, admin_key))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
 
-    async def _start_http(self, app: FastAPI, host: str, port: int, limit_concurrency: int) -> Any:
-        """uvicorn on a shared (SO_REUSEPORT) listening socket, in this replica's event loop."""
+    async def _start_http(self, app: FastAPI, host: str, port: int, max_requests: int) -> Any:
+        """uvicorn on a shared (SO_REUSEPORT) listening socket, in this replica's event loop, with a
+        read deadline and an OpenAI-shaped 503 past ``max_requests`` (:mod:`.http_server`)."""
         import uvicorn
 
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -151,7 +155,7 @@ class Gateway:
             access_log=False,
             lifespan="off",
             timeout_keep_alive=30,
-            limit_concurrency=limit_concurrency,
+            http=guarded_protocol(self.cfg.gateway.read_timeout_s, max_requests),
         )
         server = _Server(config)
         self._tasks.append(asyncio.get_running_loop().create_task(server.serve(sockets=[sock])))
@@ -207,12 +211,14 @@ class Gateway:
                 prepared.pinned_gpu = pin
             await self.service.authorize(prepared, api_key)
             if prepared.stream:
-                stream, _ = await self.service.stream(prepared)
+                stream, _ = await unless_disconnected(request, self.service.stream(prepared))
                 return sse_response(stream, rid, prepared.extra_headers)
-            result = await self.service.complete(prepared)
+            result = await unless_disconnected(request, self.service.complete(prepared))
             return json_response(result, rid, prepared.extra_headers)
         except APIError as e:
             return error_response(e)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     def _add_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions")

@@ -6,10 +6,12 @@ Every response carries ``x-request-id`` (:class:`RequestIdMiddleware`); errors a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -107,6 +109,43 @@ def _has_lone_surrogate(obj: Any) -> bool:
         elif isinstance(o, list):
             stack.extend(o)
     return False
+
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its response started."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` (the request's body already read); if the client hangs up first, cancel it
+    (which aborts the generation and charges what was produced) and raise
+    :class:`ClientDisconnected`. Without this a non-streamed request, or a stream still waiting for
+    its first token, would run to the end for nobody."""
+    me = asyncio.current_task()
+    assert me is not None
+    over = False
+
+    async def wait_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    def gone(w: asyncio.Future[None]) -> None:
+        if not over and not w.cancelled() and w.exception() is None:
+            me.cancel()
+
+    watcher = asyncio.ensure_future(wait_gone())
+    watcher.add_done_callback(gone)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and me.uncancel() == 0:
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        over = True
+        watcher.cancel()
 
 
 def sse_response(body: Any, request_id: str, headers: dict[str, str] | None = None) -> StreamingResponse:

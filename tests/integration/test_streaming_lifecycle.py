@@ -76,6 +76,35 @@ def test_client_disconnect_aborts_generation(gateway_url: str, internal_url: str
     assert time.monotonic() - t0 < 20
 
 
+def test_a_non_streamed_request_is_aborted_when_its_client_hangs_up(
+    gateway_url: str, internal_url: str, api_key: str
+) -> None:
+    """No response is on its way yet, so only the connection says the client left: the gateway
+    watches it and aborts the generation (charging what was produced), not at the 2000th token."""
+    before = _pool_stats(internal_url)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+    }
+    with httpx.Client(timeout=httpx.Timeout(60, read=0.5)) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(
+            f"{gateway_url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key}"}
+        )
+    # The client gave up after 0.5 s and closed the connection.
+    after = _wait_for(
+        lambda: (
+            (s := _pool_stats(internal_url))["num_unfinished"] == 0
+            and s["requests_aborted"] > before["requests_aborted"]
+            and s
+        ),
+        timeout_s=20,
+        what="the engine to drop the abandoned request",
+    )
+    assert after["gateway_in_flight"] == 0
+
+
 async def test_concurrent_streams_all_complete(gateway_url: str, internal_url: str, api_key: str) -> None:
     client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
