@@ -51,6 +51,9 @@ class GatewayConfig(_Strict):
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Requests one gateway replica serves at once; beyond it the replica answers 503 `overloaded`."""
+    client_stall_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a streamed response may wait on a client that stopped reading; then the stream ends
+    as a disconnect (aborted at the pool, charged what was produced)."""
     read_timeout_s: float = Field(default=15.0, gt=0)
     """Longest a client may take to send a request's headers and body; then 408 and the connection closes."""
     internal_host: str = "127.0.0.1"

@@ -33,11 +33,12 @@ from serving.errors import (
 from serving.gateway.http import (
     ClientDisconnected,
     RequestIdMiddleware,
+    SSEResponse,
+    StallGuard,
     bearer_token,
     json_response,
     read_json,
     request_id_of,
-    sse_response,
     unless_disconnected,
 )
 from serving.gateway.http_server import guarded_protocol
@@ -115,9 +116,11 @@ class Gateway:
         )
         install_error_handlers(self.internal_app)
         self._add_internal_routes(self.internal_app)
+        self.stall_guard = StallGuard(self.cfg.gateway.client_stall_timeout_s)
         self._tasks = [
             loop.create_task(self.pools.follow_board(self.board)),
             loop.create_task(self._publish_stats()),
+            loop.create_task(self.stall_guard.run()),
         ]
         g = self.cfg.gateway
         self._internal_server = await self._start_http(
@@ -212,7 +215,7 @@ class Gateway:
             await self.service.authorize(prepared, api_key)
             if prepared.stream:
                 stream, _ = await unless_disconnected(request, self.service.stream(prepared))
-                return sse_response(stream, rid, prepared.extra_headers)
+                return SSEResponse(stream, self.stall_guard, prepared.extra_headers)
             result = await unless_disconnected(request, self.service.complete(prepared))
             return json_response(result, rid, prepared.extra_headers)
         except APIError as e:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from serving.errors import InvalidRequestError, PayloadTooLargeError
 
@@ -148,11 +148,91 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def sse_response(body: Any, request_id: str, headers: dict[str, str] | None = None) -> StreamingResponse:
-    """A ``text/event-stream`` response."""
-    return StreamingResponse(
-        body, media_type="text/event-stream", headers={**_SSE_HEADERS, **(headers or {})}
-    )
+class StallGuard:
+    """Bounds how long a response may wait on a client that stopped reading: :class:`SSEResponse`
+    marks each send, and :meth:`run` (one task per gateway replica) cancels a send blocked longer
+    than ``timeout_s``; the stream then ends as a disconnect (aborted at the pool, charged what was
+    produced). Two attribute writes per send, no timer per send."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.live: set[_Send] = set()
+        self.cut = 0
+        """Responses ended because their client stalled."""
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout_s / 4))
+            now = loop.time()
+            for s in list(self.live):
+                if s.since is not None and now - s.since > self.timeout_s and not s.cut:
+                    s.cut = True
+                    self.cut += 1
+                    s.task.cancel()
+
+
+class _Send:
+    __slots__ = ("cut", "since", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.since: float | None = None
+        self.cut = False
+
+
+class SSEResponse(Response):
+    """``text/event-stream`` from an async iterator of bytes. Unlike Starlette's StreamingResponse
+    it needs no task group: the sending task itself is cancelled when the client hangs up (a watcher
+    on ``receive``) or stalls (:class:`StallGuard`), and the body is closed at once either way, so
+    the request settles as soon as the client is gone."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: Any, guard: StallGuard, headers: dict[str, str] | None = None) -> None:
+        self.body_iterator = body
+        self.guard = guard
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**_SSE_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        loop = asyncio.get_running_loop()
+        entry = _Send(me)
+        gone = False
+        over = False
+
+        async def wait_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        def on_gone(w: asyncio.Future[None]) -> None:
+            nonlocal gone
+            if not over and not w.cancelled() and w.exception() is None:
+                gone = True
+                me.cancel()
+
+        watcher = asyncio.ensure_future(wait_gone())
+        watcher.add_done_callback(on_gone)
+        self.guard.live.add(entry)
+        body = self.body_iterator
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in body:
+                entry.since = loop.time()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                entry.since = None
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not (gone or entry.cut) or me.uncancel() > 0:
+                raise
+        finally:
+            over = True
+            watcher.cancel()
+            self.guard.live.discard(entry)
+            await body.aclose()
 
 
 def json_response(obj: Any, request_id: str, headers: dict[str, str] | None = None) -> Response:

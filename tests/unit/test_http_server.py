@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.gateway.http import SSEResponse, StallGuard
 from serving.gateway.http_server import guarded_protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,3 +94,61 @@ async def test_overload_is_an_openai_503_and_idle_sockets_do_not_count() -> None
             assert (await c.get("/slow")).status_code == 200  # served again, idle sockets or not
         for _reader, writer in idle:
             writer.close()
+
+
+async def _sse_server(guard: StallGuard, events: list[str]) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                events.append("chunk")
+                yield b"data: " + b"x" * 65536 + b"\n\n"
+                await asyncio.sleep(0)
+        finally:
+            events.append("closed")
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await SSEResponse(body(), guard)(scope, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    task = asyncio.ensure_future(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    return srv, task, sock.getsockname()[1]
+
+
+async def test_a_stream_whose_client_stops_reading_is_cut_and_closed() -> None:
+    guard = StallGuard(timeout_s=0.3)
+    watchdog = asyncio.ensure_future(guard.run())
+    events: list[str] = []
+    srv, task, port = await _sse_server(guard, events)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")  # then never reads
+    async with asyncio.timeout(20):
+        while "closed" not in events:
+            await asyncio.sleep(0.01)
+    assert guard.cut == 1 and not guard.live
+    sent = events.count("chunk")
+    assert sent < 2000  # bounded by the socket buffers, not by the body (endless)
+    writer.close()
+    watchdog.cancel()
+    srv.should_exit = True
+    await task
+
+
+async def test_a_stream_whose_client_hangs_up_is_closed_at_once() -> None:
+    guard = StallGuard(timeout_s=60)
+    events: list[str] = []
+    srv, task, port = await _sse_server(guard, events)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await reader.readexactly(1000)  # the stream is flowing
+    writer.close()
+    async with asyncio.timeout(10):
+        while "closed" not in events:
+            await asyncio.sleep(0.01)
+    assert guard.cut == 0 and not guard.live
+    srv.should_exit = True
+    await task
