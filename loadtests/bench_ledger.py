@@ -22,20 +22,14 @@ from typing import Any
 
 import ray
 
-from serving.metering import (
-    ActorTransport,
-    LedgerClient,
-    Meter,
-    MeteringConfig,
-    SocketTransport,
-    get_or_create_ledger_actor,
-)
+from serving.metering import LedgerClient, Meter, MeteringConfig
+from serving.metering._actor import ActorTransport, get_or_create_ledger_actor
+from serving.metering._ops import Audit, Stats
 from serving.tenancy import TenantCreate, TenantLimits
 
 
 def make_meter(ledger: Any, transport: str) -> Meter:
-    actor = ActorTransport(ledger)
-    return Meter(LedgerClient(SocketTransport(actor) if transport == "socket" else actor))
+    return Meter(LedgerClient(ActorTransport(ledger, socket=transport == "socket")))
 
 
 class Replica:
@@ -121,8 +115,8 @@ def main() -> None:
         )
         total = sum(n for n, _, _ in results)
         elapsed = max(e for _, _, e in results) - min(s for _, s, _ in results)
-        stats = ray.get(ledger.read.remote("stats"))
-        problems = ray.get(ledger.read.remote("audit"))
+        stats = ray.get(ledger.read.remote(Stats()))
+        problems = ray.get(ledger.read.remote(Audit()))
         h = stats.commit_latency
         print(
             f"transport={args.transport} replicas={args.replicas} concurrency={args.concurrency} pairs={total} elapsed_s={elapsed:.2f}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import pickle
 import secrets
 import struct
 from typing import Any, Generic, TypeVar
@@ -24,14 +23,14 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 __all__ = [
+    "HANDSHAKE_TIMEOUT_S",
     "SECRET_BYTES",
     "AuthError",
     "Codec",
     "FrameError",
-    "check_secret",
-    "frame",
+    "client_handshake",
     "new_secret",
-    "read_frame",
+    "server_handshake",
 ]
 
 SECRET_BYTES = 32
@@ -92,13 +91,6 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
         raise AuthError("wrong link secret")
 
 
-async def check_secret(reader: asyncio.StreamReader, secret: bytes) -> None:
-    """Read the client's first bytes and raise :class:`AuthError` unless they are ``secret``."""
-    got = await reader.readexactly(SECRET_BYTES)
-    if not hmac.compare_digest(got, secret):
-        raise AuthError("wrong link secret")
-
-
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -126,17 +118,3 @@ class Codec(Generic[T]):
         if n > MAX_FRAME:
             raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
         return self.decode(await reader.readexactly(n))
-
-
-# -- pickle frames: the ledger socket's until its operations are typed structs (then these go) -----
-def frame(obj: Any) -> bytes:
-    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(body)) + body
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    head = await reader.readexactly(_LEN.size)
-    (n,) = _LEN.unpack(head)
-    if n > MAX_FRAME:
-        raise FrameError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-    return pickle.loads(await reader.readexactly(n))

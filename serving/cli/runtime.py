@@ -73,14 +73,14 @@ def ensure_demo_key(cfg: TokenweirConfig) -> str | None:
     later starts print the same key from there. None when metering is off."""
     import asyncio
 
-    from serving.metering import ActorTransport, LedgerClient, get_or_create_ledger_actor
+    from serving.metering import connect
     from serving.tenancy import ensure_demo_tenant
 
     m = cfg.metering_config()
     if not m.enabled:
         return None
     path = Path(str(m.state_dir)) / "demo_key"
-    client = LedgerClient(ActorTransport(get_or_create_ledger_actor(m, namespace=cfg.ray.namespace)))
+    client = connect(m, namespace=cfg.ray.namespace)
     _, key = asyncio.run(ensure_demo_tenant(client))
     if key:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

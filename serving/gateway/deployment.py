@@ -47,7 +47,7 @@ from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
 from serving.gateway.transport import ChannelTransport
 from serving.logs import route_logs_to_serve
-from serving.metering import ActorTransport, LedgerClient, Meter, SocketTransport, get_or_create_ledger_actor
+from serving.metering import Meter, connect
 from serving.metrics import BoardCollector, render
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.pools.replica import node_ip, replica_id
@@ -135,8 +135,7 @@ class Gateway:
         mcfg = self.cfg.metering
         if not mcfg.enabled:
             return Meter(None, enabled=False)
-        actor = get_or_create_ledger_actor(mcfg, namespace=self.cfg.ray.namespace)
-        client = LedgerClient(SocketTransport(ActorTransport(actor)), max_batch_ops=mcfg.max_batch_ops)
+        client = connect(mcfg, namespace=self.cfg.ray.namespace)
         admin_key = mcfg.admin_key or os.environ.get(mcfg.admin_key_env)
         self.app.include_router(make_tenancy_router(client, admin_key))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)

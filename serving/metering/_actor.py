@@ -1,29 +1,36 @@
-"""The ledger as a named Ray actor shared by every gateway replica, and its client transport.
+"""The ledger as a named Ray actor shared by every gateway replica, and how a client reaches it.
 
 The actor is detached and restartable (``max_restarts=-1``): if its process dies, Ray starts it
 again on the same file, and the crash rule in :mod:`._core` applies. Calls do not retry inside Ray
-(``max_task_retries=0``); :class:`ActorTransport` resends idempotent batches itself until the
-ledger is back or a deadline passes.
+(``max_task_retries=0``); :class:`ActorTransport` resends hot batches itself until the ledger is
+back or a deadline passes. Both ends of the ledger socket live in :mod:`._socket`, which knows
+nothing of Ray; this module serves it from the actor and opens it from the address the actor gives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
+from serving.errors import LedgerUnavailableError
 from serving.priority import run_at_normal_priority
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
-from ._socket import LedgerSocketServer
+from ._ops import AdminOp, HotOp, HotResult, Op, Read
+from ._socket import Endpoint, LedgerLink, LedgerSocketServer
 
-__all__ = ["LedgerActor", "get_or_create_ledger_actor"]
+__all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
 
-_UNAVAILABLE = "The usage ledger is unavailable; retry later."
+log = logging.getLogger("tokenweir.ledger")
 
 
 class LedgerActor:
@@ -44,13 +51,13 @@ class LedgerActor:
         await asyncio.shield(self._started)
         return self._core
 
-    async def apply(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+    async def apply(self, ops: Sequence[Op]) -> list[Any]:
         return await (await self._ready()).apply(ops)
 
-    async def read(self, name: str, *args: Any) -> Any:
-        return await (await self._ready()).read(name, *args)
+    async def read(self, op: Read) -> Any:
+        return await (await self._ready()).read(op)
 
-    async def endpoint(self) -> tuple[str, int, bytes]:
+    async def endpoint(self) -> Endpoint:
         """Start the ledger and its socket if needed; return ``(host, port, secret)`` of the socket."""
         core = await self._ready()
         if self._socket is None:
@@ -93,3 +100,55 @@ def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "toke
         max_concurrency=1000,
         num_cpus=0,
     ).remote(config.model_dump_json())
+
+
+def _unavailable(message: str = "The usage ledger is unavailable; retry later.") -> LedgerUnavailableError:
+    return LedgerUnavailableError(message, headers={"retry-after": "1"})
+
+
+class ActorTransport:
+    """A :class:`~._client.LedgerTransport` to the ledger actor: hot batches on its socket (as actor
+    calls with ``socket=False``, for comparison), admin operations and reads as actor calls.
+
+    Hot batches are resent, with back-off, while Ray restarts the ledger, for up to
+    ``restart_deadline_s``; then the caller sees :class:`LedgerUnavailableError`."""
+
+    def __init__(self, handle: Any, *, socket: bool = True, restart_deadline_s: float = 60.0) -> None:
+        self.handle = handle
+        self.restart_deadline_s = restart_deadline_s
+        self._link = LedgerLink(self._endpoint) if socket else None
+
+    async def _endpoint(self) -> Endpoint:
+        return await self.handle.endpoint.remote()  # type: ignore[no-any-return]
+
+    async def hot(self, ops: list[HotOp]) -> list[HotResult]:
+        deadline = time.monotonic() + self.restart_deadline_s
+        delay_s = 0.05
+        while True:
+            try:
+                if self._link is not None:
+                    return await self._link.call(ops)
+                return await self.handle.apply.remote(ops)  # type: ignore[no-any-return]
+            except (ConnectionError, OSError, RayActorError) as e:
+                if time.monotonic() + delay_s > deadline:
+                    raise _unavailable() from e
+                log.info("ledger unreachable (%s); resending", e)
+                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the ledger
+                delay_s = min(1.0, delay_s * 2)
+
+    async def admin(self, op: AdminOp) -> Any:
+        try:
+            (result,) = await self.handle.apply.remote([op])
+        except RayActorError as e:
+            raise _unavailable() from e
+        return result
+
+    async def read(self, op: Read) -> Any:
+        try:
+            return await self.handle.read.remote(op)
+        except RayActorError as e:
+            raise _unavailable() from e
+
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()

@@ -1,7 +1,7 @@
 """Tenant and key administration applied to the ledger state (and its batch), plus loading.
 
-Validation happens here, before anything changes: an operation that raises leaves state and batch
-untouched.
+Each method takes its operation's struct (:mod:`._ops`). Validation happens here, before anything
+changes: an operation that raises leaves state and batch untouched.
 """
 
 from __future__ import annotations
@@ -11,16 +11,9 @@ import re
 import sqlite3
 
 from serving.errors import ConflictError, InvalidInputError, NotFoundError
-from serving.tenancy import (
-    ApiKeyView,
-    TenantCreate,
-    TenantLimits,
-    TenantUpdate,
-    TenantView,
-    credits_to_ucredits,
-    ucredits_to_credits,
-)
+from serving.tenancy import ApiKeyView, TenantLimits, TenantView, credits_to_ucredits, ucredits_to_credits
 
+from ._ops import AddKey, CreateTenant, RevokeKey, TopUp, UpdateTenant
 from ._state import KeyRecord, LedgerState, OpenReservation, TenantRecord
 from ._store import dumps_models
 
@@ -69,7 +62,8 @@ class AdminOps:
             raise NotFoundError(f"No tenant {tenant_id!r}.", param="tenant_id")
         return t
 
-    def create_tenant(self, spec: TenantCreate, now: float, ts: float) -> TenantView:
+    def create_tenant(self, op: CreateTenant, now: float, ts: float) -> TenantView:
+        spec = op.spec
         tenant_id = spec.tenant_id or _slug(spec.name)
         if tenant_id in self.s.tenants:
             raise ConflictError(f"Tenant {tenant_id!r} already exists.", param="tenant_id")
@@ -112,7 +106,8 @@ class AdminOps:
             )
         )
 
-    def update_tenant(self, tenant_id: str, u: TenantUpdate, now: float, ts: float) -> TenantView:
+    def update_tenant(self, op: UpdateTenant, now: float, ts: float) -> TenantView:
+        tenant_id, u = op.tenant_id, op.update
         t = self.tenant(tenant_id)
         if u.allow_all_models and u.allowed_models is not None:
             raise InvalidInputError(
@@ -137,34 +132,29 @@ class AdminOps:
         )
         return tenant_view(t)
 
-    def top_up(self, tenant_id: str, credits: float, note: str, ts: float) -> TenantView:
-        t = self.tenant(tenant_id)
-        ucredits = credits_to_ucredits(credits)
+    def top_up(self, op: TopUp, ts: float) -> TenantView:
+        t = self.tenant(op.tenant_id)
+        ucredits = credits_to_ucredits(op.credits)
         if ucredits <= 0:
-            raise InvalidInputError(f"credits must be positive (got {credits}).", param="credits")
+            raise InvalidInputError(f"credits must be positive (got {op.credits}).", param="credits")
         t.balance_ucredits += ucredits
-        self._grant(tenant_id, ucredits, note, ts)
-        self.s.batch.set_balance(tenant_id, t.balance_ucredits)
+        self._grant(t.tenant_id, ucredits, op.note, ts)
+        self.s.batch.set_balance(t.tenant_id, t.balance_ucredits)
         return tenant_view(t)
 
-    def add_key(
-        self, tenant_id: str, key_id: str, key_hash: str, display_prefix: str, name: str, ts: float
-    ) -> ApiKeyView:
-        self.tenant(tenant_id)
-        if key_hash in self.s.keys_by_hash or key_id in self.s.keys_by_id:
+    def add_key(self, op: AddKey, ts: float) -> ApiKeyView:
+        self.tenant(op.tenant_id)
+        if op.key_hash in self.s.keys_by_hash or op.key_id in self.s.keys_by_id:
             raise ConflictError("Key already exists.", param="key_id")
-        k = KeyRecord(key_id, tenant_id, key_hash, display_prefix, name, ts)
-        self.s.keys_by_hash[key_hash] = k
-        self.s.keys_by_id[key_id] = k
-        self.s.batch.statements.append(
-            (
-                "INSERT INTO api_keys VALUES (?,?,?,?,?,?,NULL)",
-                (key_id, tenant_id, key_hash, display_prefix, name, ts),
-            )
-        )
+        k = KeyRecord(op.key_id, op.tenant_id, op.key_hash, op.display_prefix, op.name, ts)
+        self.s.keys_by_hash[k.key_hash] = k
+        self.s.keys_by_id[k.key_id] = k
+        row = (k.key_id, k.tenant_id, k.key_hash, k.display_prefix, k.name, ts)
+        self.s.batch.statements.append(("INSERT INTO api_keys VALUES (?,?,?,?,?,?,NULL)", row))
         return key_view(k)
 
-    def revoke_key(self, key_id: str, ts: float) -> ApiKeyView:
+    def revoke_key(self, op: RevokeKey, ts: float) -> ApiKeyView:
+        key_id = op.key_id
         k = self.s.keys_by_id.get(key_id)
         if k is None:
             raise NotFoundError(f"No key {key_id!r}.", param="key_id")

@@ -1,16 +1,20 @@
-"""The gateway side of the ledger: coalesces a replica's operations into batched calls.
+"""The gateway side of the ledger: how a process gets a client, and the client's batching.
 
-Every gateway replica holds one :class:`LedgerClient`. Operations submitted in the same event-loop
-tick (and those that arrive while a call is in flight) travel as one call, so the per-request cost
-of talking to the single writer is a fraction of a round trip. Two transports: the ledger in this
-process (:class:`LocalTransport`) or the shared Ray actor (:class:`ActorTransport`).
+:func:`connect` is the one way a gateway replica (or a CLI command beside a running gateway) reaches
+the shared ledger actor; :func:`local_ledger` opens the ledger file in this process instead (the CLI
+on a stopped gateway, tests). Either gives a :class:`LedgerClient`, which coalesces the replica's
+hot operations: those submitted in the same event-loop tick (and those that arrive while a call is
+in flight) travel as one call, so the per-request cost of talking to the single writer is a
+fraction of a round trip. The client builds the typed operations of :mod:`._ops`; a transport
+(:class:`LedgerTransport`) only carries them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from serving.errors import APIError, AuthenticationError, LedgerUnavailableError
@@ -21,40 +25,91 @@ from serving.tenancy import (
     TenantCreate,
     TenantUpdate,
     TenantView,
-    TopUp,
     UsageSummary,
     generate_api_key,
     hash_api_key,
     looks_like_api_key,
 )
+from serving.tenancy import TopUp as TopUpRequest
 
+from ._actor import ActorTransport, get_or_create_ledger_actor
+from ._config import MeteringConfig
 from ._core import LedgerCore
+from ._ops import (
+    AddKey,
+    AdminOp,
+    Audit,
+    CreateTenant,
+    ExportUsage,
+    GetTenant,
+    HotOp,
+    HotResult,
+    ListKeys,
+    ListTenants,
+    Read,
+    RevokeKey,
+    Stats,
+    SummarizeUsage,
+    TenantForKeyHash,
+    TopUp,
+    UpdateTenant,
+)
 from ._stats import LedgerStats
 
-__all__ = ["LedgerClient", "LedgerTransport", "LocalTransport"]
+__all__ = ["LedgerClient", "LedgerTransport", "LocalTransport", "connect", "local_ledger"]
 
 
 class LedgerTransport(Protocol):
     """How a client reaches the ledger."""
 
-    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
-        """Write path; ``retry`` allows resending after the ledger restarted (idempotent ops only)."""
+    async def hot(self, ops: list[HotOp]) -> list[HotResult]:
+        """A batch of hot operations; may be resent after the ledger restarted (they are idempotent)."""
         ...
 
-    async def read(self, name: str, *args: Any) -> Any: ...
+    async def admin(self, op: AdminOp) -> Any:
+        """One admin operation, applied at most once (never resent)."""
+        ...
+
+    async def read(self, op: Read) -> Any: ...
 
 
 class LocalTransport:
-    """The ledger runs in this process (tests, the CLI on a stopped gateway, single-process serve)."""
+    """The ledger runs in this process (tests, the CLI on a stopped gateway)."""
 
     def __init__(self, core: LedgerCore) -> None:
         self.core = core
 
-    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
+    async def hot(self, ops: list[HotOp]) -> list[HotResult]:
         return await self.core.apply(ops)
 
-    async def read(self, name: str, *args: Any) -> Any:
-        return await self.core.read(name, *args)
+    async def admin(self, op: AdminOp) -> Any:
+        (result,) = await self.core.apply([op])
+        return result
+
+    async def read(self, op: Read) -> Any:
+        return await self.core.read(op)
+
+
+def connect(config: MeteringConfig, *, namespace: str) -> LedgerClient:
+    """The client of the cluster's ledger actor (created on first use; every replica shares it):
+    hot operations on the ledger's socket, admin operations and reads as Ray actor calls."""
+    actor = get_or_create_ledger_actor(config, namespace=namespace)
+    return LedgerClient(ActorTransport(actor), max_batch_ops=config.max_batch_ops)
+
+
+@asynccontextmanager
+async def local_ledger(config: MeteringConfig) -> AsyncIterator[LedgerClient]:
+    """A :class:`LedgerClient` over a ledger started here on ``config.ledger_path``.
+
+    Raises :class:`LedgerLockedError` while another process (a running gateway's ledger actor) holds
+    the file: use the admin HTTP API then.
+    """
+    core = LedgerCore(config)
+    await core.start()
+    try:
+        yield LedgerClient(LocalTransport(core), max_batch_ops=config.max_batch_ops)
+    finally:
+        await core.close()
 
 
 class _Coalescer:
@@ -62,21 +117,21 @@ class _Coalescer:
 
     def __init__(
         self,
-        send: Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]],
+        send: Callable[[list[HotOp]], Awaitable[list[HotResult]]],
         max_batch: int,
         max_in_flight: int,
     ) -> None:
         self._send = send
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._ops: list[tuple[Any, ...]] = []
-        self._futs: list[asyncio.Future[Any]] = []
+        self._ops: list[HotOp] = []
+        self._futs: list[asyncio.Future[HotResult]] = []
         self._in_flight = 0
         self._scheduled = False
 
-    def submit(self, op: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def submit(self, op: HotOp) -> asyncio.Future[HotResult]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[HotResult] = loop.create_future()
         self._ops.append(op)
         self._futs.append(fut)
         if not self._scheduled and self._in_flight < self._max_in_flight:
@@ -95,7 +150,7 @@ class _Coalescer:
             # that request ends or is cancelled.
             asyncio.get_running_loop().create_task(self._call(ops, futs), context=contextvars.Context())
 
-    async def _call(self, ops: list[tuple[Any, ...]], futs: list[asyncio.Future[Any]]) -> None:
+    async def _call(self, ops: list[HotOp], futs: list[asyncio.Future[HotResult]]) -> None:
         try:
             results = await self._send(ops)
         except BaseException as e:
@@ -129,99 +184,69 @@ class LedgerClient:
         self, transport: LedgerTransport, *, max_batch_ops: int = 4096, max_in_flight: int = 2
     ) -> None:
         self.transport = transport
-        self._hot = _Coalescer(self._send_hot, max_batch_ops, max_in_flight)
+        self._hot = _Coalescer(transport.hot, max_batch_ops, max_in_flight)
 
-    async def _send_hot(self, ops: list[tuple[Any, ...]]) -> list[Any]:
-        return await self.transport.apply(ops, retry=True)
-
-    # -- hot path (idempotent, batched) -----------------------------------------------------------
-    def reserve(
-        self,
-        request_id: str,
-        key_hash: str,
-        model: str,
-        prompt_tokens: int,
-        max_tokens: int | None,
-        model_max_len: int | None,
-    ) -> asyncio.Future[Any]:
-        """A future of a :class:`Reservation` or a :class:`Refusal`."""
-        return self._hot.submit(
-            ("reserve", request_id, key_hash, model, prompt_tokens, max_tokens, model_max_len)
-        )
-
-    def settle(
-        self,
-        request_id: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        outcome: str,
-        pool: str,
-        gpu_type: str,
-    ) -> asyncio.Future[Any]:
-        """A future of a :class:`Settlement`."""
-        return self._hot.submit(
-            ("settle", request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type)
-        )
-
-    def progress(self, request_id: str, completion_tokens: int) -> asyncio.Future[Any]:
-        return self._hot.submit(("progress", request_id, completion_tokens))
+    def submit(self, op: HotOp) -> asyncio.Future[HotResult]:
+        """Send a hot operation with the others of this tick; a future of its result (for
+        :class:`Reserve` a :class:`Reservation` or a :class:`Refusal`, for :class:`Settle` a
+        :class:`Settlement`, for :class:`Progress` whether the request was open)."""
+        return self._hot.submit(op)
 
     # -- admin (not retried: a top-up must not apply twice) ----------------------------------------
-    async def _admin(self, *op: Any) -> Any:
-        (result,) = await self.transport.apply([op], retry=False)
-        return _unwrap(result)
+    async def _admin(self, op: AdminOp) -> Any:
+        return _unwrap(await self.transport.admin(op))
 
-    async def _read(self, name: str, *args: Any) -> Any:
-        return _unwrap(await self.transport.read(name, *args))
+    async def _read(self, op: Read) -> Any:
+        return _unwrap(await self.transport.read(op))
 
     async def create_tenant(self, spec: TenantCreate) -> TenantView:
-        return await self._admin("create_tenant", spec.model_dump())
+        return await self._admin(CreateTenant(spec))
 
     async def update_tenant(self, tenant_id: str, update: TenantUpdate) -> TenantView:
-        return await self._admin("update_tenant", tenant_id, update.model_dump(exclude_unset=True))
+        return await self._admin(UpdateTenant(tenant_id, update))
 
-    async def top_up(self, tenant_id: str, top_up: TopUp) -> TenantView:
-        return await self._admin("top_up", tenant_id, top_up.credits, top_up.note)
+    async def top_up(self, tenant_id: str, top_up: TopUpRequest) -> TenantView:
+        return await self._admin(TopUp(tenant_id, top_up.credits, top_up.note))
 
     async def create_key(self, tenant_id: str, name: str = "") -> CreatedApiKey:
         """Mint a key here (the plaintext never reaches the ledger) and register its hash."""
         key = generate_api_key()
         view: ApiKeyView = await self._admin(
-            "add_key", tenant_id, key.key_id, key.key_hash, key.display_prefix, name
+            AddKey(tenant_id, key.key_id, key.key_hash, key.display_prefix, name)
         )
         return CreatedApiKey(**view.model_dump(), api_key=key.plaintext)
 
     async def revoke_key(self, key_id: str) -> ApiKeyView:
-        return await self._admin("revoke_key", key_id)
+        return await self._admin(RevokeKey(key_id))
 
     async def list_tenants(self) -> list[TenantView]:
-        return await self._read("list_tenants")
+        return await self._read(ListTenants())
 
     async def get_tenant(self, tenant_id: str) -> TenantView:
-        return await self._read("get_tenant", tenant_id)
+        return await self._read(GetTenant(tenant_id))
 
     async def list_keys(self, tenant_id: str) -> list[ApiKeyView]:
-        return await self._read("list_keys", tenant_id)
+        return await self._read(ListKeys(tenant_id))
 
     async def tenant_for_key(self, api_key: str) -> str:
         tenant_id = None
         if looks_like_api_key(api_key):
-            tenant_id = await self._read("tenant_for_key_hash", hash_api_key(api_key))
+            tenant_id = await self._read(TenantForKeyHash(hash_api_key(api_key)))
         if tenant_id is None:
             raise AuthenticationError("Incorrect API key provided.")
         return tenant_id
 
     async def usage_summary(self, tenant_id: str, since_ts: float | None = None) -> UsageSummary:
-        return await self._read("usage_summary", tenant_id, since_ts)
+        return await self._read(SummarizeUsage(tenant_id, since_ts))
 
     async def export_usage(
         self, tenant_id: str | None, since_ts: float | None, until_ts: float | None, fmt: ExportFormat
     ) -> str:
-        return await self._read("export_usage", tenant_id, since_ts, until_ts, fmt)
+        return await self._read(ExportUsage(tenant_id, since_ts, until_ts, fmt))
 
     async def stats(self) -> LedgerStats:
-        return await self._read("stats")
+        return await self._read(Stats())
 
     async def audit(self) -> list[str]:
         """Ledger invariant violations; empty when balances match grants minus charges."""
-        return await self._read("audit")
+        return await self._read(Audit())

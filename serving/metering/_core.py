@@ -1,6 +1,7 @@
 """The ledger: one writer over SQLite with group commit. Runs in-process or inside the Ray actor.
 
-Write path: :meth:`LedgerCore.apply` takes a list of operations (from one gateway replica's batch),
+Write path: :meth:`LedgerCore.apply` takes a list of operations (the structs of :mod:`._ops`, from
+one gateway replica's batch; each dispatched by ``match`` on its type),
 applies each to the in-memory :class:`LedgerState` at once and in order (this is where quota is
 enforced, exactly, because there is one writer), then waits until the rows they changed are
 committed. One background task commits: it takes everything written since the last commit as one
@@ -32,23 +33,36 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, assert_never
 
 from serving.errors import APIError
-from serving.tenancy import (
-    RateLimitState,
-    TenantCreate,
-    TenantLimits,
-    TenantUpdate,
-    UsageRow,
-    UsageSummary,
-    ucredits_to_credits,
-)
+from serving.tenancy import RateLimitState, TenantLimits, UsageRow, UsageSummary, ucredits_to_credits
 
 from ._admin import AdminOps, key_view, load_state, tenant_view
 from ._config import MeteringConfig
+from ._ops import (
+    AddKey,
+    Audit,
+    CreateTenant,
+    ExportUsage,
+    GetTenant,
+    ListKeys,
+    ListTenants,
+    Op,
+    Progress,
+    Read,
+    Reservation,
+    Reserve,
+    RevokeKey,
+    Settle,
+    Stats,
+    SummarizeUsage,
+    TenantForKeyHash,
+    TopUp,
+    UpdateTenant,
+)
 from ._policy import ModelPrice
 from ._state import LedgerState
 from ._stats import LedgerStats
@@ -183,87 +197,91 @@ class LedgerCore:
             await self._durable()
         return len(done)
 
-    async def apply(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+    async def apply(self, ops: Sequence[Op]) -> list[Any]:
         """Apply operations in order; return their results once every change is durable.
 
-        Operations: ``("reserve", request_id, key_hash, model, prompt_tokens, max_tokens|None,
-        model_max_len|None)``, ``("settle", request_id, prompt_tokens, completion_tokens, outcome,
-        pool, gpu_type)``, ``("progress", request_id, completion_tokens)``, and the admin ones
-        (``create_tenant``, ``update_tenant``, ``top_up``, ``add_key``, ``revoke_key``). An admin
-        operation that fails returns its :class:`serving.errors.APIError` as the result.
+        An admin operation that fails returns its :class:`serving.errors.APIError` as the result.
         """
         now, ts = self._clock(), self._wall()
-        st, results, wrote = self._state, [], False
+        results, wrote = [], False
         for op in ops:
-            kind = op[0]
-            if kind == "reserve":
-                res: Any = st.reserve(op[1], op[2], op[3], op[4], op[5], op[6], now, ts)
-                wrote = wrote or hasattr(res, "reserved_ucredits")
-            elif kind == "settle":
-                charge = None
-                if op[1] not in st.open and op[1] not in st.recent_settled and self._store is not None:
-                    charge = self._store.settled_charge(op[1])  # rare: a settlement replayed after restart
-                res = st.settle(op[1], op[2], op[3], op[4], op[5], op[6], now, ts, charge)
-                wrote = wrote or not (res.duplicate or res.unknown)
-            elif kind == "progress":
-                res = st.progress(op[1], op[2])
-                wrote = wrote or res
-            else:
-                try:
-                    res = self._apply_admin(op, now, ts)
-                    wrote = True
-                except APIError as e:
-                    res = e
+            try:
+                res, changed = self._apply_one(op, now, ts)
+            except APIError as e:
+                res, changed = e, False
             results.append(res)
+            wrote = wrote or changed
         self._stats.ops_total += len(ops)
         if wrote:
             await self._durable()
         return results
 
-    def _apply_admin(self, op: tuple[Any, ...], now: float, ts: float) -> Any:
-        a = self._admin
-        if op[0] == "create_tenant":
-            return a.create_tenant(TenantCreate.model_validate(op[1]), now, ts)
-        if op[0] == "update_tenant":
-            return a.update_tenant(op[1], TenantUpdate.model_validate(op[2]), now, ts)
-        if op[0] == "top_up":
-            return a.top_up(op[1], op[2], op[3], ts)
-        if op[0] == "add_key":
-            return a.add_key(op[1], op[2], op[3], op[4], op[5], ts)
-        if op[0] == "revoke_key":
-            return a.revoke_key(op[1], ts)
-        raise ValueError(f"unknown ledger operation {op[0]!r}")
+    def _apply_one(self, op: Op, now: float, ts: float) -> tuple[Any, bool]:
+        """One operation's result and whether it changed anything that must be committed."""
+        st, a = self._state, self._admin
+        match op:
+            case Reserve():
+                res = st.reserve(op, now, ts)
+                return res, isinstance(res, Reservation)
+            case Settle(request_id=rid):
+                charge = None
+                if rid not in st.open and rid not in st.recent_settled and self._store is not None:
+                    charge = self._store.settled_charge(rid)  # rare: a settlement replayed after restart
+                s = st.settle(op, now, ts, charge)
+                return s, not (s.duplicate or s.unknown)
+            case Progress(request_id, completion_tokens):
+                was_open = st.progress(request_id, completion_tokens)
+                return was_open, was_open
+            case CreateTenant():
+                return a.create_tenant(op, now, ts), True
+            case UpdateTenant():
+                return a.update_tenant(op, now, ts), True
+            case TopUp():
+                return a.top_up(op, ts), True
+            case AddKey():
+                return a.add_key(op, ts), True
+            case RevokeKey():
+                return a.revoke_key(op, ts), True
+            case _:
+                assert_never(op)
 
     # -- read path ---------------------------------------------------------------------------------
-    async def read(self, name: str, *args: Any) -> Any:
-        """Reads: ``list_tenants``, ``get_tenant``, ``list_keys``, ``tenant_for_key_hash``,
-        ``usage_summary``, ``export_usage``, ``stats``, ``audit``. Errors are returned, not raised."""
+    async def read(self, op: Read) -> Any:
+        """The answer to a read; an error (an unknown tenant) is returned, not raised."""
+        st = self._state
         try:
-            return await getattr(self, f"_read_{name}")(*args)
+            match op:
+                case ListTenants():
+                    return [tenant_view(t) for t in st.tenants.values()]
+                case GetTenant(tenant_id):
+                    return tenant_view(self._admin.tenant(tenant_id))
+                case ListKeys(tenant_id):
+                    self._admin.tenant(tenant_id)
+                    return [key_view(k) for k in st.keys_by_id.values() if k.tenant_id == tenant_id]
+                case TenantForKeyHash(key_hash):
+                    k = st.keys_by_hash.get(key_hash)
+                    return None if k is None or k.revoked_at is not None else k.tenant_id
+                case SummarizeUsage():
+                    return await self._usage_summary(op)
+                case ExportUsage():
+                    return await self._export_usage(op)
+                case Stats():
+                    return self._snapshot()
+                case Audit():
+                    assert self._store is not None
+                    return await self._in_reader(self._store.audit)
+                case _:
+                    assert_never(op)
         except APIError as e:
             return e
 
     async def _in_reader(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
 
-    async def _read_list_tenants(self) -> Any:
-        return [tenant_view(t) for t in self._state.tenants.values()]
-
-    async def _read_get_tenant(self, tenant_id: str) -> Any:
-        return tenant_view(self._admin.tenant(tenant_id))
-
-    async def _read_list_keys(self, tenant_id: str) -> Any:
-        self._admin.tenant(tenant_id)
-        return [key_view(k) for k in self._state.keys_by_id.values() if k.tenant_id == tenant_id]
-
-    async def _read_tenant_for_key_hash(self, key_hash: str) -> Any:
-        k = self._state.keys_by_hash.get(key_hash)
-        return None if k is None or k.revoked_at is not None else k.tenant_id
-
-    async def _read_usage_summary(self, tenant_id: str, since_ts: float | None) -> Any:
-        t = self._admin.tenant(tenant_id)
+    async def _usage_summary(self, op: SummarizeUsage) -> UsageSummary:
+        t = self._admin.tenant(op.tenant_id)
         assert self._store is not None
-        rows = await self._in_reader(self._store.usage_by_day, tenant_id, since_ts)
+        rows = await self._in_reader(self._store.usage_by_day, op.tenant_id, op.since_ts)
         now = self._clock()
         rate = {
             kind: RateLimitState(limit=b.capacity, remaining=int(b.level(now)), reset_s=b.reset_s(now))
@@ -293,14 +311,12 @@ class LedgerCore:
             ],
         )
 
-    async def _read_export_usage(
-        self, tenant_id: str | None, since: float | None, until: float | None, fmt: str
-    ) -> Any:
-        if tenant_id is not None:
-            self._admin.tenant(tenant_id)
+    async def _export_usage(self, op: ExportUsage) -> str:
+        if op.tenant_id is not None:
+            self._admin.tenant(op.tenant_id)
         assert self._store is not None
-        rows = await self._in_reader(self._store.export, tenant_id, since, until)
-        if fmt == "json":
+        rows = await self._in_reader(self._store.export, op.tenant_id, op.since_ts, op.until_ts)
+        if op.fmt == "json":
             return json.dumps([dict(zip(EXPORT_COLUMNS, r, strict=True)) for r in rows])
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -308,11 +324,7 @@ class LedgerCore:
         w.writerows(rows)
         return buf.getvalue()
 
-    async def _read_audit(self) -> Any:
-        assert self._store is not None
-        return await self._in_reader(self._store.audit)
-
-    async def _read_stats(self) -> Any:
+    def _snapshot(self) -> LedgerStats:
         st, now = self._state, self._clock()
         s = self._stats
         snap = LedgerStats(

@@ -2,7 +2,7 @@
 
 ::
 
-    meter = Meter(LedgerClient(ActorTransport(get_or_create_ledger_actor(cfg))))
+    meter = Meter(connect(cfg, namespace=ns), default_max_tokens=cfg.default_max_tokens)
     res = await meter.authorize(api_key, model, prompt_tokens, body.max_tokens, request_id,
                                 model_max_len=ctx_len)       # raises a serving.errors.APIError
     try:
@@ -18,8 +18,8 @@ from serving.tenancy import hash_api_key, looks_like_api_key
 
 from ._budget import TokenBudget
 from ._client import LedgerClient
+from ._ops import Progress, Refusal, Reservation, Reserve, Settle, Settlement, error_for
 from ._stats import LedgerCollector, LedgerStats
-from ._types import Refusal, Reservation, Settlement, error_for
 
 __all__ = ["Meter"]
 
@@ -60,11 +60,11 @@ class Meter:
         if not looks_like_api_key(api_key):
             raise AuthenticationError("Incorrect API key provided.")
         assert self.client is not None
-        result = await self.client.reserve(
-            request_id, hash_api_key(api_key), model, prompt_tokens, max_tokens, model_max_len
-        )
+        op = Reserve(request_id, hash_api_key(api_key), model, prompt_tokens, max_tokens, model_max_len)
+        result = await self.client.submit(op)
         if isinstance(result, Refusal):
             raise error_for(result)
+        assert isinstance(result, Reservation)
         return result
 
     async def settle(
@@ -83,16 +83,17 @@ class Meter:
         if not self.enabled:
             return Settlement(reservation.request_id, 0, 0)
         assert self.client is not None
-        return await self.client.settle(
-            reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type
-        )
+        op = Settle(reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type)
+        result = await self.client.submit(op)
+        assert isinstance(result, Settlement)
+        return result
 
     async def progress(self, reservation: Reservation, completion_tokens: int) -> None:
         """Optionally record tokens produced so far, so that a request whose gateway dies is charged
         for them (see the crash rule in :mod:`serving.metering._core`). Cheap: it is batched."""
         if self.enabled:
             assert self.client is not None
-            await self.client.progress(reservation.request_id, completion_tokens)
+            await self.client.submit(Progress(reservation.request_id, completion_tokens))
 
     async def refresh_metrics(self) -> LedgerStats:
         """Fetch the ledger's stats into :attr:`collector` (call before rendering ``/metrics``)."""

@@ -1,16 +1,20 @@
-"""The ledger's hot path over a direct TCP link instead of Ray actor calls.
+"""The ledger socket: hot batches on a TCP link instead of Ray actor calls.
 
 A Ray actor call costs ~1.6 ms round trip on this 2-core machine; a frame on an open TCP connection
 ~0.1 ms (measured, README "Speed"). Every request reserves before dispatch, so that round trip is
 on every request's time to first token. The ledger actor therefore also listens on a socket
-(:class:`LedgerSocketServer`) for ``reserve``/``settle``/``progress`` batches; gateway replicas
-reach it with :class:`SocketTransport`, which learns the address and the link secret from the actor
-(over Ray, so only cluster members can connect) and keeps admin operations and reads on Ray.
+(:class:`LedgerSocketServer`) for batches of hot operations; a gateway replica keeps one
+:class:`LedgerLink` to it, opened from the address and link secret the actor gives out over Ray (so
+only cluster members can connect). Admin operations and reads never travel here.
 
-Frames (:mod:`serving.wire`): the client sends the secret, then ``(seq, ops)`` frames; the ledger
-answers each with ``(seq, ok, results | message)``. Frames are applied concurrently, so batches from
-every gateway share one group commit. If the ledger dies the link closes; the transport asks the
-(restarted) actor for its new address and resends, as the hot operations are idempotent.
+Frames (:class:`serving.wire.Codec`, msgpack of typed structs): after the mutual handshake on the
+secret (:func:`serving.wire.client_handshake`) the client sends
+:class:`Batch` frames and the ledger answers each with a :class:`Reply` carrying the same ``seq``.
+Only hot operations decode as a batch: a frame that does not (an admin operation, garbage) ends
+that link with :class:`~serving.wire.FrameError`, and the ledger goes on serving every other link.
+Batches are applied concurrently, so those of every gateway share one group commit. This module
+knows nothing of Ray: :class:`~._actor.ActorTransport` learns the address, and reconnects and
+resends (the hot operations are idempotent) when the ledger restarts.
 """
 
 from __future__ import annotations
@@ -20,39 +24,53 @@ import contextlib
 import contextvars
 import itertools
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from ray.exceptions import RayActorError
+import msgspec
 
 from serving.errors import LedgerUnavailableError
-from serving.wire import check_secret, frame, new_secret, read_frame
+from serving.wire import Codec, client_handshake, new_secret, server_handshake
 
-__all__ = ["HOT_OPS", "ActorTransport", "LedgerSocketServer", "SocketTransport"]
+from ._ops import HotOp, HotResult
 
-_UNAVAILABLE = "The usage ledger is unavailable; retry later."
+__all__ = ["Batch", "Endpoint", "LedgerLink", "LedgerSocketServer", "Reply"]
 
 log = logging.getLogger("tokenweir.ledger")
-HOT_OPS = frozenset({"reserve", "settle", "progress"})
-"""Operations the socket accepts: the per-request ones, all idempotent by request id."""
+
+Endpoint = tuple[str, int, bytes]
+"""``(host, port, secret)`` of a ledger socket."""
 
 
-def _unavailable(message: str) -> LedgerUnavailableError:
-    return LedgerUnavailableError(message, headers={"retry-after": "1"})
+class Batch(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Client to ledger: hot operations to apply in order."""
+
+    seq: int
+    ops: list[HotOp]
+
+
+class Reply(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Ledger to client: the results of batch ``seq``, or why it failed (a failed commit)."""
+
+    seq: int
+    results: list[HotResult] = []
+    error: str | None = None
+
+
+_BATCHES: Codec[Batch] = Codec(Batch)
+_REPLIES: Codec[Reply] = Codec(Reply)
 
 
 class LedgerSocketServer:
     """The ledger's end: applies hot batches from any number of gateway connections."""
 
-    def __init__(self, apply: Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]], host: str) -> None:
+    def __init__(self, apply: Callable[[list[HotOp]], Awaitable[list[HotResult]]], host: str) -> None:
         self._apply = apply
         self.host = host
         self.secret = new_secret()
         self._server: asyncio.base_events.Server | None = None
-        self.endpoint: tuple[str, int, bytes] | None = None
+        self.endpoint: Endpoint | None = None
 
-    async def start(self) -> tuple[str, int, bytes]:
+    async def start(self) -> Endpoint:
         self._server = await asyncio.start_server(self._accept, self.host, 0)
         port = int(self._server.sockets[0].getsockname()[1])
         self.endpoint = (self.host, port, self.secret)
@@ -61,39 +79,36 @@ class LedgerSocketServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: set[asyncio.Task[None]] = set()
         try:
-            await check_secret(reader, self.secret)
+            await server_handshake(reader, writer, self.secret)
             while True:
-                seq, ops = await read_frame(reader)
-                t = asyncio.get_running_loop().create_task(self._one(writer, seq, ops))
+                batch = await _BATCHES.read(reader)
+                t = asyncio.get_running_loop().create_task(self._one(writer, batch))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:  # FrameError too
             log.debug("ledger link closed: %s", e)
         finally:
             writer.close()
 
-    async def _one(self, writer: asyncio.StreamWriter, seq: int, ops: list[tuple[Any, ...]]) -> None:
-        if any(op[0] not in HOT_OPS for op in ops):
-            msg: tuple[Any, ...] = (seq, False, "only reserve/settle/progress travel on the ledger socket")
-        else:
-            try:
-                msg = (seq, True, await self._apply(ops))
-            except Exception as e:  # a failed commit: the caller sees the ledger as unavailable
-                msg = (seq, False, f"{type(e).__name__}: {e}")
+    async def _one(self, writer: asyncio.StreamWriter, batch: Batch) -> None:
+        try:
+            reply = Reply(batch.seq, await self._apply(batch.ops))
+        except Exception as e:  # a failed commit: the caller sees the ledger as unavailable
+            reply = Reply(batch.seq, error=f"{type(e).__name__}: {e}")
         if not writer.is_closing():
-            writer.write(frame(msg))
+            writer.write(_REPLIES.frame(reply))
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
 
 
-class _Link:
-    """One open connection: calls in flight by sequence number, answered by a reader task."""
+class _Connection:
+    """One open connection: batches in flight by sequence number, answered by a reader task."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.pending: dict[int, asyncio.Future[list[Any]]] = {}
+        self.pending: dict[int, asyncio.Future[list[HotResult]]] = {}
         self.alive = True
         self._seq = itertools.count()
         self._reader = asyncio.get_running_loop().create_task(
@@ -104,26 +119,30 @@ class _Link:
         err: Exception = ConnectionError("ledger link closed")
         try:
             while True:
-                seq, ok, payload = await read_frame(reader)
-                fut = self.pending.pop(seq, None)
+                reply = await _REPLIES.read(reader)
+                fut = self.pending.pop(reply.seq, None)
                 if fut is None or fut.done():
                     continue
-                if ok:
-                    fut.set_result(payload)
+                if reply.error is None:
+                    fut.set_result(reply.results)
                 else:
-                    fut.set_exception(_unavailable(f"The usage ledger failed: {payload}"))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as e:
+                    fut.set_exception(
+                        LedgerUnavailableError(
+                            f"The usage ledger failed: {reply.error}", headers={"retry-after": "1"}
+                        )
+                    )
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as e:  # FrameError too
             err = ConnectionError(f"ledger link closed: {e}")
         finally:
             self.close(err)
 
-    async def call(self, ops: list[tuple[Any, ...]]) -> list[Any]:
+    async def call(self, ops: list[HotOp]) -> list[HotResult]:
         if not self.alive:
             raise ConnectionError("ledger link closed")
         seq = next(self._seq)
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[HotResult]] = asyncio.get_running_loop().create_future()
         self.pending[seq] = fut
-        self.writer.write(frame((seq, ops)))
+        self.writer.write(_BATCHES.frame(Batch(seq, ops)))
         return await fut
 
     def close(self, err: Exception) -> None:
@@ -137,24 +156,29 @@ class _Link:
             self._reader.cancel()
 
 
-class SocketTransport:
-    """A :class:`~serving.metering._client.LedgerTransport`: hot batches on the ledger's socket,
-    admin operations and reads as Ray actor calls (through ``actor``)."""
+class LedgerLink:
+    """A gateway's end: one connection to the ledger socket, opened on first use and again after it
+    closes (at ``endpoint()``'s answer then, which changes when the ledger restarts). A call on a
+    link that goes down raises :class:`ConnectionError`; resending is the caller's choice."""
 
-    def __init__(self, actor: ActorTransport) -> None:
-        self.actor = actor
-        self._link: _Link | None = None
-        self._connecting: asyncio.Task[_Link] | None = None
+    def __init__(self, endpoint: Callable[[], Awaitable[Endpoint]]) -> None:
+        self._endpoint = endpoint
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
 
-    async def _open(self) -> _Link:
-        host, port, secret = await self.actor.handle.endpoint.remote()
+    async def _open(self) -> _Connection:
+        host, port, secret = await self._endpoint()
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(secret)
-        return _Link(reader, writer)
+        try:
+            await client_handshake(reader, writer, secret)
+        except BaseException:
+            writer.close()
+            raise
+        return _Connection(reader, writer)
 
-    async def _connected(self) -> _Link:
-        if self._link is not None and self._link.alive:
-            return self._link
+    async def _connected(self) -> _Connection:
+        if self._conn is not None and self._conn.alive:
+            return self._conn
         connecting = self._connecting
         if connecting is None or connecting.done():
             # Shared by every caller that finds the link down; not a child of any one request.
@@ -162,62 +186,20 @@ class SocketTransport:
                 self._open(), context=contextvars.Context()
             )
         try:
-            link = await asyncio.shield(connecting)
+            conn = await asyncio.shield(connecting)
         finally:
             if self._connecting is connecting and connecting.done():
                 self._connecting = None
-        self._link = link
-        return link
+        self._conn = conn
+        return conn
 
-    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
-        if not retry or any(op[0] not in HOT_OPS for op in ops):
-            return await self.actor.apply(ops, retry=retry)
-        deadline = time.monotonic() + self.actor.restart_deadline_s
-        delay_s = 0.05
-        while True:
-            try:
-                link = await self._connected()
-                return await link.call(ops)
-            except (ConnectionError, OSError, RayActorError) as e:
-                if time.monotonic() + delay_s > deadline:
-                    raise _unavailable("The usage ledger is unavailable; retry later.") from e
-                log.info("ledger link down (%s); reconnecting", e)
-                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the ledger
-                delay_s = min(1.0, delay_s * 2)
-
-    async def read(self, name: str, *args: Any) -> Any:
-        return await self.actor.read(name, *args)
+    async def call(self, ops: list[HotOp]) -> list[HotResult]:
+        return await (await self._connected()).call(ops)
 
     async def close(self) -> None:
-        if self._link is not None:
-            self._link.close(ConnectionError("transport closed"))
+        if self._conn is not None:
+            self._conn.close(ConnectionError("link closed"))
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(BaseException):
                 await self._connecting
-
-
-class ActorTransport:
-    """Reaches the ledger actor; resends idempotent batches while it restarts."""
-
-    def __init__(self, handle: Any, *, restart_deadline_s: float = 60.0) -> None:
-        self.handle = handle
-        self.restart_deadline_s = restart_deadline_s
-
-    async def apply(self, ops: list[tuple[Any, ...]], *, retry: bool) -> list[Any]:
-        deadline = time.monotonic() + self.restart_deadline_s
-        delay_s = 0.05
-        while True:
-            try:
-                return await self.handle.apply.remote(ops)
-            except RayActorError as e:
-                if not retry or time.monotonic() + delay_s > deadline:
-                    raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e
-                await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the actor
-                delay_s = min(1.0, delay_s * 2)
-
-    async def read(self, name: str, *args: Any) -> Any:
-        try:
-            return await self.handle.read.remote(name, *args)
-        except RayActorError as e:
-            raise LedgerUnavailableError(_UNAVAILABLE, headers={"retry-after": "1"}) from e

@@ -1,22 +1,24 @@
 """The ledger's in-memory state and its enforcement: exact because one writer owns it.
 
 Every operation is applied here synchronously, in arrival order, and appends its row changes to the
-current :class:`WriteBatch`. Clock-free: callers pass ``now`` (monotonic, for buckets) and ``ts``
+current :class:`~._store.WriteBatch`. Operations arrive as the structs of :mod:`._ops`, as the
+gateway built them. Clock-free: callers pass ``now`` (monotonic, for buckets) and ``ts``
 (wall clock, for records).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import msgspec
+
 from serving.tenancy import TenantLimits
 
-from ._batch import WriteBatch
 from ._budget import TokenBudget
+from ._ops import Refusal, Reservation, Reserve, Settle, Settlement
 from ._policy import ModelPrice, TokenBucket, bucket_rate, rate_limit_headers, retry_headers
-from ._types import Refusal, Reservation, Settlement
+from ._store import WriteBatch
 
 __all__ = ["LedgerState", "OpenReservation", "TenantRecord"]
 
@@ -141,38 +143,20 @@ class LedgerState:
             "rate_limit_exceeded", message, t.tenant_id, limit=limit, retry_after_s=retry_s, headers=headers
         )
 
-    def reserve(
-        self,
-        request_id: str,
-        key_hash: str,
-        model: str,
-        prompt_tokens: int,
-        max_tokens: int | None,
-        model_max_len: int | None,
-        now: float,
-        ts: float,
-    ) -> Reservation | Refusal:
+    def reserve(self, op: Reserve, now: float, ts: float) -> Reservation | Refusal:
         """Check key, model, size, RPM, concurrency, TPM and credits; take them all or nothing.
 
         A refusal for a known tenant carries its ``x-ratelimit-*`` headers, as a success does."""
-        res = self._reserve(request_id, key_hash, model, prompt_tokens, max_tokens, model_max_len, now, ts)
+        res = self._reserve(op, now, ts)
         if isinstance(res, Refusal) and res.tenant_id in self.tenants:
             t = self.tenants[res.tenant_id]
-            res = dataclasses.replace(res, headers={**rate_limit_headers(t.rpm, t.tpm, now), **res.headers})
+            headers = {**rate_limit_headers(t.rpm, t.tpm, now), **res.headers}
+            res = msgspec.structs.replace(res, headers=headers)
         return res
 
-    def _reserve(
-        self,
-        request_id: str,
-        key_hash: str,
-        model: str,
-        prompt_tokens: int,
-        max_tokens: int | None,
-        model_max_len: int | None,
-        now: float,
-        ts: float,
-    ) -> Reservation | Refusal:
-        key = self.keys_by_hash.get(key_hash)
+    def _reserve(self, op: Reserve, now: float, ts: float) -> Reservation | Refusal:
+        request_id, model, prompt_tokens = op.request_id, op.model, op.prompt_tokens
+        key = self.keys_by_hash.get(op.key_hash)
         if key is None or key.revoked_at is not None:
             return self._refuse("invalid_api_key", "Incorrect API key provided.")
         t = self.tenants[key.tenant_id]
@@ -192,11 +176,11 @@ class LedgerState:
         price = self.price(model)
         available = t.balance_ucredits - t.reserved_ucredits
         cap = t.limits.max_tokens_per_request
-        budget = TokenBudget.from_reservation(prompt_tokens, max_tokens, model_max_len)
+        budget = TokenBudget.from_reservation(prompt_tokens, op.max_tokens, op.model_max_len)
         if budget.over_cap(cap):
             return self._refuse(
                 "invalid_max_tokens",
-                f"max_tokens {max_tokens} exceeds this tenant's limit of {cap}.",
+                f"max_tokens {op.max_tokens} exceeds this tenant's limit of {cap}.",
                 t.tenant_id,
             )
         effective = budget.grant(
@@ -298,22 +282,12 @@ class LedgerState:
         self.batch.record_progress(request_id, completion_tokens)
         return True
 
-    def settle(
-        self,
-        request_id: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        outcome: str,
-        pool: str,
-        gpu_type: str,
-        now: float,
-        ts: float,
-        settled_charge: int | None = None,
-    ) -> Settlement:
+    def settle(self, op: Settle, now: float, ts: float, settled_charge: int | None = None) -> Settlement:
         """Charge the usage (capped at the reservation), release the rest. Idempotent by request id.
 
         ``settled_charge`` is the caller's look-up in the durable log for ids no longer in memory.
         """
+        request_id, prompt_tokens, completion_tokens = op.request_id, op.prompt_tokens, op.completion_tokens
         r = self.open.pop(request_id, None)
         if r is None:
             charged = self.recent_settled.get(request_id, settled_charge)
@@ -345,8 +319,8 @@ class LedgerState:
             t.tenant_id,
             r.key_id,
             r.model,
-            pool,
-            gpu_type,
+            op.pool,
+            op.gpu_type,
             prompt_tokens,
             completion_tokens,
             min(p_cost, charged),
@@ -354,7 +328,7 @@ class LedgerState:
             charged,
             r.created_at,
             ts,
-            outcome,
+            op.outcome,
         )
         self.batch.close_reservation(request_id, event, t.tenant_id, t.balance_ucredits)
         return Settlement(request_id, charged, r.reserved_ucredits - charged)
@@ -362,14 +336,13 @@ class LedgerState:
     def expire(self, now: float, ts: float) -> list[Settlement]:
         """Resolve reservations past ``expires_at`` by the crash rule: charge the prompt and the
         completion tokens of the last progress record if there is one, else release everything."""
-        done = []
-        for r in [r for r in self.open.values() if r.expires_at <= ts]:
-            if r.progress_tokens is None:
-                done.append(self.settle(r.request_id, 0, 0, "expired_released", "", "", now, ts))
-            else:
-                done.append(
-                    self.settle(
-                        r.request_id, r.prompt_tokens, r.progress_tokens, "expired_charged", "", "", now, ts
-                    )
-                )
-        return done
+        return [
+            self.settle(
+                Settle(r.request_id, 0, 0, "expired_released")
+                if r.progress_tokens is None
+                else Settle(r.request_id, r.prompt_tokens, r.progress_tokens, "expired_charged"),
+                now,
+                ts,
+            )
+            for r in [r for r in self.open.values() if r.expires_at <= ts]
+        ]

@@ -17,14 +17,9 @@ import pytest
 import ray
 
 from serving.errors import InsufficientQuotaError
-from serving.metering import (
-    ActorTransport,
-    LedgerClient,
-    Meter,
-    MeteringConfig,
-    SocketTransport,
-    get_or_create_ledger_actor,
-)
+from serving.metering import Meter, MeteringConfig, connect
+from serving.metering._actor import get_or_create_ledger_actor
+from serving.metering._ops import Audit, GetTenant, Stats
 from serving.tenancy import TenantCreate
 
 pytestmark = pytest.mark.integration
@@ -50,9 +45,9 @@ def ray_local() -> Iterator[None]:
 class Replica:
     """A gateway replica stand-in with its own batched client to the shared ledger."""
 
-    def __init__(self, ledger: Any, api_key: str) -> None:
-        # The gateway's transport: hot operations on the ledger's socket, admin over Ray.
-        self.meter = Meter(LedgerClient(SocketTransport(ActorTransport(ledger))))
+    def __init__(self, config: MeteringConfig, api_key: str) -> None:
+        # The gateway's client: hot operations on the ledger's socket, admin over Ray.
+        self.meter = Meter(connect(config, namespace="test-ledger"))
         self.key = api_key
 
     async def burst(self, prefix: str, n: int) -> tuple[list[tuple[str, int, int, int]], int]:
@@ -88,22 +83,21 @@ class Replica:
         return charged
 
 
-def setup_ledger(tmp_path: Path, name: str, credits: float) -> tuple[Any, str]:
-    ledger = get_or_create_ledger_actor(
-        MeteringConfig(state_dir=tmp_path, ledger_actor_name=name), namespace="test-ledger"
-    )
+def setup_ledger(tmp_path: Path, name: str, credits: float) -> tuple[MeteringConfig, Any, str]:
+    config = MeteringConfig(state_dir=tmp_path, ledger_actor_name=name)
+    ledger = get_or_create_ledger_actor(config, namespace="test-ledger")
 
     async def create() -> str:
-        client = LedgerClient(ActorTransport(ledger))
+        client = connect(config, namespace="test-ledger")
         await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=credits))
         return (await client.create_key("t")).api_key
 
-    return ledger, asyncio.run(create())
+    return config, ledger, asyncio.run(create())
 
 
 def test_zero_overspend_across_two_replica_actors(tmp_path: Path) -> None:
-    ledger, key = setup_ledger(tmp_path, "ledger-overspend", credits=10_000)
-    replicas = [ray.remote(Replica).remote(ledger, key) for _ in range(2)]
+    config, ledger, key = setup_ledger(tmp_path, "ledger-overspend", credits=10_000)
+    replicas = [ray.remote(Replica).remote(config, key) for _ in range(2)]
     results = ray.get([r.burst.remote(f"r{i}", 150) for i, r in enumerate(replicas)])
     done = [d for ds, _ in results for d in ds]
     refused = sum(n for _, n in results)
@@ -111,20 +105,20 @@ def test_zero_overspend_across_two_replica_actors(tmp_path: Path) -> None:
     assert refused > 0 and len(done) + refused == 300
     assert total <= 10_000 * U
     assert all(c == (p + comp) * U for _, p, comp, c in done)  # each charged exactly its usage
-    tenant = ray.get(ledger.read.remote("get_tenant", "t"))
+    tenant = ray.get(ledger.read.remote(GetTenant("t")))
     assert round(tenant.credits * U) == 10_000 * U - total
     assert tenant.reserved_credits == 0 and tenant.in_flight == 0  # no leaked reservations
-    assert ray.get(ledger.read.remote("audit")) == []
+    assert ray.get(ledger.read.remote(Audit())) == []
     ray.kill(ledger)
 
 
 def test_kill_9_ledger_actor_mid_load_then_restart(tmp_path: Path) -> None:
-    ledger, key = setup_ledger(tmp_path, "ledger-crash", credits=1_000_000)
+    config, ledger, key = setup_ledger(tmp_path, "ledger-crash", credits=1_000_000)
     pid = ray.get(ledger.ping.remote())
-    replicas = [ray.remote(Replica).remote(ledger, key) for _ in range(2)]
+    replicas = [ray.remote(Replica).remote(config, key) for _ in range(2)]
     runs = [r.loop.remote(f"r{i}", 2000, 32) for i, r in enumerate(replicas)]
     deadline = time.monotonic() + 60
-    while ray.get(ledger.read.remote("stats")).ops_total < 1500:  # mid-load: a polled condition
+    while ray.get(ledger.read.remote(Stats())).ops_total < 1500:  # mid-load: a polled condition
         assert time.monotonic() < deadline, "load did not start"
         time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
@@ -138,7 +132,7 @@ def test_kill_9_ledger_actor_mid_load_then_restart(tmp_path: Path) -> None:
         (open_rows,) = db.execute("SELECT count(*) FROM reservations").fetchone()
     assert events == charged  # every request charged exactly once, as acknowledged
     assert open_rows == 0  # reservations re-sent after the crash were idempotent: none leaked
-    tenant = ray.get(ledger.read.remote("get_tenant", "t"))
+    tenant = ray.get(ledger.read.remote(GetTenant("t")))
     assert round(tenant.credits * U) == 1_000_000 * U - sum(charged.values())
-    assert tenant.in_flight == 0 and ray.get(ledger.read.remote("audit")) == []
+    assert tenant.in_flight == 0 and ray.get(ledger.read.remote(Audit())) == []
     ray.kill(ledger)

@@ -19,16 +19,10 @@ from serving.errors import (
     NotFoundError,
     RateLimitExceededError,
 )
-from serving.metering import (
-    LedgerClient,
-    LedgerCore,
-    LedgerLockedError,
-    LocalTransport,
-    Meter,
-    MeteringConfig,
-    PriceConfig,
-    Reservation,
-)
+from serving.metering import LedgerClient, LedgerLockedError, Meter, MeteringConfig, PriceConfig, Reservation
+from serving.metering._client import LocalTransport
+from serving.metering._core import LedgerCore
+from serving.metering._ops import Audit, GetTenant
 from serving.metering._store import SCHEMA_VERSION
 from serving.tenancy import TenantCreate, TenantLimits, TenantUpdate, TopUp
 
@@ -190,7 +184,7 @@ async def test_prices_per_model_and_settle_idempotent_across_restart(tmp_path: P
     await core2.start()
     s3 = await Meter(LedgerClient(LocalTransport(core2))).settle(r, 10, 4)
     assert s3.duplicate and s3.charged_ucredits == 18 * U  # found in the durable log
-    assert (await core2.read("get_tenant", "t")).credits == 982
+    assert (await core2.read(GetTenant("t"))).credits == 982
     await core2.close()
 
 
@@ -207,20 +201,20 @@ async def test_restart_keeps_reservations_then_expiry_rule(tmp_path: Path, clock
     core2 = make_core(tmp_path, clock, restart_grace_s=30)
     await core2.start()
     meter2 = Meter(LedgerClient(LocalTransport(core2)))
-    t = await core2.read("get_tenant", "t")
+    t = await core2.read(GetTenant("t"))
     assert t.in_flight == 3 and t.reserved_credits == 180
     await meter2.settle(held[0], 10, 20)  # a live gateway settles after the restart
     assert await core2.expire_due() == 0
     clock.advance(31)
     assert await core2.expire_due() == 2
-    t = await core2.read("get_tenant", "t")
+    t = await core2.read(GetTenant("t"))
     assert t.in_flight == 0 and t.reserved_credits == 0
     assert t.credits == 1000 - 30 - 17  # r1 charged prompt + 7 progressed tokens; r2 released
     late = await meter2.settle(held[2], 10, 50)
     assert late.duplicate and late.charged_ucredits == 0
     outcomes = dict(rows(tmp_path, "SELECT request_id, outcome FROM usage_events"))
     assert outcomes == {"r0": "completed", "r1": "expired_charged", "r2": "expired_released"}
-    assert await core2.read("audit") == []
+    assert await core2.read(Audit()) == []
     await core2.close()
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from serving.metering import LedgerClient, LedgerCore, LocalTransport, MeteringConfig, local_ledger
+from serving.metering import LedgerClient, MeteringConfig, local_ledger
+from serving.metering._client import LocalTransport
+from serving.metering._core import LedgerCore
+from serving.metering._ops import Settle, Settlement
 from serving.tenancy import TenantCreate
 
 U = 1_000_000
@@ -97,10 +100,11 @@ async def test_sigkill_mid_load_then_restart_is_consistent(tmp_path: Path) -> No
     # Surviving gateways settle some open requests after the restart; replays are no-ops.
     to_settle = sorted(open_ids)[: len(open_ids) // 2]
     for rid in to_settle:
-        s = await client.settle(rid, 10, 3, "completed", "", "")
-        assert s.charged_ucredits == 13 * U
+        s = await client.submit(Settle(rid, 10, 3))
+        assert isinstance(s, Settlement) and s.charged_ucredits == 13 * U
     for rid in list(settled)[:20]:
-        assert (await client.settle(rid, 10, 40, "completed", "", "")).duplicate
+        s = await client.submit(Settle(rid, 10, 40))
+        assert isinstance(s, Settlement) and s.duplicate
     await core.close()
 
     # Restart again with no grace: the rest are resolved by the rule (no progress: release).

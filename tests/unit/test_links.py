@@ -1,5 +1,6 @@
-"""The ledger socket refuses peers without the secret before decoding anything, and carries only
-the hot operations (the token channel's peers: ``test_channel.py``).
+"""The ledger socket refuses peers that cannot prove the secret before decoding anything, carries only typed
+hot batches (a frame that is not one ends that link, never the ledger), and the gateway's transport
+opens one connection for concurrent first calls (the token channel's peers: ``test_channel.py``).
 
 Real sockets on 127.0.0.1; the ledger socket's ``apply`` is a recording stand-in for the ledger
 core (the boundary under test is the link, not the ledger)."""
@@ -11,61 +12,86 @@ from typing import Any
 
 import pytest
 
-from serving.metering import ActorTransport, LedgerSocketServer, SocketTransport
-from serving.wire import SECRET_BYTES, frame, read_frame
+from serving.errors import LedgerUnavailableError
+from serving.metering._actor import ActorTransport
+from serving.metering._ops import HotOp, HotResult, Progress, Reserve, Settle, Settlement, TopUp
+from serving.metering._socket import Batch, LedgerSocketServer, Reply
+from serving.wire import SECRET_BYTES, AuthError, Codec, client_handshake
+
+REPLIES: Codec[Reply] = Codec(Reply)
 
 
-class _Bomb:
-    """Unpickling this runs code: a peer without the secret must never get that far."""
+async def _ledger(fail: bool = False) -> tuple[LedgerSocketServer, list[list[HotOp]]]:
+    seen: list[list[HotOp]] = []
 
-    unpickled = False
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Bomb._boom, ())
-
-    @staticmethod
-    def _boom() -> None:
-        _Bomb.unpickled = True
-
-
-async def _ledger() -> tuple[LedgerSocketServer, list[list[tuple[Any, ...]]]]:
-    seen: list[list[tuple[Any, ...]]] = []
-
-    async def apply(ops: list[tuple[Any, ...]]) -> list[Any]:
+    async def apply(ops: list[HotOp]) -> list[HotResult]:
+        if fail:
+            raise RuntimeError("ledger commit failed: disk full")
         seen.append(ops)
-        return [f"ok-{op[1]}" for op in ops]
+        return [Settlement(op.request_id, len(seen), 0) for op in ops]
 
     server = LedgerSocketServer(apply, "127.0.0.1")
     await server.start()
     return server, seen
 
 
-async def test_ledger_socket_answers_hot_batches_by_sequence() -> None:
-    server, seen = await _ledger()
+async def _open(server: LedgerSocketServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert server.endpoint is not None
     host, port, secret = server.endpoint
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(secret + frame((7, [("reserve", "a"), ("settle", "b")])) + frame((8, [("progress", "c")])))
-    answers = {
-        seq: (ok, payload) for seq, ok, payload in [await read_frame(reader), await read_frame(reader)]
-    }
-    assert answers == {7: (True, ["ok-a", "ok-b"]), 8: (True, ["ok-c"])}
-    writer.write(frame((9, [("top_up", "t", 1e9, "")])))  # admin operations never travel here
-    seq, ok, message = await read_frame(reader)
-    assert (seq, ok) == (9, False) and "only reserve/settle/progress" in message
-    assert all(op[0] != "top_up" for ops in seen for op in ops)
+    await client_handshake(reader, writer, secret)
+    return reader, writer
+
+
+async def test_ledger_socket_answers_typed_batches_by_sequence() -> None:
+    server, seen = await _ledger()
+    reader, writer = await _open(server)
+    writer.write(Codec.frame(Batch(7, [Reserve("a", "h", "m", 1), Settle("b", 1, 2)])))
+    writer.write(Codec.frame(Batch(8, [Progress("c", 3)])))
+    replies = {r.seq: r for r in [await REPLIES.read(reader), await REPLIES.read(reader)]}
+    assert {seq: [s.request_id for s in r.results] for seq, r in replies.items()} == {7: ["a", "b"], 8: ["c"]}
+    assert all(
+        r.error is None and all(isinstance(s, Settlement) for s in r.results) for r in replies.values()
+    )
+    assert [type(op) for ops in seen for op in ops] == [Reserve, Settle, Progress]
     writer.close()
     await server.close()
 
 
-async def test_ledger_socket_drops_a_peer_without_the_secret_before_unpickling() -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        Codec.frame(Batch(9, [TopUp("t", 1e9)])),  # admin operations never travel here
+        Codec.frame((9, [("reserve", "a")])),  # the old positional tuples do not decode either
+        b"\x00\x00\x00\x03abc",  # not msgpack at all
+    ],
+)
+async def test_a_frame_that_is_not_a_hot_batch_ends_that_link_only(body: bytes) -> None:
+    server, seen = await _ledger()
+    reader, writer = await _open(server)
+    writer.write(body)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    assert seen == []
+    reader, writer = await _open(server)  # the ledger still serves every other link
+    writer.write(Codec.frame(Batch(1, [Progress("c", 3)])))
+    assert (await REPLIES.read(reader)).results == [Settlement("c", 1, 0)]
+    writer.close()
+    await server.close()
+
+
+async def test_ledger_socket_drops_a_peer_without_the_secret_before_decoding() -> None:
     server, seen = await _ledger()
     assert server.endpoint is not None
     host, port, _secret = server.endpoint
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"x" * SECRET_BYTES + frame((1, [_Bomb()])))
-    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
-    assert not _Bomb.unpickled and seen == []
+    with pytest.raises(AuthError):  # and the client learns the listener is not the ledger
+        await client_handshake(reader, writer, b"x" * SECRET_BYTES)
+    writer.close()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"x" * SECRET_BYTES + Codec.frame(Batch(1, [Progress("a", 1)])))
+    # Only the server's half of the handshake comes back (its nonce and proof), then the close.
+    assert len(await asyncio.wait_for(reader.read(), 5)) == 48
+    assert seen == []
     await server.close()
 
 
@@ -77,7 +103,7 @@ async def test_short_secret_is_refused(n: int) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"y" * n)
     writer.write_eof()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert len(await asyncio.wait_for(reader.read(), 5)) == 48  # the server's half, then the close
     assert seen == []
     await server.close()
 
@@ -105,8 +131,20 @@ async def test_socket_transport_connects_once_for_concurrent_first_calls() -> No
     server, _seen = await _ledger()
     assert server.endpoint is not None
     handle = _FakeActorHandle(server.endpoint)
-    transport = SocketTransport(ActorTransport(handle))
-    results = await asyncio.gather(*(transport.apply([("reserve", f"r{i}")], retry=True) for i in range(8)))
-    assert results == [[f"ok-r{i}"] for i in range(8)] and handle.calls == 1
+    transport = ActorTransport(handle)
+    results = await asyncio.gather(*(transport.hot([Progress(f"r{i}", 1)]) for i in range(8)))
+    assert [[s.request_id for s in r] for r in results] == [[f"r{i}"] for i in range(8)]  # type: ignore[union-attr]
+    assert handle.calls == 1
+    await transport.close()
+    await server.close()
+
+
+async def test_a_failed_batch_reaches_the_caller_as_ledger_unavailable() -> None:
+    server, _seen = await _ledger(fail=True)
+    assert server.endpoint is not None
+    transport = ActorTransport(_FakeActorHandle(server.endpoint))
+    with pytest.raises(LedgerUnavailableError, match="disk full") as e:
+        await transport.hot([Progress("a", 1)])
+    assert e.value.headers["retry-after"] == "1"
     await transport.close()
     await server.close()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.metering import ModelPrice, PriceConfig, TokenBucket, format_reset, rate_limit_headers
+from serving.metering import PriceConfig
+from serving.metering._policy import ModelPrice, TokenBucket, format_reset, rate_limit_headers
 from serving.tenancy import generate_api_key, hash_api_key, looks_like_api_key
 
 
