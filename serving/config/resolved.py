@@ -135,7 +135,8 @@ def resolve(cfg: TokenweirConfig, *, require_plans: bool = True) -> ResolvedDepl
     if unplanned and require_plans:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(unplanned))
     models = {m: ResolvedModel(e, resolve_source(e.tokenizer or e.source)) for m, e in entries.items()}
-    return ResolvedDeployment(cfg.gateway, cfg.ray, cfg.metering_config(), models, pools)
+    # Replicas get the admin key's hash, never the key (constructor arguments are kept by Ray).
+    return ResolvedDeployment(cfg.gateway, cfg.ray, cfg.metering_config().for_actors(), models, pools)
 
 
 def _load_catalog(path: Path) -> dict[str, ModelEntry]:

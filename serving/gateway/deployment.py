@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
 from typing import Any
@@ -136,8 +135,7 @@ class Gateway:
         if not mcfg.enabled:
             return Meter(None, enabled=False)
         client = connect(mcfg, namespace=self.cfg.ray.namespace)
-        admin_key = mcfg.admin_key or os.environ.get(mcfg.admin_key_env)
-        self.app.include_router(make_tenancy_router(client, admin_key))
+        self.app.include_router(make_tenancy_router(client, mcfg.for_actors().admin_key_sha256))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
 
     async def _start_http(self, app: FastAPI, host: str, port: int, max_requests: int) -> Any:

@@ -99,7 +99,7 @@ def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "toke
         max_task_retries=0,
         max_concurrency=1000,
         num_cpus=0,
-    ).remote(config.model_dump_json())
+    ).remote(config.for_actors().model_dump_json())
 
 
 def _unavailable(message: str = "The usage ledger is unavailable; retry later.") -> LedgerUnavailableError:
@@ -111,11 +111,20 @@ class ActorTransport:
     calls with ``socket=False``, for comparison), admin operations and reads as actor calls.
 
     Hot batches are resent, with back-off, while Ray restarts the ledger, for up to
-    ``restart_deadline_s``; then the caller sees :class:`LedgerUnavailableError`."""
+    ``restart_deadline_s``; then the caller sees :class:`LedgerUnavailableError`, as it does when
+    one call is not answered within ``call_timeout_s``."""
 
-    def __init__(self, handle: Any, *, socket: bool = True, restart_deadline_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        *,
+        socket: bool = True,
+        restart_deadline_s: float = 60.0,
+        call_timeout_s: float = 30.0,
+    ) -> None:
         self.handle = handle
         self.restart_deadline_s = restart_deadline_s
+        self.call_timeout_s = call_timeout_s
         self._link = LedgerLink(self._endpoint) if socket else None
 
     async def _endpoint(self) -> Endpoint:
@@ -126,9 +135,10 @@ class ActorTransport:
         delay_s = 0.05
         while True:
             try:
-                if self._link is not None:
-                    return await self._link.call(ops)
-                return await self.handle.apply.remote(ops)  # type: ignore[no-any-return]
+                call = self._link.call(ops) if self._link is not None else self.handle.apply.remote(ops)
+                return await asyncio.wait_for(call, self.call_timeout_s)  # type: ignore[no-any-return]
+            except TimeoutError as e:  # a hung ledger: answer the request, do not wait forever
+                raise _unavailable("The usage ledger did not answer in time; retry later.") from e
             except (ConnectionError, OSError, RayActorError) as e:
                 if time.monotonic() + delay_s > deadline:
                     raise _unavailable() from e

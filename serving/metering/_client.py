@@ -94,7 +94,8 @@ def connect(config: MeteringConfig, *, namespace: str) -> LedgerClient:
     """The client of the cluster's ledger actor (created on first use; every replica shares it):
     hot operations on the ledger's socket, admin operations and reads as Ray actor calls."""
     actor = get_or_create_ledger_actor(config, namespace=namespace)
-    return LedgerClient(ActorTransport(actor), max_batch_ops=config.max_batch_ops)
+    transport = ActorTransport(actor, call_timeout_s=config.call_timeout_s)
+    return LedgerClient(transport, max_batch_ops=config.max_batch_ops)
 
 
 @asynccontextmanager

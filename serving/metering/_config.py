@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,12 +58,21 @@ class MeteringConfig(BaseModel):
     """A reservation not settled within this time is resolved by the crash rule (see ``_core``)."""
     restart_grace_s: float = Field(default=60.0, ge=0)
     """After a ledger restart, open reservations wait this long for their gateway to settle them."""
+    busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
+    """How long a commit waits for a lock held by another process on the ledger file before it
+    fails (its operations then get 503 ``ledger_unavailable``)."""
+    call_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """A gateway's call to the ledger not answered within this time fails its requests with 503
+    ``ledger_unavailable`` (a hung ledger must not hang every request)."""
     max_batch_ops: int = Field(default=4096, ge=1)
     """Largest number of operations one client call carries to the ledger."""
     admin_key_env: str = "TOKENWEIR_ADMIN_KEY"
     """Environment variable holding the admin key (used when ``admin_key`` is unset)."""
     admin_key: str | None = None
     """Admin key for ``/admin/v1``; ``None`` reads ``admin_key_env``; neither disables the admin API."""
+    admin_key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """What Ray actors get instead of the admin key: its hex SHA-256 (set by :meth:`for_actors`;
+    may also be set by hand to keep the key itself out of the config file)."""
     ledger_actor_name: str = "tokenweir-ledger"
     """Name of the detached ledger actor that every gateway replica shares."""
 
@@ -70,6 +81,13 @@ class MeteringConfig(BaseModel):
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError(f"admin_key must be at least 16 characters (got {len(self.admin_key)})")
         return self
+
+    def for_actors(self) -> MeteringConfig:
+        """This config as Ray actors get it (constructor arguments are stored by Ray and readable
+        through its APIs): the admin key replaced by its SHA-256."""
+        key = self.admin_key or os.environ.get(self.admin_key_env)
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest() if key else self.admin_key_sha256
+        return self.model_copy(update={"admin_key": None, "admin_key_sha256": digest})
 
     @property
     def ledger_path(self) -> Path:

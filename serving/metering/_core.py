@@ -21,6 +21,14 @@ Crash rule (what happens to reservations whose settlement never comes):
   ``expired_released``). Either way a usage event records it, and a late settlement is a no-op.
 * An operation whose batch was not committed when the process died was never acknowledged: its
   caller sees an error and retries (reserve and settle are idempotent by request id).
+
+Failed commits (full disk, I/O error, the file locked by another process): memory is ahead of the
+file, so the state is rebuilt from the file, and writes wait (bounded) while that happens. The
+operations *in* the failed batch fail with :class:`~serving.errors.LedgerUnavailableError` (503):
+nothing of them was recorded. Operations applied after that batch was taken (they rode on state the
+file never got) are not answered from it: they are applied again to the rebuilt state and answered
+once that is durable. Rate-limit buckets survive the rebuild (a failure must not refill them). If
+the rebuild itself fails it is retried with back-off, and writes are refused with 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -31,13 +39,14 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, assert_never
 
-from serving.errors import APIError
+from serving.errors import APIError, LedgerUnavailableError
 from serving.tenancy import RateLimitState, TenantLimits, UsageRow, UsageSummary, ucredits_to_credits
 
 from ._admin import AdminOps, key_view, load_state, tenant_view
@@ -64,11 +73,22 @@ from ._ops import (
     UpdateTenant,
 )
 from ._policy import ModelPrice
+from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
 from ._stats import LedgerStats
 from ._store import EXPORT_COLUMNS, LedgerStore
 
 __all__ = ["LedgerCore", "LedgerLockedError"]
+
+_UNAVAILABLE_WAIT_S = 2.0
+"""How long a write waits for the state to be rebuilt after a failed commit before it is refused."""
+
+
+class _RolledBack(Exception):
+    """The batch was applied on top of one whose commit failed; apply its operations again."""
+
+
+log = logging.getLogger("tokenweir.ledger")
 
 
 class LedgerLockedError(RuntimeError):
@@ -98,6 +118,9 @@ class LedgerCore:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._stats = LedgerStats()
+        self._writable = asyncio.Event()
+        """Clear while the state is rebuilt from the file after a failed commit."""
+        self._writable.set()
 
     def _new_state(self) -> LedgerState:
         c = self.config
@@ -120,16 +143,27 @@ class LedgerCore:
             raise LedgerLockedError(f"{path} is in use by another ledger process") from e
         self._lock_fd = fd
         loop = asyncio.get_running_loop()
-        self._store = await loop.run_in_executor(self._wexec, LedgerStore, path)
-        await self._load()
+        self._store = await loop.run_in_executor(
+            self._wexec, lambda: LedgerStore(path, busy_timeout_ms=self.config.busy_timeout_ms)
+        )
+        await self._load(self.config.restart_grace_s)
         self._tasks = [asyncio.create_task(self._committer()), asyncio.create_task(self._expirer())]
 
-    async def _load(self) -> None:
+    async def _load(self, grace_s: float) -> None:
+        """(Re)build the state from the file. ``grace_s`` bounds the expiry of reservations found
+        open (a restart: their gateways may be gone); a rebuild after a failed commit keeps them."""
         assert self._store is not None
-        rows = await asyncio.get_running_loop().run_in_executor(self._wexec, self._store.load)
-        self._state = self._new_state()
-        self._admin = AdminOps(self._state)
-        load_state(self._state, rows, self._clock(), self._wall(), self.config.restart_grace_s)
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._wexec, self._store.load)
+        settled = await loop.run_in_executor(self._wexec, self._store.recent_settled, _RECENT_SETTLED)
+        old, new = self._state, self._new_state()
+        load_state(new, rows, self._clock(), self._wall(), grace_s)
+        new.recent_settled.update(settled)
+        for tid, t in new.tenants.items():  # buckets and the duration estimate live only in memory
+            if (o := old.tenants.get(tid)) is not None:
+                t.rpm, t.tpm, t.ewma_duration_s = o.rpm or t.rpm, o.tpm or t.tpm, o.ewma_duration_s
+                t.apply_limits(t.limits, self._clock(), new.default_limits)
+        self._state, self._admin = new, AdminOps(new)
 
     async def close(self) -> None:
         """Commit what is pending, then close the file."""
@@ -172,23 +206,45 @@ class LedgerCore:
             t0 = time.perf_counter()
             try:
                 await loop.run_in_executor(self._wexec, self._store.commit, batch)
-            except Exception as e:  # disk full, I/O error: memory is ahead of the file; rebuild it
-                err = RuntimeError(f"ledger commit failed: {e}")
-                fut.set_exception(err)
+            except Exception as e:  # disk full, I/O error, locked: memory is ahead of the file
+                self._writable.clear()  # before anything else runs: no write lands on this state
+                log.error("ledger commit of %d operation(s) failed: %s", batch.num_ops, e)
+                fut.set_exception(
+                    LedgerUnavailableError(
+                        f"The usage ledger could not record this request ({type(e).__name__}); retry.",
+                        headers={"retry-after": "1"},
+                    )
+                )
                 nxt, self._next = self._next, None
                 if nxt is not None:
-                    nxt.set_exception(err)
-                await self._load()
+                    nxt.set_exception(_RolledBack())
+                await self._rebuild()
                 continue
             self._stats.commit_latency.observe(time.perf_counter() - t0)
             self._stats.commits_total += 1
             fut.set_result(None)
 
+    async def _rebuild(self) -> None:
+        """Reload the state from the file until that works, then let writes in again."""
+        delay_s = 0.05
+        while True:
+            try:
+                await self._load(float("inf"))
+                break
+            except Exception as e:
+                log.error("ledger state rebuild failed (%s); retrying in %.2f s", e, delay_s)
+                await asyncio.sleep(delay_s)  # back-off timer between rebuild attempts
+                delay_s = min(5.0, delay_s * 2)
+        self._writable.set()
+
     async def _expirer(self) -> None:
         interval_s = min(5.0, self.config.reservation_ttl_s / 4, max(0.05, self.config.restart_grace_s / 4))
         while True:
             await asyncio.sleep(interval_s)  # a periodic timer, not a wait for a condition
-            await self.expire_due()
+            if not self._writable.is_set():
+                continue
+            with contextlib.suppress(LedgerUnavailableError, _RolledBack):  # resolved again next time
+                await self.expire_due()
 
     async def expire_due(self) -> int:
         """Resolve expired reservations by the crash rule now; return how many (runs periodically)."""
@@ -201,20 +257,42 @@ class LedgerCore:
         """Apply operations in order; return their results once every change is durable.
 
         An admin operation that fails returns its :class:`serving.errors.APIError` as the result.
+        Raises :class:`~serving.errors.LedgerUnavailableError` when the commit of these operations
+        failed (none of them was recorded) or the state cannot be rebuilt in time after one did.
         """
-        now, ts = self._clock(), self._wall()
-        results, wrote = [], False
-        for op in ops:
-            try:
-                res, changed = self._apply_one(op, now, ts)
-            except APIError as e:
-                res, changed = e, False
-            results.append(res)
-            wrote = wrote or changed
         self._stats.ops_total += len(ops)
-        if wrote:
-            await self._durable()
-        return results
+        while True:
+            await self._until_writable()
+            now, ts = self._clock(), self._wall()
+            results, wrote = [], False
+            for op in ops:
+                try:
+                    res, changed = self._apply_one(op, now, ts)
+                except APIError as e:
+                    res, changed = e, False
+                results.append(res)
+                wrote = wrote or changed
+            if not wrote:
+                return results
+            self._state.batch.num_ops += len(ops)
+            try:
+                await self._durable()
+            except _RolledBack:
+                continue  # applied on state that a failed commit discarded: apply to the rebuilt one
+            return results
+
+    async def _until_writable(self) -> None:
+        if self._writable.is_set():
+            return
+        deadline = self._clock() + _UNAVAILABLE_WAIT_S
+        while not self._writable.is_set():  # re-checked: it may be cleared again before we run
+            try:
+                await asyncio.wait_for(self._writable.wait(), max(0.0, deadline - self._clock()))
+            except TimeoutError:
+                raise LedgerUnavailableError(
+                    "The usage ledger cannot record requests right now; retry later.",
+                    headers={"retry-after": "1"},
+                ) from None
 
     def _apply_one(self, op: Op, now: float, ts: float) -> tuple[Any, bool]:
         """One operation's result and whether it changed anything that must be committed."""
@@ -226,7 +304,7 @@ class LedgerCore:
             case Settle(request_id=rid):
                 charge = None
                 if rid not in st.open and rid not in st.recent_settled and self._store is not None:
-                    charge = self._store.settled_charge(rid)  # rare: a settlement replayed after restart
+                    charge = self._store.settled_charge(rid)  # rare: a settlement replayed long after
                 s = st.settle(op, now, ts, charge)
                 return s, not (s.duplicate or s.unknown)
             case Progress(request_id, completion_tokens):

@@ -22,7 +22,7 @@ from ._store import WriteBatch
 
 __all__ = ["LedgerState", "OpenReservation", "TenantRecord"]
 
-_RECENT_SETTLED = 200_000
+RECENT_SETTLED = 200_000
 _EWMA_ALPHA = 0.1
 
 
@@ -312,7 +312,7 @@ class LedgerState:
             k = (t.tenant_id, r.model, kind)
             c[k] = c.get(k, 0) + n
         self.recent_settled[request_id] = charged
-        if len(self.recent_settled) > _RECENT_SETTLED:
+        if len(self.recent_settled) > RECENT_SETTLED:
             self.recent_settled.popitem(last=False)
         event = (
             request_id,

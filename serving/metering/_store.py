@@ -13,6 +13,7 @@ once per tenant per batch with their final value.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ EXPORT_COLUMNS = (
 )  # fmt: skip
 
 
-def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+def _connect(path: Path, readonly: bool, busy_timeout_ms: int) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
@@ -76,8 +77,18 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     return conn
+
+
+def _private(path: Path) -> None:
+    """Create the ledger file readable by its owner only (it holds every tenant's key hashes and
+    balances), or tighten an existing one: SQLite creates its WAL and shm files with this mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 ReservationRow = tuple[str, str, str, str, int, int, int, int, float, float]
@@ -131,12 +142,16 @@ class WriteBatch:
 class LedgerStore:
     """SQLite persistence. Call :meth:`commit` from one thread at a time; reads from another."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._w = _connect(self.path, readonly=False)
+        _private(self.path)
+        self._w = _connect(self.path, readonly=False, busy_timeout_ms=busy_timeout_ms)
         self._migrate()
-        self._r = _connect(self.path, readonly=True)
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the file's mode; older files: tighten
+            if (side := Path(f"{self.path}{suffix}")).exists():
+                side.chmod(0o600)
+        self._r = _connect(self.path, readonly=True, busy_timeout_ms=busy_timeout_ms)
 
     def _migrate(self) -> None:
         version = self._w.execute("PRAGMA user_version").fetchone()[0]
@@ -194,6 +209,14 @@ class LedgerStore:
         except BaseException:
             w.execute("ROLLBACK")
             raise
+
+    def recent_settled(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` most recent settlements as ``(request_id, ucredits)``, oldest first (the
+        ledger keeps them in memory so a replayed request id is known after a restart)."""
+        rows = self._w.execute(
+            "SELECT request_id, ucredits FROM usage_events ORDER BY event_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [(r, int(u)) for r, u in reversed(rows)]
 
     # -- reading (read-only connection) ----------------------------------------------------------
     def settled_charge(self, request_id: str) -> int | None:

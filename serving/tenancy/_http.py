@@ -25,7 +25,7 @@ from serving.errors import (
 )
 
 from ._backend import TenancyBackend
-from ._keys import constant_time_equals
+from ._keys import constant_time_equals, hash_api_key
 from ._model import TenantCreate, TenantLimits, TenantUpdate, TopUp
 
 __all__ = ["make_tenancy_router"]
@@ -82,13 +82,14 @@ def _guard(fn: Handler) -> Handler:
     return wrapper
 
 
-def make_tenancy_router(backend: TenancyBackend, admin_key: str | None) -> APIRouter:
-    """Routes for the gateway to mount. ``admin_key=None`` disables ``/admin/v1`` (every call 401)."""
+def make_tenancy_router(backend: TenancyBackend, admin_key_sha256: str | None) -> APIRouter:
+    """Routes for the gateway to mount, checking the admin key against its SHA-256 (the key itself
+    never reaches a Ray actor). ``None`` disables ``/admin/v1`` (every call 401)."""
     router = APIRouter()
 
     def admin(request: Request) -> None:
         token = _bearer(request)
-        if admin_key is None or not constant_time_equals(token, admin_key):
+        if admin_key_sha256 is None or not constant_time_equals(hash_api_key(token), admin_key_sha256):
             raise AuthenticationError("This endpoint needs the admin key.")
 
     @router.post("/admin/v1/tenants")

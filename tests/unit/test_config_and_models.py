@@ -238,3 +238,21 @@ def test_admission_settings_are_typed_and_become_the_core_config() -> None:
     assert AdmissionSettings().queue_deadline_s_at(1000) == 0.6  # default: 60% of the TTFT target
     with pytest.raises(ValueError, match="min_num_seqs"):
         pool.admission.for_engine(1, 4096, 1000, 50)  # the engine's bound is checked when it is known
+
+
+def test_replicas_get_the_admin_key_hash_never_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import pickle
+
+    key = "tw-admin-" + "k" * 32
+    monkeypatch.delenv("TOKENWEIR_ADMIN_KEY", raising=False)
+    pools = [{"name": "a", "model": "tiny-llama"}]
+    cfg = parse_config({"pools": pools, "metering": {"admin_key": key}})
+    deployment = resolve(cfg)  # what every replica gets as its constructor argument
+    assert deployment.metering.admin_key is None
+    assert deployment.metering.admin_key_sha256 == hashlib.sha256(key.encode()).hexdigest()
+    assert key.encode() not in pickle.dumps(deployment)
+    assert key not in cfg.metering_config().for_actors().model_dump_json()  # the ledger actor's
+    monkeypatch.setenv("TOKENWEIR_ADMIN_KEY", key)
+    from_env = parse_config({"pools": pools}).metering_config().for_actors()
+    assert from_env.admin_key is None and from_env.admin_key_sha256 == deployment.metering.admin_key_sha256

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from serving.errors import NotFoundError
 from serving.metering import LedgerClient, Meter, MeteringConfig, local_ledger
-from serving.tenancy import AdminHttpBackend, TopUp, ensure_demo_tenant, make_tenancy_router
+from serving.tenancy import AdminHttpBackend, TopUp, ensure_demo_tenant, hash_api_key, make_tenancy_router
 
 ADMIN = "admin-key-0123456789abcdef"
 
@@ -26,7 +26,7 @@ async def ledger(tmp_path: Path) -> AsyncIterator[LedgerClient]:
 @pytest.fixture
 async def http(ledger: LedgerClient) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
-    app.include_router(make_tenancy_router(ledger, ADMIN))
+    app.include_router(make_tenancy_router(ledger, hash_api_key(ADMIN)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         yield c
 
