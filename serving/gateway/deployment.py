@@ -120,6 +120,7 @@ class Gateway:
             loop.create_task(self.pools.follow_board(self.board)),
             loop.create_task(self._publish_stats()),
             loop.create_task(self.stall_guard.run()),
+            loop.create_task(self.meter.record_progress()),
         ]
         g = self.cfg.gateway
         self._internal_server = await self._start_http(

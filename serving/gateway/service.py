@@ -201,6 +201,7 @@ class GatewayService:
     ) -> AsyncIterator[bytes]:
         batch = first
         finished = False
+        settled: asyncio.Future[None] | None = None
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         try:
             while True:
@@ -213,8 +214,10 @@ class GatewayService:
                         finished = True
                         if p.include_usage:
                             events += renderer.usage_event(chunk.prompt_tokens, chunk.completion_tokens)
+                        settled = self._settle_soon(p, outcome)  # not after the client has read it
                         yield events + DONE_EVENT
                         return
+                self.meter.note_progress(p.request_id, outcome.completion_tokens)
                 if events:
                     yield events
                 batch = await chunks.next_batch(deadline)
@@ -237,7 +240,7 @@ class GatewayService:
             chunks.close()
             if not finished and outcome.status == "ok":
                 outcome.status = "disconnected"
-            await self._settle_shielded(p, outcome)
+            await self._settle_shielded(p, outcome, settled)
 
     async def complete(self, p: Prepared) -> dict[str, Any]:
         """Run a non-streamed request to the end and build its body."""
@@ -263,6 +266,7 @@ class GatewayService:
                     outcome.completion_tokens = chunk.completion_tokens
                     finished = chunk.finished
                 if not finished:
+                    self.meter.note_progress(p.request_id, outcome.completion_tokens)
                     batch = await chunks.next_batch(deadline)
         except (asyncio.CancelledError, GeneratorExit):
             outcome.status = "disconnected"
@@ -283,11 +287,19 @@ class GatewayService:
             outcome.completion_tokens,
         )
 
-    async def _settle_shielded(self, p: Prepared, outcome: Outcome) -> None:
-        """Settle even while this task is being cancelled (a dropped client must still be charged)."""
+    def _settle_soon(self, p: Prepared, outcome: Outcome) -> asyncio.Future[None]:
+        """Start settling now, in a task of its own (no cancellation of the caller reaches it)."""
         task = asyncio.ensure_future(self._settle(p, outcome))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _settle_shielded(
+        self, p: Prepared, outcome: Outcome, started: asyncio.Future[None] | None = None
+    ) -> None:
+        """Settle even while this task is being cancelled (a dropped client must still be charged);
+        ``started``: the settlement already begun by :meth:`_settle_soon`."""
+        task = started if started is not None else self._settle_soon(p, outcome)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
 

@@ -61,7 +61,7 @@ class LedgerActor:
         """Start the ledger and its socket if needed; return ``(host, port, secret)`` of the socket."""
         core = await self._ready()
         if self._socket is None:
-            self._socket = LedgerSocketServer(core.apply, _node_ip())
+            self._socket = LedgerSocketServer(core.apply, _node_ip(), on_close=core.end_lease)
         if self._socket.endpoint is None:
             await self._socket.start()
         assert self._socket.endpoint is not None

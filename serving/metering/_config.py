@@ -56,6 +56,9 @@ class MeteringConfig(BaseModel):
     """Tokens per minute of a tenant whose own limits set none; ``null``: unlimited."""
     reservation_ttl_s: float = Field(default=900.0, gt=0)
     """A reservation not settled within this time is resolved by the crash rule (see ``_core``)."""
+    lease_grace_s: float = Field(default=25.0, ge=0)
+    """When a gateway's ledger connection drops, its open reservations are resolved by the crash
+    rule this long after (within 5 s more), unless it settles them first."""
     restart_grace_s: float = Field(default=60.0, ge=0)
     """After a ledger restart, open reservations wait this long for their gateway to settle them."""
     busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)

@@ -238,7 +238,10 @@ class LedgerCore:
         self._writable.set()
 
     async def _expirer(self) -> None:
-        interval_s = min(5.0, self.config.reservation_ttl_s / 4, max(0.05, self.config.restart_grace_s / 4))
+        c = self.config
+        interval_s = min(
+            5.0, c.reservation_ttl_s / 4, max(0.05, c.restart_grace_s / 4), max(0.05, c.lease_grace_s / 4)
+        )
         while True:
             await asyncio.sleep(interval_s)  # a periodic timer, not a wait for a condition
             if not self._writable.is_set():
@@ -253,9 +256,11 @@ class LedgerCore:
             await self._durable()
         return len(done)
 
-    async def apply(self, ops: Sequence[Op]) -> list[Any]:
+    async def apply(self, ops: Sequence[Op], lease: int | None = None) -> list[Any]:
         """Apply operations in order; return their results once every change is durable.
 
+        ``lease`` names the connection they came on: reservations opened are held by it
+        (:meth:`end_lease`).
         An admin operation that fails returns its :class:`serving.errors.APIError` as the result.
         Raises :class:`~serving.errors.LedgerUnavailableError` when the commit of these operations
         failed (none of them was recorded) or the state cannot be rebuilt in time after one did.
@@ -267,7 +272,7 @@ class LedgerCore:
             results, wrote = [], False
             for op in ops:
                 try:
-                    res, changed = self._apply_one(op, now, ts)
+                    res, changed = self._apply_one(op, now, ts, lease)
                 except APIError as e:
                     res, changed = e, False
                 results.append(res)
@@ -294,12 +299,17 @@ class LedgerCore:
                     headers={"retry-after": "1"},
                 ) from None
 
-    def _apply_one(self, op: Op, now: float, ts: float) -> tuple[Any, bool]:
+    def end_lease(self, lease: int) -> int:
+        """The connection ``lease`` is gone: its open reservations expire ``lease_grace_s`` from now
+        (its gateway may reconnect and settle them before that). Returns how many."""
+        return self._state.end_lease(lease, self._wall() + self.config.lease_grace_s)
+
+    def _apply_one(self, op: Op, now: float, ts: float, lease: int | None) -> tuple[Any, bool]:
         """One operation's result and whether it changed anything that must be committed."""
         st, a = self._state, self._admin
         match op:
             case Reserve():
-                res = st.reserve(op, now, ts)
+                res = st.reserve(op, now, ts, lease)
                 return res, isinstance(res, Reservation)
             case Settle(request_id=rid):
                 charge = None

@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
 from serving.errors import AuthenticationError
 from serving.tenancy import hash_api_key, looks_like_api_key
 
@@ -22,6 +26,22 @@ from ._ops import Progress, Refusal, Reservation, Reserve, Settle, Settlement, e
 from ._stats import LedgerCollector, LedgerStats
 
 __all__ = ["Meter"]
+
+log = logging.getLogger("tokenweir.metering")
+
+PROGRESS_INTERVAL_S = 1.0
+"""How often a gateway records the tokens its live requests have produced (one batched call)."""
+
+
+class _Live:
+    """Progress of one live reservation: what the gateway saw and what the ledger has."""
+
+    __slots__ = ("age", "noted", "sent")
+
+    def __init__(self) -> None:
+        self.noted = 0
+        self.sent = 0
+        self.age = 0
 
 
 class Meter:
@@ -36,6 +56,7 @@ class Meter:
         self.enabled = enabled
         self.default_max_tokens = default_max_tokens
         self.collector = LedgerCollector()
+        self._live: dict[str, _Live] = {}
 
     async def authorize(
         self,
@@ -65,7 +86,37 @@ class Meter:
         if isinstance(result, Refusal):
             raise error_for(result)
         assert isinstance(result, Reservation)
+        self._live[request_id] = _Live()
         return result
+
+    def note_progress(self, request_id: str, completion_tokens: int) -> None:
+        """The request has produced ``completion_tokens`` so far (cheap: a field write; the ledger
+        hears of it at the next :meth:`flush_progress`)."""
+        live = self._live.get(request_id)
+        if live is not None:
+            live.noted = completion_tokens
+
+    def flush_progress(self) -> int:
+        """Send one progress record per live request that produced tokens since the last flush and
+        is at least one flush old (shorter ones settle before it matters); returns how many. Run
+        every :data:`PROGRESS_INTERVAL_S` (:meth:`record_progress`), so a request whose gateway
+        dies is charged at least what it produced minus one interval."""
+        if not self.enabled or self.client is None:
+            return 0
+        n = 0
+        for request_id, live in self._live.items():
+            live.age += 1
+            if live.age > 1 and live.noted > live.sent:
+                live.sent = live.noted
+                self.client.submit(Progress(request_id, live.noted)).add_done_callback(_log_failure)
+                n += 1
+        return n
+
+    async def record_progress(self, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        """Flush progress every ``interval_s`` (a background task of the gateway replica)."""
+        while True:
+            await asyncio.sleep(interval_s)  # a periodic timer, not a wait for a condition
+            self.flush_progress()
 
     async def settle(
         self,
@@ -83,14 +134,16 @@ class Meter:
         if not self.enabled:
             return Settlement(reservation.request_id, 0, 0)
         assert self.client is not None
+        self._live.pop(reservation.request_id, None)
         op = Settle(reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type)
         result = await self.client.submit(op)
         assert isinstance(result, Settlement)
         return result
 
     async def progress(self, reservation: Reservation, completion_tokens: int) -> None:
-        """Optionally record tokens produced so far, so that a request whose gateway dies is charged
-        for them (see the crash rule in :mod:`serving.metering._core`). Cheap: it is batched."""
+        """Record tokens produced so far now, so that a request whose gateway dies is charged for
+        them (the crash rule in :mod:`serving.metering._core`); the gateway uses the batched
+        :meth:`note_progress` instead."""
         if self.enabled:
             assert self.client is not None
             await self.client.submit(Progress(reservation.request_id, completion_tokens))
@@ -103,3 +156,8 @@ class Meter:
         stats = await self.client.stats()
         self.collector.update(stats)
         return stats
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and (e := fut.exception()) is not None:
+        log.info("progress record not sent: %s", e)  # the next flush sends a newer one

@@ -61,10 +61,21 @@ _REPLIES: Codec[Reply] = Codec(Reply)
 
 
 class LedgerSocketServer:
-    """The ledger's end: applies hot batches from any number of gateway connections."""
+    """The ledger's end: applies hot batches from any number of gateway connections.
 
-    def __init__(self, apply: Callable[[list[HotOp]], Awaitable[list[HotResult]]], host: str) -> None:
+    Each connection is a *lease*: ``apply`` gets its number with every batch (the reservations it
+    opens are held by it), and ``on_close`` is told when the connection ends, so the reservations
+    of a gateway that died are resolved soon after instead of at their TTL."""
+
+    def __init__(
+        self,
+        apply: Callable[[list[HotOp], int], Awaitable[list[HotResult]]],
+        host: str,
+        on_close: Callable[[int], object] | None = None,
+    ) -> None:
         self._apply = apply
+        self._on_close = on_close
+        self._leases = itertools.count(1)
         self.host = host
         self.secret = new_secret()
         self._server: asyncio.base_events.Server | None = None
@@ -78,21 +89,25 @@ class LedgerSocketServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: set[asyncio.Task[None]] = set()
+        lease = 0
         try:
             await server_handshake(reader, writer, self.secret)
+            lease = next(self._leases)
             while True:
                 batch = await _BATCHES.read(reader)
-                t = asyncio.get_running_loop().create_task(self._one(writer, batch))
+                t = asyncio.get_running_loop().create_task(self._one(writer, batch, lease))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as e:  # FrameError too
             log.debug("ledger link closed: %s", e)
         finally:
             writer.close()
+            if lease and self._on_close is not None:
+                self._on_close(lease)
 
-    async def _one(self, writer: asyncio.StreamWriter, batch: Batch) -> None:
+    async def _one(self, writer: asyncio.StreamWriter, batch: Batch, lease: int) -> None:
         try:
-            reply = Reply(batch.seq, await self._apply(batch.ops))
+            reply = Reply(batch.seq, await self._apply(batch.ops, lease))
         except Exception as e:  # a failed commit: the caller sees the ledger as unavailable
             reply = Reply(batch.seq, error=f"{type(e).__name__}: {e}")
         if not writer.is_closing():

@@ -83,6 +83,8 @@ class OpenReservation:
     started: float
     """Monotonic time of the reservation (``now`` at reserve, or at load after a restart)."""
     progress_tokens: int | None = None
+    lease: int | None = None
+    """The ledger connection that holds it (None: in-process, or loaded after a restart)."""
 
 
 @dataclass(slots=True)
@@ -143,18 +145,19 @@ class LedgerState:
             "rate_limit_exceeded", message, t.tenant_id, limit=limit, retry_after_s=retry_s, headers=headers
         )
 
-    def reserve(self, op: Reserve, now: float, ts: float) -> Reservation | Refusal:
+    def reserve(self, op: Reserve, now: float, ts: float, lease: int | None = None) -> Reservation | Refusal:
         """Check key, model, size, RPM, concurrency, TPM and credits; take them all or nothing.
 
-        A refusal for a known tenant carries its ``x-ratelimit-*`` headers, as a success does."""
-        res = self._reserve(op, now, ts)
+        A refusal for a known tenant carries its ``x-ratelimit-*`` headers, as a success does.
+        ``lease``: the connection that will settle it (a resent reserve moves it to the new one)."""
+        res = self._reserve(op, now, ts, lease)
         if isinstance(res, Refusal) and res.tenant_id in self.tenants:
             t = self.tenants[res.tenant_id]
             headers = {**rate_limit_headers(t.rpm, t.tpm, now), **res.headers}
             res = msgspec.structs.replace(res, headers=headers)
         return res
 
-    def _reserve(self, op: Reserve, now: float, ts: float) -> Reservation | Refusal:
+    def _reserve(self, op: Reserve, now: float, ts: float, lease: int | None) -> Reservation | Refusal:
         request_id, model, prompt_tokens = op.request_id, op.model, op.prompt_tokens
         key = self.keys_by_hash.get(op.key_hash)
         if key is None or key.revoked_at is not None:
@@ -164,6 +167,7 @@ class LedgerState:
         if existing is not None:
             if existing.tenant_id != t.tenant_id:
                 return self._refuse("duplicate_request", f"request id {request_id!r} is in use", t.tenant_id)
+            existing.lease = lease
             return self._reservation(existing, t, now)
         if request_id in self.recent_settled:
             return self._refuse(
@@ -241,6 +245,7 @@ class LedgerState:
             ts,
             ts + self.reservation_ttl_s,
             now,
+            lease=lease,
         )
         self.open[request_id] = r
         self.batch.open_reservation(
@@ -332,6 +337,15 @@ class LedgerState:
         )
         self.batch.close_reservation(request_id, event, t.tenant_id, t.balance_ucredits)
         return Settlement(request_id, charged, r.reserved_ucredits - charged)
+
+    def end_lease(self, lease: int, expires_at: float) -> int:
+        """Bring the expiry of the reservations ``lease`` holds forward to ``expires_at``."""
+        n = 0
+        for r in self.open.values():
+            if r.lease == lease:
+                r.expires_at = min(r.expires_at, expires_at)
+                n += 1
+        return n
 
     def expire(self, now: float, ts: float) -> list[Settlement]:
         """Resolve reservations past ``expires_at`` by the crash rule: charge the prompt and the

@@ -24,7 +24,7 @@ REPLIES: Codec[Reply] = Codec(Reply)
 async def _ledger(fail: bool = False) -> tuple[LedgerSocketServer, list[list[HotOp]]]:
     seen: list[list[HotOp]] = []
 
-    async def apply(ops: list[HotOp]) -> list[HotResult]:
+    async def apply(ops: list[HotOp], lease: int) -> list[HotResult]:
         if fail:
             raise RuntimeError("ledger commit failed: disk full")
         seen.append(ops)
