@@ -1,7 +1,9 @@
 """Build the Ray Serve application from the configuration: one gateway, one deployment per pool.
 
 The config is resolved here, once (:func:`serving.config.resolve`: catalog, plan, overrides), and
-each replica gets its part of the frozen result as a constructor argument.
+each replica gets its part of the frozen result as a constructor argument. :func:`app_builder` is
+the same build for a Serve config file (``serve run`` / ``serve deploy`` / a RayService), which
+carries the Tokenweir config as the application's ``args``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import TokenweirConfig, resolve
+from serving.config import TokenweirConfig, parse_config, resolve
 from serving.gateway.deployment import Gateway
 from serving.pools.replica import PoolReplica
 from serving.ray_env import SERVE_ENV
@@ -43,7 +45,18 @@ def build_app(cfg: TokenweirConfig) -> Application:
         name=GATEWAY_DEPLOYMENT,
         num_replicas=deployment.gateway.replicas,
         max_ongoing_requests=deployment.gateway.max_ongoing_requests,
-        ray_actor_options={"num_cpus": deployment.gateway.num_cpus, "runtime_env": runtime_env},
+        ray_actor_options={
+            "num_cpus": deployment.gateway.num_cpus,
+            "resources": {r: 1} if (r := deployment.gateway.node_resource) else {},
+            "runtime_env": runtime_env,
+        },
         graceful_shutdown_timeout_s=5,
     )
     return gateway.bind(deployment, handles)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Ray Serve's application builder (``import_path: serving.app:app_builder``): ``args`` is a
+    Tokenweir config, as ``tokenweir deploy render`` embeds it; validated as a config file is, then
+    built by :func:`build_app`."""
+    return build_app(parse_config(dict(args), source="the Serve application's args"))

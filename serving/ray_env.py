@@ -1,6 +1,7 @@
 """The environment Tokenweir's Ray processes run with: set by ``tokenweir serve`` before Ray
-starts and on every deployment's ``runtime_env`` (for clusters it joins). Below both
-:mod:`serving.app` and :mod:`serving.cli.runtime`, which read it."""
+starts and on every deployment's ``runtime_env`` (for clusters it joins), and the address a replica
+binds for ``gateway.host: node`` (:func:`listen_host`). Below both :mod:`serving.app` and
+:mod:`serving.cli.runtime`, which read it."""
 
 # Keep a local Ray on loopback (without the second variable Ray still advertised eth0).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -16,3 +17,34 @@ SERVE_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+
+NODE_HOST = "node"
+"""The `gateway.host` (and `internal_host`) value that binds each replica's own Ray node address."""
+
+
+class NodeAddressError(RuntimeError):
+    """A replica configured to bind its node's address cannot learn it from Ray."""
+
+
+def listen_host(host: str) -> str:
+    """The address to bind for a configured ``host``: as written, or for :data:`NODE_HOST` this
+    process's Ray node address (``ray.util.get_node_ip_address()`` of the connected node). Raises
+    :class:`NodeAddressError` when the process is not connected to Ray or Ray has no address for
+    it: a gateway on a cluster must not quietly listen on 127.0.0.1, where no client reaches it."""
+    if host != NODE_HOST:
+        return host
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            raise NodeAddressError(
+                "gateway.host is `node` but this process is not connected to Ray, so it has no node address"
+            )
+        address = str(ray.util.get_node_ip_address() or "")
+    except NodeAddressError:
+        raise
+    except Exception as e:
+        raise NodeAddressError(f"gateway.host is `node` but Ray gave no node address: {e!r}") from e
+    if not address:
+        raise NodeAddressError("gateway.host is `node` but Ray gave an empty node address")
+    return address

@@ -135,9 +135,11 @@ def status(
     """Pools, replicas, their GPU types and readiness."""
     import httpx
 
+    from serving.cli.runtime import gateway_url
+
     cfg = load_config(config)
-    base = url or f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     replicas = _replica_states(cfg)
+    base = gateway_url(cfg, url)
     try:
         ready = httpx.get(f"{base}/readyz", timeout=10).json()
     except httpx.HTTPError as e:

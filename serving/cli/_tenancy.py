@@ -23,6 +23,7 @@ import httpx
 import typer
 from pydantic import ValidationError
 
+from serving.cli.runtime import gateway_url
 from serving.config import load_config
 from serving.errors import APIError, validation_message
 from serving.tenancy import TenancyBackend, TenantCreate, TenantLimits, TenantUpdate, TopUp
@@ -54,7 +55,7 @@ async def _backend(config: str | None, url: str | None) -> AsyncIterator[Tenancy
 
     cfg = load_config(config)
     mcfg = cfg.metering_config()
-    url = url or f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    url = gateway_url(cfg, url)
     up = False
     with suppress(httpx.HTTPError):
         up = httpx.get(f"{url}/healthz", timeout=2).status_code == 200

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from serving.config.schema import TokenweirConfig
-from serving.ray_env import LOOPBACK_ENV, SERVE_ENV
+from serving.ray_env import LOOPBACK_ENV, NODE_HOST, SERVE_ENV, listen_host
 
 
 def init_ray(cfg: TokenweirConfig) -> None:
@@ -42,7 +42,33 @@ def deploy(cfg: TokenweirConfig) -> str:
     # The gateway replicas serve HTTP themselves (see serving.gateway.deployment); no Serve proxy.
     serve.start(http_options={"location": "NoServer"})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix=None, blocking=False)
-    return f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    return gateway_url(cfg)
+
+
+def gateway_url(cfg: TokenweirConfig, url: str | None = None) -> str:
+    """``url``, or the gateway's base URL for a client on this machine. With ``gateway.host: node``
+    that is this machine's Ray node address: loopback for the local Ray ``tokenweir serve`` starts,
+    the connected node's on a cluster; a CLI not connected to a cluster's Ray needs ``--url``."""
+    if url:
+        return url
+    host = cfg.gateway.host
+    if host == NODE_HOST:
+        if cfg.ray.address is None:
+            host = "127.0.0.1"  # init_ray's local Ray runs on loopback
+        elif _ray_connected():
+            host = listen_host(host)
+        else:
+            raise SystemExit(
+                "tokenweir: gateway.host is `node` on a cluster: pass --url http://<a gateway node>:"
+                f"{cfg.gateway.port}"
+            )
+    return f"http://{host}:{cfg.gateway.port}"
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
 
 
 def with_admin_key(cfg: TokenweirConfig) -> TokenweirConfig:

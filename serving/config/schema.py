@@ -36,7 +36,8 @@ class GatewayConfig(_Strict):
     """The HTTP ingress."""
 
     host: str = "127.0.0.1"
-    """Address the gateway replicas listen on (each binds it with SO_REUSEPORT)."""
+    """Address the gateway replicas listen on (each binds it with SO_REUSEPORT); `node`: each
+    replica binds its own Ray node's address (a cluster, where replicas run on many machines)."""
     port: int = Field(default=8000, ge=1, le=65535)
     """TCP port of the OpenAI-compatible API."""
     replicas: int = Field(default=1, ge=1, le=64)
@@ -58,15 +59,30 @@ class GatewayConfig(_Strict):
     """Longest a client may take to send a request's headers and body; then 408 and the connection closes."""
     internal_host: str = "127.0.0.1"
     """Address of the operator's listener (`/metrics`, `/internal/pools`, a deep `/readyz`): the
-    node's address for a Prometheus elsewhere; never the public one unless a firewall guards the port."""
+    node's address (or `node`, as for `host`) for a Prometheus elsewhere; never the public one
+    unless a firewall guards the port."""
     internal_port: int = Field(default=9464, ge=1, le=65535)
     """Port of the operator's listener (each gateway replica on a node shares it)."""
     allow_gpu_pinning: bool = True
     """Whether a request may pin a GPU type with the `x-tokenweir-gpu` header."""
+    node_resource: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")
+    """A custom Ray resource each gateway replica takes one unit of, so gateways run only on the
+    nodes started with it, the ones a load balancer sends clients to (`ray start --resources
+    '{"tokenweir_gateway": 2}'`: up to two gateways there). None: any node."""
 
     _REMOVED: ClassVar[dict[str, str]] = {
         "token_channel": "the token channel is the only data path between gateways and pools (delete the key)",
     }
+
+    @field_validator("node_resource")
+    @classmethod
+    def _custom_resource(cls, v: str | None) -> str | None:
+        if v is not None and v.upper() in _RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{v!r} is a Ray built-in resource; name a custom one (e.g. tokenweir_gateway)")
+        return v
+
+
+_RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "MEMORY", "OBJECT_STORE_MEMORY"})
 
 
 class SloConfig(_Strict):

@@ -1,6 +1,7 @@
 """The ``gateway`` Ray Serve deployment: the OpenAI-compatible HTTP ingress.
 
-Each gateway replica serves HTTP itself (uvicorn on ``gateway.host:gateway.port``, the socket bound
+Each gateway replica serves HTTP itself (uvicorn on ``gateway.host:gateway.port``, ``node`` meaning
+this replica's Ray node address, the socket bound
 with ``SO_REUSEPORT`` so every replica on a node shares the port and the kernel spreads connections
 among them) instead of behind Ray Serve's HTTP proxy: the proxy hop costs a Ray message per streamed
 SSE event and ~6 ms of CPU per request on two cores (see README, "Speed"). Ray Serve still runs the
@@ -51,6 +52,7 @@ from serving.metrics import BoardCollector, render
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.pools.replica import node_ip, replica_id
 from serving.priority import run_at_normal_priority
+from serving.ray_env import listen_host
 from serving.tenancy import make_tenancy_router
 
 log = logging.getLogger("tokenweir.gateway")
@@ -124,9 +126,9 @@ class Gateway:
         ]
         g = self.cfg.gateway
         self._internal_server = await self._start_http(
-            self.internal_app, g.internal_host, g.internal_port, 64
+            self.internal_app, listen_host(g.internal_host), g.internal_port, 64
         )
-        self._server = await self._start_http(self.app, g.host, g.port, g.max_ongoing_requests)
+        self._server = await self._start_http(self.app, listen_host(g.host), g.port, g.max_ongoing_requests)
 
     # ------------------------------------------------------------------ setup
     def _make_meter(self) -> Meter:
