@@ -123,6 +123,7 @@ class Gateway:
             loop.create_task(self._publish_stats()),
             loop.create_task(self.stall_guard.run()),
             loop.create_task(self.meter.record_progress()),
+            loop.create_task(self._connect_ledger()),
         ]
         g = self.cfg.gateway
         self._internal_server = await self._start_http(
@@ -140,6 +141,13 @@ class Gateway:
         client = connect(mcfg, namespace=self.cfg.ray.namespace)
         self.app.include_router(make_tenancy_router(client, mcfg.for_actors().admin_key_sha256))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
+
+    async def _connect_ledger(self) -> None:
+        """Open the ledger link at start, so the key directory is synced before traffic."""
+        try:
+            await self.meter.connect()
+        except Exception as e:  # the first request's ledger call connects again
+            log.warning("ledger link not opened at start: %s", e)
 
     async def _start_http(self, app: FastAPI, host: str, port: int, max_requests: int) -> Any:
         """uvicorn on a shared (SO_REUSEPORT) listening socket, in this replica's event loop, with a
@@ -201,6 +209,7 @@ class Gateway:
             api_key = bearer_token(request)
             if self.meter.enabled and not api_key:
                 raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
+            self.meter.check_key(api_key)  # before the body is read, parsed or tokenized
             body = await read_json(request, self.cfg.gateway.max_body_bytes)
             # The caller's id is echoed and logged, never a key: each request gets its own internal id
             # (its reservation, its stream on the channel, its admission entry).

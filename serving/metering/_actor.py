@@ -25,6 +25,7 @@ from serving.priority import run_at_normal_priority
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
+from ._keys import KeyDirectory
 from ._ops import AdminOp, HotOp, HotResult, Op, Read
 from ._socket import Endpoint, LedgerLink, LedgerSocketServer
 
@@ -61,7 +62,7 @@ class LedgerActor:
         """Start the ledger and its socket if needed; return ``(host, port, secret)`` of the socket."""
         core = await self._ready()
         if self._socket is None:
-            self._socket = LedgerSocketServer(core.apply, _node_ip(), on_close=core.end_lease)
+            self._socket = LedgerSocketServer(core.apply, _node_ip(), on_close=core.end_lease, keys=core)
         if self._socket.endpoint is None:
             await self._socket.start()
         assert self._socket.endpoint is not None
@@ -125,7 +126,9 @@ class ActorTransport:
         self.handle = handle
         self.restart_deadline_s = restart_deadline_s
         self.call_timeout_s = call_timeout_s
-        self._link = LedgerLink(self._endpoint) if socket else None
+        self.keys = KeyDirectory() if socket else None
+        """The usable keys, as the ledger pushes them on the socket (None: never synced)."""
+        self._link = LedgerLink(self._endpoint, self.keys) if socket else None
 
     async def _endpoint(self) -> Endpoint:
         return await self.handle.endpoint.remote()  # type: ignore[no-any-return]
@@ -145,6 +148,11 @@ class ActorTransport:
                 log.info("ledger unreachable (%s); resending", e)
                 await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the ledger
                 delay_s = min(1.0, delay_s * 2)
+
+    async def connect(self) -> None:
+        """Open the ledger socket now (it also syncs :attr:`keys`); failures are retried by use."""
+        if self._link is not None:
+            await self._link.connect()
 
     async def admin(self, op: AdminOp) -> Any:
         try:

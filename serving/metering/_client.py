@@ -35,6 +35,7 @@ from serving.tenancy import TopUp as TopUpRequest
 from ._actor import ActorTransport, get_or_create_ledger_actor
 from ._config import MeteringConfig
 from ._core import LedgerCore
+from ._keys import KeyDirectory, Keys, snapshot_frames
 from ._ops import (
     AddKey,
     AdminOp,
@@ -72,12 +73,35 @@ class LedgerTransport(Protocol):
 
     async def read(self, op: Read) -> Any: ...
 
+    async def connect(self) -> None:
+        """Open the link to the ledger now, if it has one (and sync :attr:`keys`)."""
+        ...
+
+    @property
+    def keys(self) -> KeyDirectory | None:
+        """The usable keys as the ledger last pushed them; None where the transport has none."""
+        ...
+
 
 class LocalTransport:
     """The ledger runs in this process (tests, the CLI on a stopped gateway)."""
 
     def __init__(self, core: LedgerCore) -> None:
         self.core = core
+        self.keys: KeyDirectory | None = None
+
+    def _sync_keys(self) -> KeyDirectory:
+        """In-process, the directory follows the core directly (same snapshot-then-changes feed)."""
+        if self.keys is None:
+            self.keys = KeyDirectory()
+            for frame in snapshot_frames(self.core.key_snapshot()):
+                self.keys.apply(frame)
+            keys = self.keys
+            self.core.subscribe_keys(lambda entries: keys.apply(Keys(entries)))
+        return self.keys
+
+    async def connect(self) -> None:
+        self._sync_keys()
 
     async def hot(self, ops: list[HotOp]) -> list[HotResult]:
         return await self.core.apply(ops)

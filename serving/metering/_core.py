@@ -51,6 +51,7 @@ from serving.tenancy import RateLimitState, TenantLimits, UsageRow, UsageSummary
 
 from ._admin import AdminOps, key_view, load_state, tenant_view
 from ._config import MeteringConfig
+from ._keys import KeyEntry
 from ._ops import (
     AddKey,
     Audit,
@@ -118,6 +119,7 @@ class LedgerCore:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._stats = LedgerStats()
+        self._key_listeners: list[Callable[[list[KeyEntry]], None]] = []
         self._writable = asyncio.Event()
         """Clear while the state is rebuilt from the file after a failed commit."""
         self._writable.set()
@@ -270,6 +272,7 @@ class LedgerCore:
             await self._until_writable()
             now, ts = self._clock(), self._wall()
             results, wrote = [], False
+            keys: list[KeyEntry] = []
             for op in ops:
                 try:
                     res, changed = self._apply_one(op, now, ts, lease)
@@ -277,6 +280,9 @@ class LedgerCore:
                     res, changed = e, False
                 results.append(res)
                 wrote = wrote or changed
+                if changed and isinstance(op, AddKey | RevokeKey):
+                    k = self._state.keys_by_id[op.key_id]
+                    keys.append((k.key_hash, k.tenant_id if k.revoked_at is None else None))
             if not wrote:
                 return results
             self._state.batch.num_ops += len(ops)
@@ -284,7 +290,20 @@ class LedgerCore:
                 await self._durable()
             except _RolledBack:
                 continue  # applied on state that a failed commit discarded: apply to the rebuilt one
+            if keys:
+                for listener in list(self._key_listeners):
+                    listener(keys)
             return results
+
+    def key_snapshot(self) -> list[KeyEntry]:
+        """Every usable key as ``(key_hash, tenant_id)``."""
+        return [(h, k.tenant_id) for h, k in self._state.keys_by_hash.items() if k.revoked_at is None]
+
+    def subscribe_keys(self, listener: Callable[[list[KeyEntry]], None]) -> Callable[[], None]:
+        """Call ``listener`` with the keys added or revoked, once each change is durable; returns
+        the unsubscribe function. Take :meth:`key_snapshot` in the same tick to miss nothing."""
+        self._key_listeners.append(listener)
+        return lambda: self._key_listeners.remove(listener)
 
     async def _until_writable(self) -> None:
         if self._writable.is_set():

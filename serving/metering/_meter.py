@@ -58,6 +58,23 @@ class Meter:
         self.collector = LedgerCollector()
         self._live: dict[str, _Live] = {}
 
+    def check_key(self, api_key: str) -> None:
+        """Refuse, before any body work, a key that cannot be valid: malformed, or absent from the
+        replica's synced key directory (:mod:`._keys`; costs the ledger nothing). A key it does
+        not know yet goes on to :meth:`authorize`, where the ledger decides."""
+        if not self.enabled:
+            return
+        if not looks_like_api_key(api_key):
+            raise AuthenticationError("Incorrect API key provided.")
+        keys = self.client.transport.keys if self.client is not None else None
+        if keys is not None and keys.admits(hash_api_key(api_key)) is False:
+            raise AuthenticationError("Incorrect API key provided.")
+
+    async def connect(self) -> None:
+        """Open the ledger link now so the key directory is synced before the first request."""
+        if self.enabled and self.client is not None:
+            await self.client.transport.connect()
+
     async def authorize(
         self,
         api_key: str,

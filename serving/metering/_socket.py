@@ -25,12 +25,14 @@ import contextvars
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import msgspec
 
 from serving.errors import LedgerUnavailableError
 from serving.wire import Codec, client_handshake, new_secret, server_handshake
 
+from ._keys import KeyDirectory, KeyEntry, Keys, snapshot_frames
 from ._ops import HotOp, HotResult
 
 __all__ = ["Batch", "Endpoint", "LedgerLink", "LedgerSocketServer", "Reply"]
@@ -57,7 +59,15 @@ class Reply(msgspec.Struct, frozen=True, tag=True, array_like=True):
 
 
 _BATCHES: Codec[Batch] = Codec(Batch)
-_REPLIES: Codec[Reply] = Codec(Reply)
+_REPLIES: Codec[Reply | Keys] = Codec(Reply | Keys)
+
+
+class KeyFeed(Protocol):
+    """Where the server gets the usable keys it sends each connection (the ledger core)."""
+
+    def key_snapshot(self) -> list[KeyEntry]: ...
+
+    def subscribe_keys(self, listener: Callable[[list[KeyEntry]], None]) -> Callable[[], None]: ...
 
 
 class LedgerSocketServer:
@@ -72,9 +82,11 @@ class LedgerSocketServer:
         apply: Callable[[list[HotOp], int], Awaitable[list[HotResult]]],
         host: str,
         on_close: Callable[[int], object] | None = None,
+        keys: KeyFeed | None = None,
     ) -> None:
         self._apply = apply
         self._on_close = on_close
+        self._keys = keys
         self._leases = itertools.count(1)
         self.host = host
         self.secret = new_secret()
@@ -90,9 +102,18 @@ class LedgerSocketServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tasks: set[asyncio.Task[None]] = set()
         lease = 0
+        unsubscribe: Callable[[], None] | None = None
         try:
             await server_handshake(reader, writer, self.secret)
             lease = next(self._leases)
+            if self._keys is not None:  # snapshot and subscription in one tick: nothing is missed
+                for frame in snapshot_frames(self._keys.key_snapshot()):
+                    writer.write(_REPLIES.frame(frame))
+                unsubscribe = self._keys.subscribe_keys(
+                    lambda entries: (
+                        None if writer.is_closing() else writer.write(_REPLIES.frame(Keys(entries)))
+                    )
+                )
             while True:
                 batch = await _BATCHES.read(reader)
                 t = asyncio.get_running_loop().create_task(self._one(writer, batch, lease))
@@ -102,6 +123,8 @@ class LedgerSocketServer:
             log.debug("ledger link closed: %s", e)
         finally:
             writer.close()
+            if unsubscribe is not None:
+                unsubscribe()
             if lease and self._on_close is not None:
                 self._on_close(lease)
 
@@ -121,8 +144,11 @@ class LedgerSocketServer:
 class _Connection:
     """One open connection: batches in flight by sequence number, answered by a reader task."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keys: KeyDirectory | None = None
+    ) -> None:
         self.writer = writer
+        self.keys = keys
         self.pending: dict[int, asyncio.Future[list[HotResult]]] = {}
         self.alive = True
         self._seq = itertools.count()
@@ -135,6 +161,10 @@ class _Connection:
         try:
             while True:
                 reply = await _REPLIES.read(reader)
+                if isinstance(reply, Keys):
+                    if self.keys is not None:
+                        self.keys.apply(reply)
+                    continue
                 fut = self.pending.pop(reply.seq, None)
                 if fut is None or fut.done():
                     continue
@@ -162,6 +192,8 @@ class _Connection:
 
     def close(self, err: Exception) -> None:
         self.alive = False
+        if self.keys is not None:
+            self.keys.lost()
         self.writer.close()
         pending, self.pending = self.pending, {}
         for fut in pending.values():
@@ -176,8 +208,10 @@ class LedgerLink:
     closes (at ``endpoint()``'s answer then, which changes when the ledger restarts). A call on a
     link that goes down raises :class:`ConnectionError`; resending is the caller's choice."""
 
-    def __init__(self, endpoint: Callable[[], Awaitable[Endpoint]]) -> None:
+    def __init__(self, endpoint: Callable[[], Awaitable[Endpoint]], keys: KeyDirectory | None = None) -> None:
         self._endpoint = endpoint
+        self.keys = keys
+        """Fed by the ledger on every connection this link opens (:mod:`._keys`)."""
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
 
@@ -189,7 +223,7 @@ class LedgerLink:
         except BaseException:
             writer.close()
             raise
-        return _Connection(reader, writer)
+        return _Connection(reader, writer, self.keys)
 
     async def _connected(self) -> _Connection:
         if self._conn is not None and self._conn.alive:
@@ -210,6 +244,10 @@ class LedgerLink:
 
     async def call(self, ops: list[HotOp]) -> list[HotResult]:
         return await (await self._connected()).call(ops)
+
+    async def connect(self) -> None:
+        """Open the link now (a gateway does at start, so its key directory syncs before use)."""
+        await self._connected()
 
     async def close(self) -> None:
         if self._conn is not None:

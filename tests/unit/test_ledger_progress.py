@@ -23,6 +23,10 @@ class LinkTransport:
 
     def __init__(self, link: LedgerLink, core: LedgerCore) -> None:
         self.link, self.core = link, core
+        self.keys = link.keys
+
+    async def connect(self) -> None:
+        await self.link.connect()
 
     async def hot(self, ops):  # type: ignore[no-untyped-def]
         return await self.link.call(ops)
