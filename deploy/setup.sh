@@ -10,6 +10,15 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if command -v python3.11 >/dev/null 2>&1; then PY=python3.11; else PY=python3; fi
 fi
+# Debian's prometheus package: promtool for the rule tests, the server for the real-Prometheus test
+# (each test starts its own on a free port). Its service is not wanted running: disabled if it started.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "setup: installing Debian's prometheus package (promtool and the server for the tests)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
 stamp=".venv/.setup-$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$extra"
 if [ -f "$stamp" ]; then

@@ -92,6 +92,9 @@ class SloConfig(_Strict):
     """Time-to-first-token target, milliseconds."""
     tpot_ms: float = Field(default=100.0, gt=0)
     """Time-per-output-token target, milliseconds."""
+    attainment_target: float = Field(default=0.9, gt=0, le=1)
+    """Share of finished requests that should meet both targets (exported as
+    `tokenweir_pool_slo_attainment_target_ratio`; the pool's SLO alert fires below it)."""
 
 
 class PoolConfig(_Strict):

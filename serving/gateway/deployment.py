@@ -303,7 +303,7 @@ class Gateway:
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:
             """Prometheus exposition, complete across gateway replicas, pool replicas and the ledger."""
-            collectors: list[Any] = [BoardCollector(await self.board.read.remote())]
+            collectors: list[Any] = [BoardCollector(await self.board.read.remote(), self.cfg.pools)]
             if self.meter.enabled:
                 await self.meter.refresh_metrics()
                 collectors.append(self.meter.collector)

@@ -99,6 +99,7 @@ class AdminOps:
         return tenant_view(t)
 
     def _grant(self, tenant_id: str, ucredits: int, note: str, ts: float) -> None:
+        self.s.tenants[tenant_id].granted_ucredits += ucredits
         self.s.batch.statements.append(
             (
                 "INSERT INTO credit_grants (tenant_id, ucredits, note, granted_at) VALUES (?,?,?,?)",
@@ -181,6 +182,7 @@ def load_state(
             r["tenant_id"], r["name"], r["weight"], models, r["balance_ucredits"], limits, r["created_at"]
         )
         t.apply_limits(limits, now, state.default_limits)
+        t.granted_ucredits = r["granted_ucredits"]
         state.tenants[t.tenant_id] = t
     for r in keys:
         k = KeyRecord(

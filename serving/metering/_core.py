@@ -76,7 +76,7 @@ from ._ops import (
 from ._policy import ModelPrice
 from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
-from ._stats import LedgerStats
+from ._stats import LedgerStats, low_credit
 from ._store import EXPORT_COLUMNS, LedgerStore
 
 __all__ = ["LedgerCore", "LedgerLockedError"]
@@ -444,6 +444,7 @@ class LedgerCore:
         for t in st.tenants.values():
             snap.credits_remaining[t.tenant_id] = ucredits_to_credits(t.balance_ucredits)
             snap.credits_reserved[t.tenant_id] = ucredits_to_credits(t.reserved_ucredits)
+            snap.credits_granted[t.tenant_id] = ucredits_to_credits(t.granted_ucredits)
             snap.in_flight[t.tenant_id] = t.in_flight
             for kind, b in (("requests", t.rpm), ("tokens", t.tpm)):
                 if b is not None:
@@ -452,6 +453,8 @@ class LedgerCore:
                 snap.rate_limit_utilisation[(t.tenant_id, "concurrency")] = (
                     t.in_flight / t.limits.max_concurrency
                 )
+        snap.credits_charged = {k: ucredits_to_credits(v) for k, v in st.counters.credits.items()}
+        snap.low_credit, snap.tenants_below_ratio = low_credit(snap.credits_remaining, snap.credits_granted)
         return snap
 
     def price(self, model: str) -> ModelPrice:

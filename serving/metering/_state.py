@@ -40,6 +40,8 @@ class TenantRecord:
     rpm: TokenBucket | None = None
     tpm: TokenBucket | None = None
     ewma_duration_s: float = 1.0
+    granted_ucredits: int = 0
+    """Credits granted since creation (initial credits and top-ups), for the low-credit metrics."""
 
     def apply_limits(self, limits: TenantLimits, now: float, defaults: TenantLimits) -> None:
         """Set the tenant's limits; RPM and TPM it leaves unset come from ``defaults``."""
@@ -95,6 +97,8 @@ class Counters:
     """(tenant, model, "prompt"|"completion") -> tokens charged."""
     refused: dict[tuple[str, str], int] = field(default_factory=dict)
     """(tenant or "", reason) -> requests refused."""
+    credits: dict[str, int] = field(default_factory=dict)
+    """tenant -> micro-credits charged."""
 
 
 class LedgerState:
@@ -316,6 +320,8 @@ class LedgerState:
         for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
             k = (t.tenant_id, r.model, kind)
             c[k] = c.get(k, 0) + n
+        cc = self.counters.credits
+        cc[t.tenant_id] = cc.get(t.tenant_id, 0) + charged
         self.recent_settled[request_id] = charged
         if len(self.recent_settled) > RECENT_SETTLED:
             self.recent_settled.popitem(last=False)

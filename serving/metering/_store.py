@@ -180,7 +180,10 @@ class LedgerStore:
         """Tenants, keys and open reservations, as rows."""
         self._w.row_factory = sqlite3.Row
         try:
-            tenants = self._w.execute("SELECT * FROM tenants").fetchall()
+            tenants = self._w.execute(
+                "SELECT t.*, (SELECT coalesce(sum(ucredits), 0) FROM credit_grants g"
+                " WHERE g.tenant_id = t.tenant_id) AS granted_ucredits FROM tenants t"
+            ).fetchall()
             keys = self._w.execute("SELECT * FROM api_keys").fetchall()
             res = self._w.execute("SELECT * FROM reservations").fetchall()
         finally:

@@ -3,18 +3,27 @@
 ``/metrics`` on any gateway replica is complete: pool replicas and gateway replicas publish their
 stats to the load board, the ledger keeps tenant accounting; a scrape renders all of it. Labels are
 bounded: pools and replicas by the deployment, tenants by the tenant table, reasons by enums.
+
+**One scrape for the fleet.** The board and the ledger are singletons, so every gateway replica
+renders the same fleet-wide exposition: Prometheus scrapes exactly one target (any replica; see
+``deploy/prometheus/``) and a second target would double every sum. Each series still names its
+origin (``replica`` for a pool replica, ``gateway`` for a gateway replica) instead of being summed
+here, so a replica that goes away is a series that ends, not a counter that drops (which
+``rate()`` would read as a reset and count twice).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
+
+from serving.config.resolved import ResolvedPool
 
 P = "tokenweir"
 
@@ -48,16 +57,62 @@ class GatewayStats:
 
 
 class BoardCollector(Collector):
-    """Metric families from load-board payloads (``pool`` and ``gateway`` entries)."""
+    """Metric families from load-board payloads (``pool`` and ``gateway`` entries) and, given the
+    deployment's pools, what each pool should be (replicas, SLO targets, price)."""
 
-    def __init__(self, entries: Iterable[tuple[str, str, float, Any]]) -> None:
+    def __init__(
+        self, entries: Iterable[tuple[str, str, float, Any]], pools: Sequence[ResolvedPool] = ()
+    ) -> None:
         self.entries = list(entries)
+        self.pools = tuple(pools)
 
     def collect(self) -> Iterator[Metric]:
         pools = [(k, p) for kind, k, _a, p in self.entries if kind == "pool"]
-        gateways = [p for kind, _k, _a, p in self.entries if kind == "gateway"]
+        gateways = [(k, p) for kind, k, _a, p in self.entries if kind == "gateway"]
+        yield from _deployment_families(self.pools, [p for _k, p in pools])
         yield from _pool_families(pools)
         yield from _gateway_families(gateways)
+
+
+def _deployment_families(pools: Sequence[ResolvedPool], live: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The configured pools, whether their replicas are there, and their targets: a pool whose every
+    replica is gone still has these series (at 0 ready), which is what its alert needs."""
+    lbl = ["pool", "gpu"]
+    info = GaugeMetricFamily(
+        f"{P}_pool_info", "A configured pool (always 1).", labels=["pool", "gpu", "model", "engine"]
+    )
+    desired = GaugeMetricFamily(f"{P}_pool_replicas_desired", "Replicas the config asks for.", labels=lbl)
+    ready = GaugeMetricFamily(
+        f"{P}_pool_replicas_ready",
+        "Replicas publishing their load (engine started) within the load board's expiry.",
+        labels=lbl,
+    )
+    ttft = GaugeMetricFamily(f"{P}_pool_slo_ttft_seconds", "The pool's TTFT target.", labels=lbl)
+    tpot = GaugeMetricFamily(f"{P}_pool_slo_tpot_seconds", "The pool's TPOT target.", labels=lbl)
+    target = GaugeMetricFamily(
+        f"{P}_pool_slo_attainment_target_ratio",
+        "Share of requests that should meet both targets.",
+        labels=lbl,
+    )
+    cost = GaugeMetricFamily(
+        f"{P}_pool_cost_per_hour",
+        "Price of the pool's GPUs per hour (replicas x GPUs x the catalog's or `gpu_prices` price).",
+        labels=lbl,
+    )
+    up: dict[str, int] = defaultdict(int)
+    for p in live:
+        up[p["pool"]] += 1
+    for pool in pools:
+        labels = [pool.name, pool.accelerator]
+        info.add_metric([*labels, pool.model, pool.engine], 1.0)
+        desired.add_metric(labels, float(pool.replicas))
+        ready.add_metric(labels, float(up[pool.name]))
+        ttft.add_metric(labels, pool.slo.ttft_ms / 1000.0)
+        tpot.add_metric(labels, pool.slo.tpot_ms / 1000.0)
+        target.add_metric(labels, pool.slo.attainment_target)
+        gpus = pool.replicas * pool.gpus_per_replica
+        cost.add_metric(labels, gpus * pool.gpu.price_per_hour_relative)
+    yield from (info, desired, ready, ttft, tpot, target, cost)
 
 
 def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
@@ -100,6 +155,17 @@ def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
         "slo_met_total": CounterMetricFamily(
             f"{P}_pool_slo_met", "Finished requests meeting both SLOs.", labels=lbl
         ),
+        "ttft_slo_met_total": CounterMetricFamily(
+            f"{P}_pool_ttft_slo_met",
+            "Finished requests meeting the TTFT SLO (queue wait included).",
+            labels=lbl,
+        ),
+        "tpot_slo_met_total": CounterMetricFamily(
+            f"{P}_pool_tpot_slo_met", "Finished requests meeting the TPOT SLO.", labels=lbl
+        ),
+        "queued_total": CounterMetricFamily(
+            f"{P}_pool_queued", "Requests that waited in the admission queue.", labels=lbl
+        ),
     }
     refused = CounterMetricFamily(f"{P}_pool_refused", "Admission refusals.", labels=[*lbl, "reason"])
     t_lbl = ["pool", "tenant"]
@@ -135,42 +201,34 @@ def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
     yield t_served
 
 
-def _gateway_families(gateways: list[GatewayStats]) -> Iterator[Metric]:
+def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metric]:
+    """Each gateway replica's counters under its own ``gateway`` label (sum them in PromQL)."""
     req = CounterMetricFamily(
-        f"{P}_requests", "Requests finished by the gateways.", labels=["model", "pool", "outcome"]
+        f"{P}_requests", "Requests finished by the gateways.", labels=["gateway", "model", "pool", "outcome"]
     )
     tok = CounterMetricFamily(
-        f"{P}_completion_tokens", "Completion tokens returned.", labels=["model", "pool"]
+        f"{P}_completion_tokens", "Completion tokens returned.", labels=["gateway", "model", "pool"]
     )
-    ttft_sum = CounterMetricFamily(f"{P}_ttft_seconds_sum", "Sum of gateway-side TTFT.", labels=["pool"])
-    ttft_cnt = CounterMetricFamily(f"{P}_ttft_seconds_count", "Requests with a first token.", labels=["pool"])
-    route = CounterMetricFamily(f"{P}_routing_decisions", "Routing decisions.", labels=["pool", "reason"])
-    inflight: Metric = GaugeMetricFamily(f"{P}_gateway_in_flight", "Requests in flight at the gateways.")
-    sums: dict[str, dict[Any, float]] = defaultdict(lambda: defaultdict(float))
-    total_in_flight = 0
-    for g in gateways:
-        for name in (
-            "requests_total",
-            "completion_tokens_total",
-            "ttft_seconds_sum",
-            "ttft_seconds_count",
-            "routing_total",
-        ):
-            for k, v in getattr(g, name).items():
-                sums[name][k] += v
-        total_in_flight += g.in_flight
-    for k, v in sorted(sums["requests_total"].items()):
-        req.add_metric(list(k), v)
-    for k, v in sorted(sums["completion_tokens_total"].items()):
-        tok.add_metric(list(k), v)
-    for k, v in sorted(sums["ttft_seconds_sum"].items()):
-        ttft_sum.add_metric([k], v)
-    for k, v in sorted(sums["ttft_seconds_count"].items()):
-        ttft_cnt.add_metric([k], v)
-    for k, v in sorted(sums["routing_total"].items()):
-        route.add_metric(list(k), v)
-    inflight.add_metric([], float(total_in_flight))  # type: ignore[attr-defined]
-    yield from (req, tok, ttft_sum, ttft_cnt, route, inflight)
+    ttft = SummaryMetricFamily(
+        f"{P}_ttft_seconds", "Gateway-side time to first token.", labels=["gateway", "pool"]
+    )
+    route = CounterMetricFamily(
+        f"{P}_routing_decisions", "Routing decisions.", labels=["gateway", "pool", "reason"]
+    )
+    inflight = GaugeMetricFamily(
+        f"{P}_gateway_in_flight", "Requests in flight at a gateway replica.", labels=["gateway"]
+    )
+    for gw, g in sorted(gateways, key=lambda e: e[0]):
+        for k3, v in sorted(g.requests_total.items()):
+            req.add_metric([gw, *k3], v)
+        for k2, v in sorted(g.completion_tokens_total.items()):
+            tok.add_metric([gw, *k2], v)
+        for pool, n in sorted(g.ttft_seconds_count.items()):
+            ttft.add_metric([gw, pool], count_value=n, sum_value=g.ttft_seconds_sum.get(pool, 0.0))
+        for kr, v in sorted(g.routing_total.items()):
+            route.add_metric([gw, *kr], v)
+        inflight.add_metric([gw], float(g.in_flight))
+    yield from (req, tok, ttft, route, inflight)
 
 
 def render(collectors: Iterable[Collector]) -> bytes:
