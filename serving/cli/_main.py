@@ -1,5 +1,5 @@
 """The ``tokenweir`` command: ``serve``, ``status``, ``plan``, ``models build-tiny``, the tenancy
-commands (``serving.cli._tenancy``) and ``load``.
+commands (``serving.cli._tenancy``), ``deploy render`` (``serving.cli._deploy``) and ``load``.
 
 Built on typer; tables are rich tables. Commands import what they need when they run, so
 ``tokenweir --help`` and the tenancy commands do not pay for Ray Serve or vLLM.
@@ -24,6 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from serving.cli._deploy import deploy_app
 from serving.cli._tenancy import ConfigOpt, UrlOpt, keys_app, tenants_app, usage_app
 from serving.config import ConfigError, load_config
 
@@ -40,6 +41,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
+app.add_typer(deploy_app, name="deploy")
 
 PLUGIN_GROUP = "tokenweir.commands"
 """Entry-point group of commands that live outside the gateway (the load-test harness's ``load``)."""
