@@ -4,6 +4,7 @@ keys, exact charging, zero overspend under concurrency, no leaked reservations, 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import httpx
@@ -187,7 +188,6 @@ def test_disconnects_and_errors_leak_no_reservation(gateway_url: str, admin: htt
                         break
         bad = c.post(f"{gateway_url}/v1/chat/completions", json={**body, "max_tokens": 99999}, headers=h)
         assert bad.status_code == 400
-    import time
 
     end = time.monotonic() + 30
     view = _view(admin, tid)
@@ -229,3 +229,36 @@ def test_admin_bad_input_changes_nothing(admin: httpx.Client) -> None:
     r = admin.put(f"/admin/v1/tenants/{tid}/limits", json={"rpm": -1})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert _view(admin, tid) == before
+
+
+def test_revocation_reaches_every_replica_within_1s_and_bad_keys_skip_body_work(
+    gateway_url: str, admin: httpx.Client
+) -> None:
+    tid, key = _tenant(admin, 10_000)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    # Fresh connections each time, so SO_REUSEPORT spreads them over both gateway replicas.
+    for _ in range(6):
+        assert (
+            httpx.post(f"{gateway_url}/v1/chat/completions", json=body, headers=_bearer(key)).status_code
+            == 200
+        )
+    key_id = admin.get(f"/admin/v1/tenants/{tid}/keys").json()["data"][0]["key_id"]
+    assert admin.delete(f"/admin/v1/keys/{key_id}").status_code == 200
+    t0, statuses = time.monotonic(), []
+    while time.monotonic() - t0 < 1.0:
+        statuses.append(
+            httpx.post(f"{gateway_url}/v1/chat/completions", json=body, headers=_bearer(key)).status_code
+        )
+    assert statuses and set(statuses) == {401}, statuses
+    # A bad key with a 1 MiB body of token ids: refused from the key directory, the body unread.
+    huge = b'{"model": "tiny-llama", "prompt": [' + b"1," * 500_000 + b"1]}"
+    r = httpx.post(
+        f"{gateway_url}/v1/completions",
+        content=huge,
+        headers={**_bearer("tw-" + "q" * 43), "content-type": "application/json"},
+    )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
