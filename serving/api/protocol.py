@@ -1,4 +1,4 @@
-"""OpenAI request bodies (validated) and response builders.
+"""OpenAI request bodies (validated), response builders and the error body.
 
 Wrong types and out-of-range values are errors. Fields of the OpenAI API that Tokenweir does not
 implement are refused when they ask for something (:func:`unsupported_field`), never dropped
@@ -170,3 +170,23 @@ class CompletionRequest(_SamplingFields):
     def logprobs_k(self) -> int | None:
         """Top-k alternatives per token, or None."""
         return self.logprobs
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` object of an OpenAI error body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every client-visible error: ``{"error": {"message", "type", "param", "code"}}``
+    (:meth:`serving.errors.APIError.body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail

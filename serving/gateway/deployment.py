@@ -42,6 +42,7 @@ from serving.gateway.http import (
     unless_disconnected,
 )
 from serving.gateway.http_server import guarded_protocol
+from serving.gateway.openapi import openapi_document
 from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
@@ -272,6 +273,15 @@ class Gateway:
             if all(v == "ready" for v in results.values()):
                 return json_response({"status": "ready", "pools": results}, request_id_of(request))
             return error_response(ServiceUnavailableError(f"pools not ready: {results}", code="not_ready"))
+
+        document: dict[str, Any] = {}
+
+        @app.get("/openapi.json")
+        async def openapi_json(request: Request) -> Response:
+            """This document: every route of this listener, with the JSON Schema of its body."""
+            if not document:  # built on first use, once every route (the tenancy ones too) is in
+                document.update(openapi_document(app))
+            return json_response(document, request_id_of(request))
 
     def _add_internal_routes(self, app: FastAPI) -> None:
         """The operator's listener (``gateway.internal_host:internal_port``): metrics that name

@@ -26,7 +26,7 @@ from serving.errors import (
 
 from ._backend import TenancyBackend
 from ._keys import constant_time_equals, hash_api_key
-from ._model import TenantCreate, TenantLimits, TenantUpdate, TopUp
+from ._model import KeyCreate, TenantCreate, TenantLimits, TenantUpdate, TopUp
 
 __all__ = ["make_tenancy_router"]
 
@@ -130,15 +130,11 @@ def make_tenancy_router(backend: TenancyBackend, admin_key_sha256: str | None) -
         admin(request)
         return await backend.top_up(tenant_id, await _body(request, TopUp))
 
-    class _KeyCreate(BaseModel):
-        model_config = {"extra": "forbid"}
-        name: str = ""
-
     @router.post("/admin/v1/tenants/{tenant_id}/keys")
     @_guard
     async def create_key(request: Request, tenant_id: str) -> Any:
         admin(request)
-        body = await _body(request, _KeyCreate) if await request.body() else _KeyCreate()
+        body = await _body(request, KeyCreate) if await request.body() else KeyCreate()
         created = await backend.create_key(tenant_id, body.name)
         return JSONResponse(created.model_dump(mode="json"), status_code=201)
 

@@ -14,6 +14,7 @@ __all__ = [
     "UCREDITS_PER_CREDIT",
     "ApiKeyView",
     "CreatedApiKey",
+    "KeyCreate",
     "RateLimitState",
     "TenantCreate",
     "TenantLimits",
@@ -108,6 +109,15 @@ class TopUp(BaseModel):
     """Credits to add (strictly positive)."""
     note: str = Field(default="", max_length=500)
     """Free text kept with the grant (invoice number, reason)."""
+
+
+class KeyCreate(BaseModel):
+    """Body of ``POST /admin/v1/tenants/{id}/keys`` (optional: an empty body names the key "")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    """A label for the key (shown in listings)."""
 
 
 class TenantView(BaseModel):
