@@ -23,7 +23,7 @@ from serving.deploy._common import (
     node_groups,
     ray_start_resources,
 )
-from serving.deploy._kuberay import ADMIN_KEY_ITEM, ROLE_LABEL, admin_secret, kuberay_manifests
+from serving.deploy._kuberay import ADMIN_KEY_ITEM, GATEWAY_LABEL, ROLE_LABEL, admin_secret, kuberay_manifests
 from serving.deploy._launcher import AWS_GPU_INSTANCES, cluster_launcher
 from serving.deploy._serve import serve_config
 
@@ -32,6 +32,7 @@ __all__ = [
     "APP_BUILDER",
     "APP_NAME",
     "AWS_GPU_INSTANCES",
+    "GATEWAY_LABEL",
     "GPU_PRODUCT_LABELS",
     "ROLE_LABEL",
     "NodeGroup",

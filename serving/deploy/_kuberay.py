@@ -52,6 +52,8 @@ from ._serve import serve_config
 ROLE_LABEL = "tokenweir.io/role"
 """Pod label naming what a Ray pod is for (``head``, ``gateway``, ``pool``); the Service selects
 ``gateway`` pods by it."""
+GATEWAY_LABEL = "tokenweir.io/gateway"
+"""Also on gateway pods (``"true"``): the label the Prometheus files in deploy/prometheus/kubernetes select."""
 ADMIN_KEY_ITEM = "admin-key"
 """Key of the admin key in its Secret."""
 RAYLET_HEALTH = {"path": "/api/local_raylet_healthz", "port": 52365}
@@ -63,8 +65,9 @@ GCS_HEALTH = {"path": "/api/gcs_healthz", "port": 8265}
 def kuberay_manifests(
     cfg: TokenweirConfig, deployment: ResolvedDeployment, opts: RenderOptions, admin_key: str | None
 ) -> list[dict[str, Any]]:
-    """``[RayService, Service, PersistentVolumeClaim]`` and, with metering on and ``admin_key``
-    given, the admin key's ``Secret`` last."""
+    """``[RayService, Service (gateways), PersistentVolumeClaim]``, the metrics ``Service`` when the
+    operator's listener is on the pod address, and, with metering on and ``admin_key`` given, the
+    admin key's ``Secret`` last."""
     check_cluster_config(cfg, "kuberay")
     if not deployment.gateway.node_resource:
         raise ConfigError(
@@ -143,9 +146,33 @@ def kuberay_manifests(
         "spec": pvc_spec,
     }
     out = [ray_service, service, pvc]
+    if cfg.gateway.internal_host in CLUSTER_HOSTS:
+        out.append(_metrics_service(cfg, names))
     if cfg.metering.enabled and admin_key:
         out.append(admin_secret(opts, admin_key))
     return out
+
+
+def _metrics_service(cfg: TokenweirConfig, names: _Names) -> dict[str, Any]:
+    """The operator's listener of the gateway pods as one Service: what Prometheus scrapes, once
+    for the whole fleet (deploy/prometheus/kubernetes: any gateway's /metrics covers every replica)."""
+    port = cfg.gateway.internal_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": f"{names.base}-metrics",
+            "labels": {
+                "app.kubernetes.io/name": "tokenweir-metrics",
+                "app.kubernetes.io/part-of": "tokenweir",
+            },
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": names.selector("gateway"),
+            "ports": [{"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }
 
 
 def admin_secret(opts: RenderOptions, admin_key: str) -> dict[str, Any]:
@@ -173,6 +200,8 @@ class _Names:
 
     def labels(self, role: str | None = None) -> dict[str, str]:
         out = {"app.kubernetes.io/name": "tokenweir", "app.kubernetes.io/instance": self.base}
+        if role == "gateway":  # what deploy/prometheus/kubernetes/servicemonitor.yaml selects
+            out[GATEWAY_LABEL] = "true"
         return out | ({ROLE_LABEL: role} if role else {})
 
 

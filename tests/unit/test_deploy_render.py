@@ -88,7 +88,13 @@ def cfg() -> TokenweirConfig:
 @pytest.fixture(scope="module")
 def rendered(cfg: TokenweirConfig) -> dict[str, Any]:
     docs = kuberay_manifests(cfg, resolve(cfg), RenderOptions(), ADMIN_KEY)
-    return {d["kind"]: d for d in docs}
+    by_kind = {d["kind"]: d for d in docs if d["kind"] != "Service"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert set(services) == {"tokenweir-gateway", "tokenweir-metrics"}
+    return by_kind | {
+        "Service": services["tokenweir-gateway"],
+        "MetricsService": services["tokenweir-metrics"],
+    }
 
 
 # ----------------------------------------------------------------------------- validators
@@ -263,6 +269,7 @@ def test_the_strict_crd_check_catches_a_misspelt_field(
 
 
 def test_core_objects_and_pod_templates_are_valid_kubernetes_models(rendered: dict[str, Any]) -> None:
+    k8s_model(rendered["MetricsService"], "V1Service")
     svc = k8s_model(rendered["Service"], "V1Service")
     pvc = k8s_model(rendered["PersistentVolumeClaim"], "V1PersistentVolumeClaim")
     secret = k8s_model(rendered["Secret"], "V1Secret")
@@ -381,6 +388,37 @@ def test_the_service_ports_and_probes_point_at_tokenweirs_listener(
                 assert c[probe]["httpGet"]["port"] != 8000, (name, probe)
 
 
+def test_prometheus_scrapes_the_gateways_operator_listener(
+    cfg: TokenweirConfig, rendered: dict[str, Any]
+) -> None:
+    metrics, rs = rendered["MetricsService"], rendered["RayService"]
+    templates = _pod_templates(rs)
+    selected = [
+        g
+        for g, t in templates.items()
+        if metrics["spec"]["selector"].items() <= t["metadata"]["labels"].items()
+    ]
+    assert selected == ["gateway"]
+    (container,) = templates["gateway"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (port,) = metrics["spec"]["ports"]
+    assert ports[port["targetPort"]] == port["port"] == cfg.gateway.internal_port
+    # The Prometheus Operator's files (deploy/prometheus/kubernetes) find this Service and these pods.
+    svc, monitor = yaml.safe_load_all((REPO / "deploy/prometheus/kubernetes/servicemonitor.yaml").read_text())
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert (svc["metadata"]["name"], svc["spec"]["ports"][0]["port"]) == (
+        metrics["metadata"]["name"],
+        port["port"],
+    )
+    assert svc["spec"]["selector"].items() <= templates["gateway"]["metadata"]["labels"].items()
+    # No metrics Service while the operator's listener is on the pods' loopback.
+    raw = copy.deepcopy(FLEET)
+    raw["gateway"] = raw["gateway"] | {"internal_host": "127.0.0.1"}
+    loopback = parse_config(raw)
+    kinds = [d["kind"] for d in kuberay_manifests(loopback, resolve(loopback), RenderOptions(), None)]
+    assert kinds == ["RayService", "Service", "PersistentVolumeClaim"]
+
+
 def test_the_ledger_lives_on_the_heads_volume(cfg: TokenweirConfig, rendered: dict[str, Any]) -> None:
     rs, pvc = rendered["RayService"], rendered["PersistentVolumeClaim"]
     templates = _pod_templates(rs)
@@ -493,7 +531,7 @@ def test_render_command_writes_every_target(tmp_path: Path, capsys: pytest.Captu
     args = ["deploy", "render", "--config", str(config), "--out", str(out)]
     assert tokenweir([*args, "--target", "kuberay", "--image", "registry.example/tokenweir:1"]) == 0
     docs = list(yaml.safe_load_all((out / "tokenweir.yaml").read_text()))
-    assert [d["kind"] for d in docs] == ["RayService", "Service", "PersistentVolumeClaim"]
+    assert [d["kind"] for d in docs] == ["RayService", "Service", "PersistentVolumeClaim", "Service"]
     assert "# Upgrade strategy: None." in (out / "tokenweir.yaml").read_text()
     assert docs[0]["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
     (secret,) = yaml.safe_load_all((out / "admin-secret.yaml").read_text())
