@@ -46,7 +46,8 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "max_body_bytes": 65536,
                 "replicas": 2,
             },
-            "metering": {"admin_key": ADMIN_KEY},
+            # A short lease, so the chaos tier sees a dead gateway's reservations resolved quickly.
+            "metering": {"admin_key": ADMIN_KEY, "lease_grace_s": 3},
             "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
             "ray": {"num_cpus": 8},
             "state_dir": str(state),
