@@ -112,6 +112,7 @@ def test_zero_overspend_across_two_replica_actors(tmp_path: Path) -> None:
     ray.kill(ledger)
 
 
+@pytest.mark.chaos
 def test_kill_9_ledger_actor_mid_load_then_restart(tmp_path: Path) -> None:
     config, ledger, key = setup_ledger(tmp_path, "ledger-crash", credits=1_000_000)
     pid = ray.get(ledger.ping.remote())
@@ -133,6 +134,11 @@ def test_kill_9_ledger_actor_mid_load_then_restart(tmp_path: Path) -> None:
     assert events == charged  # every request charged exactly once, as acknowledged
     assert open_rows == 0  # reservations re-sent after the crash were idempotent: none leaked
     tenant = ray.get(ledger.read.remote(GetTenant("t")))
+    print(
+        f"\n[ledger kill -9] sent 4000 served {len(charged)} failed {4000 - len(charged)} refunded 0;"
+        f" ledger: granted 1e+06 = balance {tenant.credits:g} + charged {sum(charged.values()) / U:g};"
+        f" reservations left {open_rows}"
+    )
     assert round(tenant.credits * U) == 1_000_000 * U - sum(charged.values())
     assert tenant.in_flight == 0 and ray.get(ledger.read.remote(Audit())) == []
     ray.kill(ledger)
