@@ -3,12 +3,16 @@
 Run it on the GPU machine you want to plan for (plain PyTorch with CUDA; no vLLM needed)::
 
     python models/calibration/measure_gpu.py --out models/calibration/l20_llama8b_steps.json
+    python models/calibration/measure_gpu.py --shape llama1b --out models/calibration/l20_llama1b_steps.json
     python models/calibration/measure_gpu.py --fit models/calibration/l20_llama8b_steps.json \\
-        --factors-out models/calibration/l20.json        # needs this repository on PYTHONPATH
+        models/calibration/l20_llama1b_steps.json --factors-out models/calibration/l20.json
+        # (--fit needs this repository on PYTHONPATH)
 
-What it runs is what ``h100_llama8b_steps.json`` (the H100 reference next to this file) was measured
-with: a Llama-3.1-8B-shaped decoder (hidden 4096, 32 layers, 32 heads, 8 KV heads, head dim 128, MLP
-14336, vocab 128256) with random bf16 weights, fused QKV and gate/up projections,
+What it runs is what ``h100_llama8b_steps.json`` and ``h100_llama1b_steps.json`` (the H100 references
+next to this file) were measured with: a Llama-3.1-8B-shaped decoder (hidden 4096, 32 layers, 32
+heads, 8 KV heads, head dim 128, MLP 14336, vocab 128256), or the Llama-3.2-1B shape (``--shape
+llama1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads, head dim 64, MLP 8192), with random bf16
+weights and an untied LM head computed at every position, fused QKV and gate/up projections,
 ``scaled_dot_product_attention`` with GQA over a dense KV cache, one GPU, no tensor parallelism.
 
 * decode: one step for ``batch`` sequences each attending over ``ctx`` cached tokens, captured in a
@@ -16,9 +20,12 @@ with: a Llama-3.1-8B-shaped decoder (hidden 4096, 32 layers, 32 heads, 8 KV head
 * prefill: one eager forward pass over ``batch`` prompts of ``prompt`` tokens (median of 5);
 * ``copy_GBps`` and ``bf16_matmul_TFLOPs``: the card's measured ceilings in the same run.
 
-The output JSON has the reference's format. ``--fit`` fits the four factors of
-``serving.hardware.perfmodel`` (memory and compute efficiency, step overhead, prefill host floor) by
-least squares, prints the leave-one-out error of every point, and writes a factors file. Use the
+The output JSON has the reference's format. ``--fit`` fits one set of factors of
+``serving.hardware.perfmodel`` (memory and compute efficiency, step overhead constant and per layer,
+eager-prefill floor per layer) to one or more tables of the same card by least squares, prints the
+leave-one-out error of every point and, given two shapes or more, the leave-one-shape-out error
+(fit on the others, predict that shape), and writes a factors file. Measure both shapes: one shape
+cannot separate the per-layer step cost from the constant one. Use the
 factors with ``serving.hardware.load_factors(path)`` and pass them to ``PerfModel``,
 ``plan_engine(..., factors=...)`` or ``SimEngine(..., factors=...)``; the card must have an entry in
 ``serving/hardware/catalog.py`` (``--gpu NAME`` when its ``nvidia-smi`` name is not matched). Cards
@@ -45,6 +52,15 @@ SHAPES: dict[str, dict[str, int]] = {
         "kv_heads": 8,
         "head_dim": 128,
         "inter": 14336,
+        "vocab": 128256,
+    },
+    "llama1b": {
+        "hidden": 2048,
+        "layers": 16,
+        "heads": 32,
+        "kv_heads": 8,
+        "head_dim": 64,
+        "inter": 8192,
         "vocab": 128256,
     },
     "tiny": {
@@ -118,7 +134,12 @@ def main() -> int:
     ap.add_argument("--out", help="write the measurement table here (JSON)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--fit", metavar="TABLE", help="fit factors to an existing table instead of measuring")
+    ap.add_argument(
+        "--fit",
+        metavar="TABLE",
+        nargs="+",
+        help="fit factors to existing tables (one card) instead of measuring",
+    )
     ap.add_argument("--factors-out", help="with --fit: write the fitted factors here")
     ap.add_argument("--gpu", help="with --fit: catalog GPU name when the device name is not matched")
     args = ap.parse_args()
@@ -240,31 +261,35 @@ def measure(shape: dict[str, int], device: str, quick: bool = False) -> dict[str
     }
 
 
-def fit(table_path: str, factors_out: str | None, gpu_name: str | None) -> int:
+def fit(table_paths: list[str], factors_out: str | None, gpu_name: str | None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from serving.hardware.calibration import (
-        arch_from_table,
+        calibrate,
         gpu_from_table,
         leave_one_out,
+        leave_one_shape_out,
         load_table,
         save_factors,
+        shape_from_table,
     )
     from serving.hardware.catalog import get_gpu
-    from serving.hardware.perfmodel import calibrate, samples_from_table
 
-    table = load_table(table_path)
-    arch = arch_from_table(table)
-    gpu = get_gpu(gpu_name) if gpu_name else gpu_from_table(table)
-    samples = samples_from_table(table)
-    factors = calibrate(arch, gpu, samples, source=f"{Path(table_path).name} ({table.get('device')})")
+    tables = [load_table(p) for p in table_paths]
+    gpu = get_gpu(gpu_name) if gpu_name else gpu_from_table(tables[0])
+    shapes = [shape_from_table(t) for t in tables]
+    names = ", ".join(f"{Path(p).name} ({t.get('device')})" for p, t in zip(table_paths, tables, strict=True))
+    factors = calibrate(gpu, shapes, source=names)
     print(f"{gpu.name}: {factors}")
-    worst = 0.0
-    for r in leave_one_out(arch, gpu, samples):
-        worst = max(worst, abs(r.rel_error))
-        print(
-            f"  {r.sample.kind:<7} batch={r.sample.batch:<3} tokens={r.sample.tokens:<5} measured {r.sample.step_s * 1e3:8.2f} ms  leave-one-out {r.rel_error:+.1%}"
-        )
-    print(f"worst leave-one-out error {worst:.1%}")
+    checks = [("leave-one-out", [r for sh in shapes for r in leave_one_out(gpu, sh)])]
+    if len(shapes) > 1:
+        checks.append(("leave-one-shape-out", leave_one_shape_out(gpu, shapes)))
+    for what, results in checks:
+        for r in results:
+            print(
+                f"  {r.arch.name:<16} {r.sample.kind:<7} batch={r.sample.batch:<3} tokens={r.sample.tokens:<5} "
+                f"measured {r.sample.step_s * 1e3:8.2f} ms  {what} {r.rel_error:+.1%}"
+            )
+        print(f"worst {what} error {max(abs(r.rel_error) for r in results):.1%}")
     if factors_out:
         save_factors(factors_out, gpu, factors)
         print(f"wrote {factors_out}")

@@ -61,6 +61,8 @@ class StepBatch:
     prefill_tokens: int = 0
     prefill_context_tokens: int = 0
     prefill_attn_pairs: int = 0
+    sampled_tokens: int = 0
+    """Positions whose logits the step computes: every decode, and each chunk that ends its prompt."""
     preempted: int = 0
 
     def perf_args(self) -> dict[str, int]:
@@ -71,6 +73,7 @@ class StepBatch:
             "prefill_tokens": self.prefill_tokens,
             "prefill_context_tokens": self.prefill_context_tokens,
             "prefill_attn_pairs": self.prefill_attn_pairs,
+            "sampled_tokens": self.sampled_tokens,
         }
 
 
@@ -153,6 +156,7 @@ class SimScheduler:
                 items.append((seq, nc, 1))
                 batch.decode_seqs += 1
                 batch.decode_context_tokens += nc
+                batch.sampled_tokens += 1
                 budget -= 1
                 i += 1
                 continue
@@ -189,6 +193,8 @@ class SimScheduler:
         seq.num_blocks += need_blocks
         start = seq.num_computed
         batch.items.append((seq, start, n))
+        if start + n == seq.total_len:
+            batch.sampled_tokens += 1
         if n == 1 and start == seq.total_len - 1 and seq.num_output > 0:
             batch.decode_seqs += 1
             batch.decode_context_tokens += start

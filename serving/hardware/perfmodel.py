@@ -1,46 +1,70 @@
 """A pure performance model of one transformer decoder on one accelerator: bytes, KV capacity, step times.
 
-Every engine step (decode, prefill, or vLLM's mixed chunked-prefill step) is priced by the same
-roofline with fitted efficiencies::
+Every engine step (decode, prefill, or vLLM's mixed chunked-prefill step) is priced from the model's
+shape and a few per-GPU constants (:class:`PerfFactors`)::
 
-    t = overhead + smax(host_floor, bytes / (mem_eff * BW), flops / (compute_eff * FLOPS))
-    smax(x, y, z) = (x^k + y^k + z^k)^(1/k)          (a smooth max; k = ``sharpness``, 3 by default)
+    t = overhead + smax(floor, smax(W / bw, G / flops) + smax(KV / bw, A / flops))
+    overhead = step_overhead_s + layers x step_overhead_per_layer_s
+    floor    = layers x prefill_floor_per_layer_s      (steps that carry prefill tokens only)
+    bw = mem_efficiency x datasheet bandwidth; flops = compute_efficiency x datasheet dense bf16
+    smax(x, ...) = (x^k + ...)^(1/k)                   (a smooth max; k = ``sharpness``, 3)
 
-* bytes = weights, plus the KV cache read by attention, plus the KV written for the new tokens;
-* flops = 2 x params per new token, plus 4 x layers x heads x head_dim per (query, key) pair;
-* ``host_floor`` applies only to steps carrying prefill tokens: the reference measurements ran
-  prefill eagerly (kernel launches bound short prompts) and decode in CUDA graphs.
+* W = bytes of the weights a step streams: the decoder layers and the LM head (an untied input
+  embedding is a gather of a few rows, not a read of the table);
+* G = GEMM FLOPs: 2 x decoder-layer params per new token, plus 2 x vocab x hidden per position
+  whose logits are computed (``sampled_tokens``: vLLM computes one per decode and one per prefill
+  chunk that completes its prompt; the calibration runs computed them at every prompt position);
+* KV = the KV cache attention reads plus the KV written for the new tokens;
+  A = 4 x layers x heads x head_dim FLOPs per causal (query, key) pair.
 
-The four factors are fitted by :func:`calibrate` to measured step times (relative least squares,
-Levenberg-Marquardt in numpy). The H100 fit lives in ``models/calibration/h100.json`` and in
-:data:`H100_FACTORS`. Cards without their own measurements reuse the H100 efficiencies against
-their own datasheet ceilings (:func:`factors_for`); that is an assumption, not a measurement.
+Decode is memory-bound (weights, then KV, over bandwidth), prefill compute-bound (FLOPs over peak).
+The GEMMs and attention are separate kernels, so their rooflines add rather than overlap.
+
+**What changed to transfer across shapes** (round 2, issue 17). Fitted on the Llama-3.1-8B H100 table
+alone, the round-1 model (one roofline over all bytes and FLOPs, a constant per-step overhead, a
+constant eager-prefill floor, FLOPs and bytes counting the embedding table) predicted the
+Llama-3.2-1B shape on the same card up to 45% too slow on decode and 29% on a 2,048-token prefill;
+fitted on the 1B, it put 8B decode up to 13% too fast. Three terms had to depend on the shape:
+
+1. the fixed per-step cost scales with layers: kernel launches and per-kernel tails inside a CUDA
+   graph (~56 us per layer on the H100, plus ~0.16 ms per step that does not);
+2. the eager-prefill floor scales with layers too (Python-side kernel launches, ~0.26 ms per layer);
+3. the embedding table is neither streamed nor multiplied (it is 6.5% of the 8B's parameters but
+   17.5% of the 1B's), and attention is its own roofline next to the GEMMs'.
+
+One shape cannot tell a per-layer cost from a constant one; :func:`~serving.hardware.calibration.calibrate`
+then fits the per-layer part alone (``step_overhead_s`` = 0), and fits both once the samples span
+two layer counts. A prefill efficiency that grows with the step's tokens was tried and not kept: the
+fit drove it to zero. Leave-one-shape-out on the two H100 tables (fit on one shape, predict every
+point of the other; ``python loadtests/bench_perfmodel.py``): worst decode error 7.9% (fit on 8B,
+predict 1B) and 5.8% (fit on 1B, predict 8B); worst prefill of >= 2,048 tokens 7.6% and 6.1%.
+
+:data:`H100_FACTORS` is the joint fit on both tables (``models/calibration/h100.json``). Cards
+without their own measurements reuse the H100 factors against their own datasheet ceilings
+(:func:`factors_for`); that is an assumption, not a measurement.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
-import numpy as np
+from dataclasses import MISSING, asdict, dataclass
+from typing import Any
 
 from serving.hardware.catalog import GpuProfile
 
 __all__ = [
     "H100_FACTORS",
+    "KV_BLOCK_TOKENS",
     "ModelArch",
     "PerfFactors",
     "PerfModel",
-    "StepSample",
-    "calibrate",
+    "chunk_attn_pairs",
     "factors_for",
-    "samples_from_table",
+    "smooth_max",
 ]
 
-_KV_BLOCK_TOKENS = 16
-"""vLLM's default KV block size; capacity is rounded down to whole blocks."""
+KV_BLOCK_TOKENS = 16
+"""vLLM's default KV block size (GPU builds); capacity is rounded down to whole blocks."""
 _RUNTIME_RESERVE_BYTES = int(1.5 * 2**30)
 """Non-KV memory inside the utilisation budget: CUDA graphs, allocator slack, sampler workspace."""
 
@@ -59,6 +83,8 @@ class ModelArch:
     intermediate: int
     vocab: int
     dtype_bytes: int = 2
+    tied_embeddings: bool = False
+    """Whether the LM head shares the input embedding table (then ``params`` counts it once)."""
 
     def __post_init__(self) -> None:
         for f in ("params", "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -66,11 +92,31 @@ class ModelArch:
                 raise ValueError(f"ModelArch.{f} must be > 0, got {getattr(self, f)}")
         if self.dtype_bytes not in (1, 2, 4):
             raise ValueError(f"ModelArch.dtype_bytes must be 1, 2 or 4, got {self.dtype_bytes}")
+        if self.layer_params <= 0:
+            raise ValueError(
+                f"ModelArch {self.name}: params {self.params} leave nothing for the decoder layers "
+                f"after the {self.vocab} x {self.hidden} embedding table(s)"
+            )
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of all weights at ``dtype_bytes`` each."""
+        """Bytes of all weights at ``dtype_bytes`` each (what occupies device memory)."""
         return self.params * self.dtype_bytes
+
+    @property
+    def embedding_params(self) -> int:
+        """Parameters of one vocab x hidden table (the input embedding, or the LM head)."""
+        return self.vocab * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of the decoder layers: everything but the embedding table(s)."""
+        return self.params - self.embedding_params * (1 if self.tied_embeddings else 2)
+
+    @property
+    def streamed_weight_bytes(self) -> int:
+        """Weights one step reads: the decoder layers and the LM head."""
+        return (self.layer_params + self.embedding_params) * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -85,36 +131,46 @@ class ModelArch:
 
 @dataclass(frozen=True, slots=True)
 class PerfFactors:
-    """Fitted efficiencies of the roofline (see module docstring)."""
+    """Per-GPU constants of the model (see module docstring); the same for every model shape."""
 
     mem_efficiency: float
     """Achieved fraction of datasheet memory bandwidth."""
     compute_efficiency: float
     """Achieved fraction of datasheet dense bf16 FLOP/s."""
     step_overhead_s: float
-    """Fixed time added to every step (scheduling, sampling, launch of a graphed step)."""
-    prefill_host_floor_s: float
-    """Floor of steps that carry prefill tokens (host-bound kernel launches), inside the smooth max."""
+    """Part of the fixed per-step cost that does not grow with layers (scheduling, sampling)."""
+    step_overhead_per_layer_s: float
+    """Fixed per-step cost per decoder layer (kernel launches and tails inside a graphed step)."""
+    prefill_floor_per_layer_s: float
+    """Per layer: the floor of steps that carry prefill tokens (eager kernel launches), in the smooth max."""
     sharpness: float = 3.0
     """Exponent k of the smooth max; large k approaches a hard roofline max."""
     source: str = ""
-    """Where these came from (measurement file, GPU)."""
+    """Where these came from (measurement files, GPU)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PerfFactors:
+        """Build from :meth:`to_dict`'s output; ValueError naming the fields a file lacks."""
+        missing = [k for k, f in cls.__dataclass_fields__.items() if k not in data and f.default is MISSING]
+        if missing:
+            raise ValueError(
+                f"performance factors lack {', '.join(missing)} (a file from before the per-layer "
+                "terms? refit with models/calibration/measure_gpu.py --fit)"
+            )
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 H100_FACTORS = PerfFactors(
-    mem_efficiency=0.8151,
-    compute_efficiency=0.6204,
-    step_overhead_s=0.001564,
-    prefill_host_floor_s=0.008532,
+    mem_efficiency=0.8268,
+    compute_efficiency=0.5731,
+    step_overhead_s=0.0001556,
+    step_overhead_per_layer_s=0.00005636,
+    prefill_floor_per_layer_s=0.0002645,
     sharpness=3.0,
-    source="models/calibration/h100.json (fit to h100_llama8b_steps.json, all 20 points)",
+    source="models/calibration/h100.json (joint fit to h100_llama8b_steps.json + h100_llama1b_steps.json)",
 )
 """H100 factors; ``tests/unit/test_hardware_perfmodel.py`` checks they match the refit JSON file."""
 
@@ -126,18 +182,45 @@ def factors_for(gpu: GpuProfile, calibrated: Mapping[str, PerfFactors] | None = 
     return H100_FACTORS
 
 
+def smooth_max(k: float, *xs: float) -> float:
+    """``(sum x^k)^(1/k)``, scaled by the largest term so large k neither underflows nor overflows."""
+    top = max(xs)
+    if top <= 0.0:
+        return 0.0
+    return top * sum((x / top) ** k for x in xs) ** (1.0 / k)
+
+
 class PerfModel:
     """Step-time, memory and KV predictions for one (model, GPU, factors) triple. Pure; no I/O."""
 
-    __slots__ = ("_bw", "_flops", "_k", "arch", "factors", "gpu")
+    __slots__ = (
+        "_attn_s_per_pair",
+        "_floor_s",
+        "_gemm_s_per_logit",
+        "_gemm_s_per_token",
+        "_k",
+        "_kv_s_per_token",
+        "_overhead_s",
+        "_weights_s",
+        "arch",
+        "factors",
+        "gpu",
+    )
 
     def __init__(self, arch: ModelArch, gpu: GpuProfile, factors: PerfFactors | None = None) -> None:
         self.arch = arch
         self.gpu = gpu
-        self.factors = factors if factors is not None else factors_for(gpu)
-        self._bw = gpu.memory_bw_bytes_per_s * self.factors.mem_efficiency
-        self._flops = gpu.bf16_dense_flops * self.factors.compute_efficiency
-        self._k = self.factors.sharpness
+        f = self.factors = factors if factors is not None else factors_for(gpu)
+        bw = gpu.memory_bw_bytes_per_s * f.mem_efficiency
+        flops = gpu.bf16_dense_flops * f.compute_efficiency
+        self._k = f.sharpness
+        self._weights_s = arch.streamed_weight_bytes / bw
+        self._kv_s_per_token = arch.kv_bytes_per_token / bw
+        self._gemm_s_per_token = 2.0 * arch.layer_params / flops
+        self._gemm_s_per_logit = 2.0 * arch.embedding_params / flops
+        self._attn_s_per_pair = arch.attn_flops_per_pair / flops
+        self._overhead_s = f.step_overhead_s + arch.layers * f.step_overhead_per_layer_s
+        self._floor_s = arch.layers * f.prefill_floor_per_layer_s
 
     # ---- memory ---------------------------------------------------------------------------------
     @property
@@ -165,13 +248,18 @@ class PerfModel:
             - self.activation_bytes(max_num_batched_tokens)
         )
 
-    def kv_capacity_tokens(self, gpu_memory_utilization: float, max_num_batched_tokens: int = 8192) -> int:
-        """KV cache capacity in tokens (whole 16-token blocks); 0 when the model does not fit."""
+    def kv_capacity_tokens(
+        self,
+        gpu_memory_utilization: float,
+        max_num_batched_tokens: int = 8192,
+        block_tokens: int = KV_BLOCK_TOKENS,
+    ) -> int:
+        """KV cache capacity in tokens (whole ``block_tokens`` blocks); 0 when the model does not fit."""
         free = self.kv_budget_bytes(gpu_memory_utilization, max_num_batched_tokens)
         if free <= 0:
             return 0
         tokens = free // self.kv_bytes_per_token
-        return int(tokens // _KV_BLOCK_TOKENS * _KV_BLOCK_TOKENS)
+        return int(tokens // block_tokens * block_tokens)
 
     # ---- time -----------------------------------------------------------------------------------
     def step_time_s(
@@ -182,29 +270,35 @@ class PerfModel:
         prefill_tokens: int = 0,
         prefill_context_tokens: int = 0,
         prefill_attn_pairs: int = 0,
+        sampled_tokens: int | None = None,
     ) -> float:
         """Time of one engine step from aggregate counts (the hot path of the simulator).
 
         ``decode_seqs`` sequences decode one token each over ``decode_context_tokens`` cached tokens
         in total; ``prefill_tokens`` new prompt tokens are computed in chunks that read
         ``prefill_context_tokens`` already-cached tokens in total and form ``prefill_attn_pairs``
-        causal (query, key) pairs (see :func:`chunk_attn_pairs`). An empty step costs 0.
+        causal (query, key) pairs (see :func:`chunk_attn_pairs`). ``sampled_tokens`` positions get
+        logits (default: one per decode, plus one when the step carries prefill). An empty step costs 0.
         """
         new_tokens = decode_seqs + prefill_tokens
         if new_tokens <= 0:
             return 0.0
-        a = self.arch
-        kv_tokens = decode_context_tokens + prefill_context_tokens + new_tokens
-        mem_s = (a.weight_bytes + kv_tokens * a.kv_bytes_per_token) / self._bw
-        flops = 2.0 * a.params * new_tokens + a.attn_flops_per_pair * (
-            decode_context_tokens + prefill_attn_pairs
+        if sampled_tokens is None:
+            sampled_tokens = decode_seqs + (1 if prefill_tokens > 0 else 0)
+        k = self._k
+        gemm = smooth_max(
+            k,
+            self._weights_s,
+            self._gemm_s_per_token * new_tokens + self._gemm_s_per_logit * sampled_tokens,
         )
-        comp_s = flops / self._flops
-        floor_s = self.factors.prefill_host_floor_s if prefill_tokens > 0 else 0.0
-        # Smooth max, scaled by the largest term so large k neither underflows nor overflows.
-        top, k = max(mem_s, comp_s, floor_s), self._k
-        acc = (mem_s / top) ** k + (comp_s / top) ** k + (floor_s / top) ** k
-        return self.factors.step_overhead_s + top * acc ** (1.0 / k)
+        attn = smooth_max(
+            k,
+            self._kv_s_per_token * (decode_context_tokens + prefill_context_tokens + new_tokens),
+            self._attn_s_per_pair * (decode_context_tokens + prefill_attn_pairs),
+        )
+        if prefill_tokens > 0:
+            return self._overhead_s + smooth_max(k, self._floor_s, gemm + attn)
+        return self._overhead_s + gemm + attn
 
     def decode_step_time_s(self, context_lens: Sequence[int]) -> float:
         """One decode step for ``len(context_lens)`` sequences attending over those cached lengths."""
@@ -214,11 +308,17 @@ class PerfModel:
         """One decode step for ``batch`` sequences that each attend over ``context_tokens``."""
         return self.step_time_s(decode_seqs=batch, decode_context_tokens=batch * context_tokens)
 
-    def prefill_time_s(self, prompt_lens: Sequence[int]) -> float:
-        """One forward pass over whole prompts (no chunking, nothing cached)."""
+    def prefill_time_s(self, prompt_lens: Sequence[int], *, logits_every_position: bool = False) -> float:
+        """One forward pass over whole prompts (no chunking, nothing cached).
+
+        vLLM computes logits at each prompt's last position; ``logits_every_position`` prices the LM
+        head at every position instead (what ``models/calibration/measure_gpu.py`` ran).
+        """
+        total = sum(prompt_lens)
         return self.step_time_s(
-            prefill_tokens=sum(prompt_lens),
+            prefill_tokens=total,
             prefill_attn_pairs=sum(chunk_attn_pairs(0, p) for p in prompt_lens),
+            sampled_tokens=total if logits_every_position else len(prompt_lens),
         )
 
     def mixed_step_time_s(
@@ -233,12 +333,21 @@ class PerfModel:
             prefill_attn_pairs=sum(chunk_attn_pairs(s, n) for s, n in prefill_chunks),
         )
 
-    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
-        """Time to prefill one prompt alone in chunks of ``chunk_tokens`` (TTFT on an idle engine)."""
-        total, start = 0.0, 0
+    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int, cached_tokens: int = 0) -> float:
+        """Time to prefill one prompt alone in chunks of ``chunk_tokens`` (TTFT on an idle engine).
+
+        The first ``cached_tokens`` are already in the KV cache (a prefix-cache hit): only the rest
+        is computed, attending over them. At least the last token is always computed.
+        """
+        total, start = 0.0, min(max(cached_tokens, 0), max(prompt_tokens - 1, 0))
         while start < prompt_tokens:
             n = min(chunk_tokens, prompt_tokens - start)
-            total += self.mixed_step_time_s((), ((start, n),))
+            total += self.step_time_s(
+                prefill_tokens=n,
+                prefill_context_tokens=start,
+                prefill_attn_pairs=chunk_attn_pairs(start, n),
+                sampled_tokens=1 if start + n == prompt_tokens else 0,
+            )
             start += n
         return total
 
@@ -246,105 +355,3 @@ class PerfModel:
 def chunk_attn_pairs(start: int, num_tokens: int) -> int:
     """Causal (query, key) pairs of a chunk of ``num_tokens`` queries after ``start`` cached tokens."""
     return num_tokens * start + num_tokens * (num_tokens + 1) // 2
-
-
-# ---- calibration --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StepSample:
-    """One measured step: ``batch`` sequences each at ``tokens`` (decode context or prompt length)."""
-
-    kind: Literal["decode", "prefill"]
-    batch: int
-    tokens: int
-    step_s: float
-
-
-def samples_from_table(table: Mapping[str, Any]) -> list[StepSample]:
-    """Samples from a measurement table in the format of ``h100_llama8b_steps.json``."""
-    out = [
-        StepSample("decode", int(r["batch"]), int(r["ctx"]), float(r["step_ms"]) / 1e3)
-        for r in table["decode"]
-    ]
-    out += [
-        StepSample("prefill", int(r["batch"]), int(r["prompt"]), float(r["ms"]) / 1e3)
-        for r in table["prefill"]
-    ]
-    return out
-
-
-def _features(arch: ModelArch, gpu: GpuProfile, s: StepSample) -> tuple[float, float, bool]:
-    """(memory seconds at peak bandwidth, compute seconds at peak FLOP/s, carries prefill)."""
-    new = s.batch if s.kind == "decode" else s.batch * s.tokens
-    ctx = s.batch * s.tokens if s.kind == "decode" else 0
-    pairs = ctx if s.kind == "decode" else s.batch * chunk_attn_pairs(0, s.tokens)
-    mem_s = (arch.weight_bytes + (ctx + new) * arch.kv_bytes_per_token) / gpu.memory_bw_bytes_per_s
-    flops = 2.0 * arch.params * new + arch.attn_flops_per_pair * pairs
-    return mem_s, flops / gpu.bf16_dense_flops, s.kind == "prefill"
-
-
-def calibrate(
-    arch: ModelArch,
-    gpu: GpuProfile,
-    samples: Sequence[StepSample],
-    *,
-    sharpness: float = 3.0,
-    source: str = "",
-    max_iter: int = 200,
-) -> PerfFactors:
-    """Fit the four factors to measured steps by least squares on relative error.
-
-    Needs samples that separate the terms: decode at several batches and contexts, and prefill
-    at short and long prompts (the short ones pin ``prefill_host_floor_s``). Parameters are fitted in
-    log space (so they stay positive) with a damped Gauss-Newton (Levenberg-Marquardt) loop.
-    """
-    if len(samples) < 4:
-        raise ValueError(f"calibration needs at least 4 samples, got {len(samples)}")
-    feats = np.array([_features(arch, gpu, s) for s in samples], dtype=float)
-    mem, comp, pre = feats[:, 0], feats[:, 1], feats[:, 2]
-    y = np.array([s.step_s for s in samples], dtype=float)
-    k = sharpness
-
-    def residuals(theta: np.ndarray) -> np.ndarray:
-        inv_mem, inv_comp, t0, floor = np.exp(theta)
-        acc = (inv_mem * mem) ** k + (inv_comp * comp) ** k + pre * floor**k
-        pred: np.ndarray = t0 + acc ** (1.0 / k)
-        return np.asarray((pred - y) / y)
-
-    theta = np.log(np.array([1.25, 1.6, 1e-3, 5e-3]))
-    lam, converged = 1e-3, False
-    r = residuals(theta)
-    cost = float(r @ r)
-    for _ in range(max_iter):
-        jac = np.empty((len(y), theta.size))
-        for j in range(theta.size):
-            step = np.zeros_like(theta)
-            step[j] = 1e-6
-            jac[:, j] = (residuals(theta + step) - r) / 1e-6
-        jtj, jtr = jac.T @ jac, jac.T @ r
-        improved = False
-        while lam < 1e10:
-            delta = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -jtr)
-            cand = theta + delta
-            r_c = residuals(cand)
-            cost_c = float(r_c @ r_c)
-            if cost_c < cost:
-                theta, r, lam, improved = cand, r_c, max(lam / 10, 1e-9), True
-                converged = cost - cost_c < 1e-14
-                cost = cost_c
-                break
-            lam *= 10
-        if not improved or converged:
-            break
-    inv_mem, inv_comp, t0, floor = (float(v) for v in np.exp(theta))
-    if not all(math.isfinite(v) for v in (inv_mem, inv_comp, t0, floor)):
-        raise ValueError("calibration diverged; check the samples")
-    return PerfFactors(
-        mem_efficiency=1.0 / inv_mem,
-        compute_efficiency=1.0 / inv_comp,
-        step_overhead_s=t0,
-        prefill_host_floor_s=floor,
-        sharpness=sharpness,
-        source=source,
-    )
