@@ -18,7 +18,7 @@ import typer
 import yaml
 
 from serving.cli._tenancy import ConfigOpt
-from serving.config import ConfigError, load_config, resolve
+from serving.config import ConfigError, TokenweirConfig, load_config, resolve
 
 deploy_app = typer.Typer(help="Deployment files for Ray clusters and Kubernetes.", no_args_is_help=True)
 
@@ -84,14 +84,12 @@ def render(
     from serving.deploy import (
         RenderOptions,
         cluster_launcher,
-        embedded_config,
         kuberay_manifests,
         serve_config,
     )
 
     cfg = load_config(config)
     deployment = resolve(cfg)
-    embedded_config(cfg)  # refuses an admin key in the file before anything is written
     if service_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
         raise ConfigError(f"--service-type {service_type!r}: ClusterIP, NodePort or LoadBalancer")
     opts = RenderOptions(
@@ -104,30 +102,33 @@ def render(
         region=region,
         instance_types=dict(_instance_type(s) for s in instance_type or []),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    key = _admin_key(cfg, out) if cfg.metering.enabled and target is not Target.serve else None
+    # Render everything first: a refused config leaves the directory as it was.
+    files: list[tuple[str, list[dict[str, Any]], str | None]] = []
     if target is Target.serve:
-        written.append(_write(out, "serve.yaml", [serve_config(cfg)]))
+        files.append(("serve.yaml", [serve_config(cfg)], None))
     elif target is Target.kuberay:
-        key = _admin_key(cfg, out) if cfg.metering.enabled else None
         docs = kuberay_manifests(cfg, deployment, opts, key)
-        manifests = [d for d in docs if d["kind"] != "Secret"]
-        header = HEADERS["tokenweir.yaml"].format(
+        about = HEADERS["tokenweir.yaml"].format(
             ray=opts.ray_version, out=out, name=name, port=cfg.gateway.port
         )
-        written.append(_write(out, "tokenweir.yaml", manifests, header))
-        secret = [d for d in docs if d["kind"] == "Secret"]
-        if secret:
-            written.append(_write(out, "admin-secret.yaml", secret, private=True))
+        files.append(("tokenweir.yaml", [d for d in docs if d["kind"] != "Secret"], about))
+        if secret := [d for d in docs if d["kind"] == "Secret"]:
+            files.append(("admin-secret.yaml", secret, None))
     else:
-        key = _admin_key(cfg, out) if cfg.metering.enabled else None
         launcher = cluster_launcher(cfg, deployment, opts, str(out.resolve()), with_admin_key=key is not None)
-        written.append(_write(out, "cluster.yaml", [launcher]))
-        written.append(_write(out, "serve.yaml", [serve_config(cfg)]))
-    for path in written:
-        print(path)
+        files += [("cluster.yaml", [launcher], None), ("serve.yaml", [serve_config(cfg)], None)]
+    out.mkdir(parents=True, exist_ok=True)
+    if key is not None:
+        _private_write(out / "admin_key", key + "\n")
+    for filename, contents, header in files:
+        print(_write(out, filename, contents, header, private=filename in PRIVATE_FILES))
     if cfg.gateway.host not in ("node", "0.0.0.0", "::"):
         print(f"note: gateway.host is {cfg.gateway.host}: each gateway is reachable on that address only")
+
+
+PRIVATE_FILES = frozenset({"admin-secret.yaml"})
+"""Files holding a secret: written 0600."""
 
 
 def _version(dist: str) -> str:
@@ -145,14 +146,12 @@ def _instance_type(spec: str) -> tuple[str, tuple[str, int]]:
     return gpu, (instance, int(gpus))
 
 
-def _admin_key(cfg: Any, out: Path) -> str:
+def _admin_key(cfg: TokenweirConfig, out: Path) -> str:
     """The admin key: from the environment, else the one an earlier render left in ``out``, else
-    a new one; kept in ``out/admin_key`` (0600) so a re-render does not rotate it."""
+    a new one (kept in ``out/admin_key``, 0600, so a re-render does not rotate it)."""
     path = out / "admin_key"
     key = os.environ.get(cfg.metering.admin_key_env) or (path.read_text().strip() if path.exists() else "")
-    key = key or "tw-admin-" + secrets.token_urlsafe(32)
-    _private_write(path, key + "\n")
-    return key
+    return key or "tw-admin-" + secrets.token_urlsafe(32)
 
 
 def _write(

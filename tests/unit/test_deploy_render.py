@@ -553,8 +553,10 @@ def test_render_command_writes_every_target(tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
     assert tokenweir([*args, "--target", "cluster-launcher"]) == 2  # L20 has no known instance type
     assert "--instance-type" in capsys.readouterr().err
-    assert tokenweir(["deploy", "render", "--target", "kuberay", "--out", str(tmp_path / "x")]) == 2
+    refused = tmp_path / "refused"
+    assert tokenweir(["deploy", "render", "--target", "kuberay", "--out", str(refused)]) == 2
     assert "gateway.host" in capsys.readouterr().err  # the embedded local config listens on loopback
+    assert not refused.exists()  # nothing written, not even the admin key
 
 
 def test_render_takes_the_admin_key_from_the_environment(
