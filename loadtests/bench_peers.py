@@ -520,7 +520,7 @@ def _base_url(launch: Launch, port: int) -> str | None:
 def _ready(kind: str, base: str) -> bool:
     tokenweir = kind.startswith("tokenweir")
     with contextlib.suppress(httpx.HTTPError):
-        r = httpx.get(base + ("/readyz" if tokenweir else "/v1/models"), timeout=5)
+        r = httpx.get(base + ("/readyz/pools" if tokenweir else "/v1/models"), timeout=5)
         return r.status_code == 200 and (tokenweir or MODEL_NAME in r.text)
     return False
 

@@ -117,12 +117,12 @@ def ensure_demo_key(cfg: TokenweirConfig) -> str | None:
 
 
 def wait_ready(base_url: str, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Poll ``/readyz`` until every pool is ready; raise TimeoutError with the last answer."""
+    """Poll ``/readyz/pools`` until every pool is ready; raise TimeoutError with the last answer."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{base_url}/readyz", timeout=10.0)
+            r = httpx.get(f"{base_url}/readyz/pools", timeout=10.0)
             last = r.json()
             if r.status_code == 200:
                 return last

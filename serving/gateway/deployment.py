@@ -144,11 +144,15 @@ class Gateway:
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
 
     async def _connect_ledger(self) -> None:
-        """Open the ledger link at start, so the key directory is synced before traffic."""
-        try:
-            await self.meter.connect()
-        except Exception as e:  # the first request's ledger call connects again
-            log.warning("ledger link not opened at start: %s", e)
+        """Keep the ledger link open (from the start, so the key directory is synced before
+        traffic, and again after it drops, since readiness depends on it)."""
+        while True:
+            if not self.meter.ledger_ready():
+                try:
+                    await self.meter.connect()
+                except Exception as e:  # retried below; requests meanwhile connect on their own
+                    log.warning("ledger link not open: %s", e)
+            await asyncio.sleep(1.0)  # a periodic check, not a wait for a condition
 
     async def _start_http(self, app: FastAPI, host: str, port: int, max_requests: int) -> Any:
         """uvicorn on a shared (SO_REUSEPORT) listening socket, in this replica's event loop, with a
@@ -267,8 +271,24 @@ class Gateway:
 
         @app.get("/readyz")
         async def readyz(request: Request) -> Response:
-            """Readiness, from what this replica already knows (no call into a pool): every pool has
-            a replica this gateway reaches on the token channel."""
+            """This gateway replica's own readiness (what a load balancer or Kubernetes probes): its
+            ledger link is up (when metering is on) and at least one pool has a replica it reaches.
+            One dead pool does not take every gateway out of service; ``/readyz/pools`` asks for all.
+            Answered from what the replica already knows, without a call into a pool."""
+            pools = self.pools.reachable()
+            ledger = "ready" if self.meter.ledger_ready() else "not ready: no ledger link"
+            if ledger == "ready" and any(v == "ready" for v in pools.values()):
+                return json_response(
+                    {"status": "ready", "ledger": ledger, "pools": pools}, request_id_of(request)
+                )
+            return error_response(
+                ServiceUnavailableError(f"not ready: ledger {ledger}, pools {pools}", code="not_ready")
+            )
+
+        @app.get("/readyz/pools")
+        async def readyz_pools(request: Request) -> Response:
+            """Every pool has a replica this gateway reaches on the token channel (what ``tokenweir
+            serve`` waits for after a deploy)."""
             results = self.pools.reachable()
             if all(v == "ready" for v in results.values()):
                 return json_response({"status": "ready", "pools": results}, request_id_of(request))

@@ -92,6 +92,7 @@ _OPERATIONS: dict[tuple[str, str], _Operation] = {
     ("GET", "/v1/models"): _Operation(),
     ("GET", "/healthz"): _Operation(),
     ("GET", "/readyz"): _Operation(),
+    ("GET", "/readyz/pools"): _Operation(),
     ("GET", "/openapi.json"): _Operation(),
     ("GET", "/v1/usage"): _Operation(auth=_API_KEY, response=UsageSummary, query=(_SINCE,)),
     ("POST", "/admin/v1/tenants"): _Operation(TenantCreate, auth=_ADMIN_KEY, response=TenantView, status=201),

@@ -70,6 +70,13 @@ class Meter:
         if keys is not None and keys.admits(hash_api_key(api_key)) is False:
             raise AuthenticationError("Incorrect API key provided.")
 
+    def ledger_ready(self) -> bool:
+        """The ledger link is up (its key directory synced); True with metering off or in-process."""
+        if not self.enabled or self.client is None:
+            return True
+        keys = self.client.transport.keys
+        return keys is None or keys.synced
+
     async def connect(self) -> None:
         """Open the ledger link now so the key directory is synced before the first request."""
         if self.enabled and self.client is not None:

@@ -136,12 +136,14 @@ def test_logprobs_chat_and_completions(client: openai.OpenAI) -> None:
 def test_models_health_ready_and_request_ids(gateway_url: str, client: openai.OpenAI) -> None:
     models = client.models.list()
     assert MODEL in [m.id for m in models.data]
-    for path in ("/healthz", "/readyz", "/v1/models"):
+    for path in ("/healthz", "/readyz", "/readyz/pools", "/v1/models"):
         r = httpx.get(gateway_url + path)
         assert r.status_code == 200, (path, r.text)
         assert r.headers.get("x-request-id")
-    pools = httpx.get(gateway_url + "/readyz").json()["pools"]
-    assert pools == {"tiny-cpu": "ready", "sim-h100": "ready", "sim-a10": "ready"}
+    own = httpx.get(gateway_url + "/readyz").json()
+    assert own["ledger"] == "ready"  # the gateway's own readiness: its ledger link and >= 1 pool
+    pools = httpx.get(gateway_url + "/readyz/pools").json()["pools"]
+    assert pools == own["pools"] == {"tiny-cpu": "ready", "sim-h100": "ready", "sim-a10": "ready"}
 
 
 def test_internals_are_only_on_the_operators_listener(gateway_url: str, internal_url: str) -> None:

@@ -228,6 +228,10 @@ async def test_kill_9_pool_replica_mid_stream_exact_charge_and_retry(live: dict)
     assert all(s.status == "error" for s in streams), [(s.status, s.error) for s in streams]
     assert all(s.error and s.error["code"] == "service_unavailable" for s in streams)
     assert all(s.status == "done" for s in after), [(s.status, s.http_status) for s in after]
+    # One dead pool does not make the gateway unready (what Kubernetes probes); all-pools does.
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    pools = httpx.get(f"{url}/readyz/pools", timeout=10)
+    assert pools.status_code == 503 and "sim-a10" in pools.text, pools.text
 
     _wait_settled(live, tenant, timeout_s=30)
     events = _events(state, tenant)
