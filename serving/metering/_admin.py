@@ -11,7 +11,14 @@ import re
 import sqlite3
 
 from serving.errors import ConflictError, InvalidInputError, NotFoundError
-from serving.tenancy import ApiKeyView, TenantLimits, TenantView, credits_to_ucredits, ucredits_to_credits
+from serving.tenancy import (
+    MAX_CREDITS,
+    ApiKeyView,
+    TenantLimits,
+    TenantView,
+    credits_to_ucredits,
+    ucredits_to_credits,
+)
 
 from ._ops import AddKey, CreateTenant, RevokeKey, TopUp, UpdateTenant
 from ._state import KeyRecord, LedgerState, OpenReservation, TenantRecord
@@ -138,6 +145,14 @@ class AdminOps:
         ucredits = credits_to_ucredits(op.credits)
         if ucredits <= 0:
             raise InvalidInputError(f"credits must be positive (got {op.credits}).", param="credits")
+        if t.balance_ucredits + ucredits > credits_to_ucredits(MAX_CREDITS):
+            # Unbounded, a balance outgrows SQLite's 64-bit integers and the whole commit fails.
+            raise InvalidInputError(
+                f"a top-up of {op.credits:g} credits would take the balance of {t.tenant_id!r} to "
+                f"{ucredits_to_credits(t.balance_ucredits + ucredits):g}, above the maximum of "
+                f"{MAX_CREDITS:g} credits.",
+                param="credits",
+            )
         t.balance_ucredits += ucredits
         self._grant(t.tenant_id, ucredits, op.note, ts)
         self.s.batch.set_balance(t.tenant_id, t.balance_ucredits)

@@ -16,6 +16,7 @@ from ._keys import (
     looks_like_api_key,
 )
 from ._model import (
+    MAX_CREDITS,
     UCREDITS_PER_CREDIT,
     ApiKeyView,
     CreatedApiKey,
@@ -35,6 +36,7 @@ from ._ops import ensure_demo_tenant
 
 __all__ = [
     "API_KEY_PREFIX",
+    "MAX_CREDITS",
     "UCREDITS_PER_CREDIT",
     "AdminHttpBackend",
     "ApiKeyView",

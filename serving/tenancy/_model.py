@@ -11,6 +11,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "MAX_CREDITS",
     "UCREDITS_PER_CREDIT",
     "ApiKeyView",
     "CreatedApiKey",
@@ -29,7 +30,9 @@ __all__ = [
 
 UCREDITS_PER_CREDIT = 1_000_000
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_MAX_CREDITS = 1e12
+MAX_CREDITS = 1e12
+"""The largest balance a tenant may hold, and so the largest grant (its micro-credits fit SQLite's
+64-bit integers with room to spare)."""
 
 
 def credits_to_ucredits(credits: float) -> int:
@@ -70,7 +73,7 @@ class TenantCreate(BaseModel):
     """Share of capacity under contention (the pools' fair queue uses it)."""
     allowed_models: list[str] | None = None
     """Models the tenant may call; ``None`` allows every served model."""
-    credits: float = Field(default=0.0, ge=0, le=_MAX_CREDITS)
+    credits: float = Field(default=0.0, ge=0, le=MAX_CREDITS)
     """Initial credit balance."""
     limits: TenantLimits = Field(default_factory=TenantLimits)
     """Rate and size limits."""
@@ -105,7 +108,7 @@ class TopUp(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    credits: float = Field(gt=0, le=_MAX_CREDITS)
+    credits: float = Field(gt=0, le=MAX_CREDITS)
     """Credits to add (strictly positive)."""
     note: str = Field(default="", max_length=500)
     """Free text kept with the grant (invoice number, reason)."""

@@ -152,3 +152,20 @@ async def test_cli_backend_over_http_and_demo_tenant(http: httpx.AsyncClient, le
     with pytest.raises(NotFoundError):
         await backend.get_tenant("ghost")
     await backend.aclose()
+
+
+async def test_a_top_up_past_the_maximum_balance_is_400_and_the_ledger_keeps_working(
+    http: httpx.AsyncClient,
+) -> None:
+    """Found by the fuzz tier: ten top-ups of 9.5e11 credits took the balance past SQLite's 64-bit
+    integers, and the commit failed (a 500, and every operation in that batch with it)."""
+    await make_tenant(http, "rich", 0)
+    for _ in range(2):
+        r = await http.post("/admin/v1/tenants/rich/credits", headers=auth(ADMIN), json={"credits": 5e11})
+        assert r.status_code == 200, r.text
+    for credits in (0.5, 953286081232.5):
+        r = await http.post("/admin/v1/tenants/rich/credits", headers=auth(ADMIN), json={"credits": credits})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "credits" and "maximum" in r.json()["error"]["message"]
+    r = await http.get("/admin/v1/tenants/rich", headers=auth(ADMIN))
+    assert r.status_code == 200 and r.json()["credits"] == 1e12
