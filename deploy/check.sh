@@ -8,4 +8,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUF
 .venv/bin/ruff check serving models loadtests tests
 .venv/bin/mypy serving
 .venv/bin/lint-imports --no-cache  # the layers and contracts in pyproject.toml [tool.importlinter]
-.venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  .venv/bin/python -m pytest "$@"
+else
+  # The multi-node tier starts Ray clusters of its own (tests/multinode): a session of its own, so
+  # the rest's live deployment is gone by then instead of sharing the two cores with it.
+  .venv/bin/python -m pytest -m "not multinode"
+  .venv/bin/python -m pytest -m multinode
+fi

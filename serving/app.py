@@ -25,9 +25,10 @@ _POOL_CONTROL_CALLS = 64
 the token channel and queue in the replica's admission core."""
 
 
-def build_app(cfg: TokenweirConfig) -> Application:
-    """The bound application: ``gateway`` with a handle to every ``pool-<name>``."""
-    deployment = resolve(cfg)
+def build_app(cfg: TokenweirConfig, *, cluster: bool | None = None) -> Application:
+    """The bound application: ``gateway`` with a handle to every ``pool-<name>``; ``cluster`` as in
+    :func:`serving.config.resolve` (every pool pinned to its accelerator type's nodes)."""
+    deployment = resolve(cfg, cluster=cluster)
     runtime_env = {"env_vars": SERVE_ENV}
     handles: dict[str, Any] = {}
     for pool in deployment.pools:
@@ -58,5 +59,6 @@ def build_app(cfg: TokenweirConfig) -> Application:
 def app_builder(args: dict[str, Any]) -> Application:
     """Ray Serve's application builder (``import_path: serving.app:app_builder``): ``args`` is a
     Tokenweir config, as ``tokenweir deploy render`` embeds it; validated as a config file is, then
-    built by :func:`build_app`."""
-    return build_app(parse_config(dict(args), source="the Serve application's args"))
+    built by :func:`build_app` for a cluster (a Serve config is deployed onto one that exists: every
+    pool is pinned to the nodes of its accelerator type, whatever ``ray.address`` says)."""
+    return build_app(parse_config(dict(args), source="the Serve application's args"), cluster=True)

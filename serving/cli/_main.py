@@ -106,16 +106,20 @@ def serve(
         runtime.shutdown()
 
 
-def _replica_states(cfg: Any) -> dict[str, dict[str, int]]:
-    """Serve's replica states per deployment, from a running Ray (empty when none is reachable)."""
+def _cluster_view(cfg: Any) -> tuple[dict[str, dict[str, int]], dict[str, Any] | None]:
+    """Serve's replica states per deployment and where the ledger actor lives, from a running Ray
+    (empty and None when none is reachable)."""
+    import dataclasses
     import os
 
     import ray
     from ray import serve
 
     from serving.cli.runtime import LOOPBACK_ENV
+    from serving.metering import ledger_home
 
     replicas: dict[str, dict[str, int]] = {}
+    ledger: dict[str, Any] | None = None
     try:
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)
@@ -123,9 +127,23 @@ def _replica_states(cfg: Any) -> dict[str, dict[str, int]]:
         for app_status in serve.status().applications.values():
             for name, dep in app_status.deployments.items():
                 replicas[name] = {str(k): v for k, v in dep.replica_states.items()}
+        if cfg.metering.enabled:
+            ledger = dataclasses.asdict(ledger_home(cfg.metering_config(), namespace=cfg.ray.namespace))
     except Exception as e:  # Ray's connection errors have no common base; the table says "0/N" then
         print(f"(Ray not reachable: {type(e).__name__}: {e})", file=sys.stderr)
-    return replicas
+    return replicas, ledger
+
+
+def ledger_line(ledger: dict[str, Any] | None, state_dir: str) -> str:
+    """One line: where the ledger runs (its Ray node) and what pins it there."""
+    if ledger is None:
+        return "ledger: unknown (Ray not reachable)"
+    where = f"on node {ledger['node_id'][:16]} ({ledger['node_ip']})" if ledger["node_id"] else "on no node"
+    pid = f", pid {ledger['pid']}" if ledger["pid"] else ""
+    return (
+        f"ledger: {ledger['state']} {where}{pid}, restarts {ledger['restarts']}; pinned by "
+        f"{ledger['node_resource']}; file under {state_dir} there"
+    )
 
 
 @app.command()
@@ -134,17 +152,17 @@ def status(
     url: UrlOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Pools, replicas, their GPU types and readiness."""
+    """Pools, replicas, their GPU types and readiness; where the ledger lives."""
     import httpx
 
     from serving.cli.runtime import gateway_url
 
     cfg = load_config(config)
-    replicas = _replica_states(cfg)
+    replicas, ledger = _cluster_view(cfg)
     base = gateway_url(cfg, url)
     try:
         ready = httpx.get(f"{base}/readyz", timeout=10).json()
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ValueError) as e:
         ready = {"error": repr(e)}
     pool_states = ready.get("pools", {}) if isinstance(ready, dict) else {}
     rows = [
@@ -159,9 +177,11 @@ def status(
         for p in cfg.pools
     ]
     if as_json:
-        print(json.dumps({"gateway": base, "pools": rows}, indent=2))
+        print(json.dumps({"gateway": base, "ledger": ledger, "pools": rows}, indent=2))
         return
     print(f"gateway {base}: {'ready' if ready.get('status') == 'ready' else 'not ready'}")
+    if cfg.metering.enabled:
+        print(ledger_line(ledger, str(cfg.metering_config().state_dir)))
     cols = ["pool", "model", "gpu", "engine", "replicas", "ready"]
     print_table(cols, [[r[c] for c in cols] for r in rows])
 

@@ -65,7 +65,8 @@ class ResolvedPool:
     """GPUs one replica stands for, real or simulated (0 on CPU)."""
     graceful_shutdown_timeout_s: float
     ray_actor_options: dict[str, Any]
-    """CPUs, GPUs and the accelerator pin of a replica (without the runtime environment)."""
+    """CPUs, GPUs and the accelerator pin of a replica (without the runtime environment): vLLM GPU
+    pools always, every pool on a cluster (``accelerator_type:<X>``)."""
     weights_source: str
     """Path or hub id vLLM loads ("" for simulated pools)."""
     engine_args: dict[str, Any]
@@ -112,9 +113,15 @@ class ResolvedDeployment:
     pools: tuple[ResolvedPool, ...]
 
 
-def resolve(cfg: TokenweirConfig, *, require_plans: bool = True) -> ResolvedDeployment:
+def resolve(
+    cfg: TokenweirConfig, *, require_plans: bool = True, cluster: bool | None = None
+) -> ResolvedDeployment:
     """Join ``cfg`` with its catalog and plan every pool; raise :class:`ConfigError` naming the bad
-    values (unknown models, GPU pools no plan fits unless ``require_plans`` is false)."""
+    values (unknown models, GPU pools no plan fits unless ``require_plans`` is false).
+
+    On a cluster (``cluster``; None: ``ray.address`` is set) every pool is pinned to the nodes of
+    its accelerator type, simulated and CPU pools included; on the local Ray that ``tokenweir
+    serve`` starts, which advertises no accelerator types, only vLLM GPU pools are."""
     catalog = _load_catalog(Path(cfg.catalog) if cfg.catalog else CATALOG_PATH)
     problems = [
         f"pools.{i}.model: unknown model {p.model!r}; the catalog has {sorted(catalog)}"
@@ -130,7 +137,8 @@ def resolve(cfg: TokenweirConfig, *, require_plans: bool = True) -> ResolvedDepl
         m: _deployed_entry(catalog[m], cfg.models.get(m)) for m in dict.fromkeys(p.model for p in cfg.pools)
     }
     gpus = with_prices(cfg.gpu_prices)
-    pools = tuple(_resolve_pool(p, entries[p.model], gpus[p.accelerator]) for p in cfg.pools)
+    on_cluster = cfg.ray.address is not None if cluster is None else cluster
+    pools = tuple(_resolve_pool(p, entries[p.model], gpus[p.accelerator], on_cluster) for p in cfg.pools)
     unplanned = [f"pools.{p.name}: cannot plan: {p.plan_error}" for p in pools if p.plan_error]
     if unplanned and require_plans:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(unplanned))
@@ -170,7 +178,7 @@ def _model_arch(entry: ModelEntry) -> ModelArch:
     )
 
 
-def _resolve_pool(pool: PoolConfig, entry: ModelEntry, gpu: GpuProfile) -> ResolvedPool:
+def _resolve_pool(pool: PoolConfig, entry: ModelEntry, gpu: GpuProfile, cluster: bool) -> ResolvedPool:
     cpu = pool.accelerator == "CPU"
     arch = _model_arch(entry)
     explicit = {**entry.engine_args_for(pool.accelerator), **pool.engine_args}
@@ -200,6 +208,10 @@ def _resolve_pool(pool: PoolConfig, entry: ModelEntry, gpu: GpuProfile) -> Resol
             options["accelerator_type"] = gpu.ray_accelerator_type
         elif gpu.ray_resource is not None:  # a custom resource the node advertises (`ray start --resources`)
             options["resources"] = {gpu.ray_resource: 0.001}
+    elif cluster and gpu.ray_resource is not None:
+        # Simulated and CPU pools need no GPU, but on a cluster they run only on nodes of their type
+        # too (the ones that advertise `accelerator_type:<X>`), never on whichever node has a CPU free.
+        options["resources"] = {gpu.ray_resource: 0.001}
     return ResolvedPool(
         name=pool.name,
         entry=entry,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serving.config import ConfigError, ResolvedDeployment, ResolvedPool, TokenweirConfig
+from serving.metering import HEAD_NODE_RESOURCE
 
 APP_NAME = "tokenweir"
 """The Serve application's name (``serving.app.APP_NAME``; a test keeps the two equal)."""
@@ -116,6 +117,22 @@ def check_cluster_config(cfg: TokenweirConfig, target: str) -> None:
             f"{target}: gateway.host is {g.host!r}, an address of one machine, but gateways run on "
             "cluster nodes: set gateway.host: node (each gateway binds its node's address)"
         )
+
+
+def ledger_resources(cfg: TokenweirConfig, target: str) -> dict[str, int]:
+    """What the head advertises so that the ledger runs there, beside its volume: nothing for Ray's
+    own head resource (the default ``metering.ledger_node_resource``), else one unit of the custom
+    resource the config pins the ledger to."""
+    res = cfg.metering.ledger_node_resource
+    if res == HEAD_NODE_RESOURCE:
+        return {}
+    if res.startswith("node:"):
+        raise ConfigError(
+            f"{target}: metering.ledger_node_resource is {res!r}, one machine's address resource, but the "
+            "rendered cluster keeps the ledger's disk on its head: leave it unset (the head) or name a "
+            "custom resource, which the head then advertises"
+        )
+    return {res: 1}
 
 
 def ledger_dir(cfg: TokenweirConfig, home: str) -> str:

@@ -4,7 +4,9 @@
 Shape of the cluster:
 
 - **head**: Ray's control plane and the ledger, whose SQLite file lives on a ``ReadWriteOncePod``
-  volume mounted at the config's ``state_dir``; ``num-cpus: 0`` keeps replicas off it;
+  volume mounted at the config's ``state_dir``; ``num-cpus: 0`` keeps replicas off it. The ledger
+  actor is pinned to the head by ``metering.ledger_node_resource`` (Ray's own head resource, or a
+  custom one the head then advertises), so it restarts only there, on that volume;
 - **gateway** (with ``gateway.node_resource``): one pod per gateway replica, each advertising one
   unit of that resource. Only these pods are behind the Service, and their probes ask Tokenweir's
   own listener (``/healthz``, ``/readyz`` on ``gateway.port``): Tokenweir serves HTTP itself, so
@@ -44,6 +46,7 @@ from ._common import (
     RenderOptions,
     check_cluster_config,
     ledger_dir,
+    ledger_resources,
     node_groups,
     ray_start_resources,
 )
@@ -82,8 +85,11 @@ def kuberay_manifests(
     names = _Names(opts.name)
     mount = ledger_dir(cfg, opts.container_home)
     env = _env(cfg, names)
+    head_params = {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
+    if ledger := ledger_resources(cfg, "kuberay"):  # else Ray's own head resource pins the ledger
+        head_params["resources"] = ray_start_resources(ledger)
     head = {
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "rayStartParams": head_params,
         "template": {
             "metadata": {"labels": names.labels("head")},
             "spec": {

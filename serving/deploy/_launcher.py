@@ -19,7 +19,7 @@ from typing import Any
 
 from serving.config import ConfigError, ResolvedDeployment, TokenweirConfig
 
-from ._common import RenderOptions, check_cluster_config, ledger_dir, node_groups
+from ._common import RenderOptions, check_cluster_config, ledger_dir, ledger_resources, node_groups
 
 AWS_GPU_INSTANCES: dict[str, tuple[str, int]] = {
     "H100": ("p5.48xlarge", 8),
@@ -66,7 +66,8 @@ def cluster_launcher(
     node_types: dict[str, Any] = {
         "head": {
             "node_config": {"InstanceType": AWS_CPU_INSTANCES["head"]},
-            "resources": {"CPU": 0},  # Ray's control plane and the ledger; replicas go to workers
+            # Ray's control plane and the ledger (pinned here, beside its disk); replicas go to workers.
+            "resources": {"CPU": 0, **ledger_resources(cfg, "cluster-launcher")},
             "min_workers": 0,
             "max_workers": 0,
             # The ledger's directory, on the host's disk, owned by the image's user (uid 1000).

@@ -104,7 +104,8 @@ CATALOG: dict[str, GpuProfile] = {
         # CPU: not a datasheet part; a nominal two-socket x86 server (AMX/AVX-512 bf16 ~2 TFLOP/s
         # dense in practice, 2 x 8 channels DDR5-4800 = 614 GB/s peak, 256 GB). Used for planning
         # the CPU build of vLLM and for simulated CPU pools; expect the real figure to vary 5x.
-        GpuProfile("CPU", 2 * _T, int(256 * _GB), 614 * _GB, None, None, 0.05, ()),
+        # On a cluster, CPU pools are pinned to the nodes that advertise `accelerator_type:CPU`.
+        GpuProfile("CPU", 2 * _T, int(256 * _GB), 614 * _GB, None, "accelerator_type:CPU", 0.05, ()),
     )
 }
 

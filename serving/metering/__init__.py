@@ -6,15 +6,18 @@ group commit and the crash rule, :mod:`._ops` for the typed operations, :mod:`._
 enforcement, :mod:`._policy` for the pure arithmetic, :mod:`._budget` for a request's ``max_tokens``.
 """
 
+from ._actor import LedgerHome, ledger_home
 from ._budget import TokenBudget
 from ._client import LedgerClient, connect, local_ledger
-from ._config import MeteringConfig, PriceConfig
+from ._config import HEAD_NODE_RESOURCE, MeteringConfig, PriceConfig
 from ._core import LedgerLockedError
 from ._meter import Meter
 from ._ops import Refusal, Reservation, Settlement
 
 __all__ = [
+    "HEAD_NODE_RESOURCE",
     "LedgerClient",
+    "LedgerHome",
     "LedgerLockedError",
     "Meter",
     "MeteringConfig",
@@ -24,5 +27,6 @@ __all__ = [
     "Settlement",
     "TokenBudget",
     "connect",
+    "ledger_home",
     "local_ledger",
 ]

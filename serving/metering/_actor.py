@@ -1,7 +1,11 @@
 """The ledger as a named Ray actor shared by every gateway replica, and how a client reaches it.
 
 The actor is detached and restartable (``max_restarts=-1``): if its process dies, Ray starts it
-again on the same file, and the crash rule in :mod:`._core` applies. Calls do not retry inside Ray
+again on the same file, and the crash rule in :mod:`._core` applies. It lives on the node that holds
+that file (``metering.ledger_node_resource``, the head by default): after its node dies, Ray keeps it
+pending until a node with that resource is back, instead of starting it elsewhere on an empty file,
+and meanwhile its callers get :class:`LedgerUnavailableError` (503), never a request served
+unmetered. :func:`ledger_home` says where it runs, from Ray's actor table. Calls do not retry inside Ray
 (``max_task_retries=0``); :class:`ActorTransport` resends hot batches itself until the ledger is
 back or a deadline passes. Both ends of the ledger socket live in :mod:`._socket`, which knows
 nothing of Ray; this module serves it from the actor and opens it from the address the actor gives.
@@ -15,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,7 +34,7 @@ from ._keys import KeyDirectory
 from ._ops import AdminOp, HotOp, HotResult, Op, Read
 from ._socket import Endpoint, LedgerLink, LedgerSocketServer
 
-__all__ = ["ActorTransport", "LedgerActor", "get_or_create_ledger_actor"]
+__all__ = ["ActorTransport", "LedgerActor", "LedgerHome", "get_or_create_ledger_actor", "ledger_home"]
 
 log = logging.getLogger("tokenweir.ledger")
 
@@ -100,7 +105,48 @@ def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "toke
         max_task_retries=0,
         max_concurrency=1000,
         num_cpus=0,
+        resources={config.ledger_node_resource: 0.001},  # its home node, the one with its file
     ).remote(config.for_actors().model_dump_json())
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerHome:
+    """Where the ledger actor runs, from Ray's actor table (the GCS's: no dashboard needed)."""
+
+    state: str
+    """Ray's actor state (``ALIVE``, ``RESTARTING``, ``PENDING_CREATION``, ``DEAD``), or ``ABSENT``
+    when no ledger actor of that name exists."""
+    node_resource: str
+    """The resource that pins it (``metering.ledger_node_resource``)."""
+    node_id: str | None = None
+    """Hex id of the Ray node it runs (or last ran) on."""
+    node_ip: str | None = None
+    """That node's address."""
+    pid: int | None = None
+    """Its process id on that node."""
+    restarts: int = 0
+    """How often Ray has restarted it."""
+
+
+def ledger_home(config: MeteringConfig, *, namespace: str = "tokenweir") -> LedgerHome:
+    """Where the cluster's ledger actor lives (call on a process connected to Ray)."""
+    from ray._private.state import actors  # the GCS actor table; Ray's state API needs the dashboard
+
+    try:
+        handle = ray.get_actor(config.ledger_actor_name, namespace=namespace)
+    except ValueError:
+        return LedgerHome("ABSENT", config.ledger_node_resource)
+    row = actors(handle._actor_id.hex())
+    address = row.get("Address") or {}
+    running = row.get("State") == "ALIVE"
+    return LedgerHome(
+        state=str(row.get("State") or "ABSENT"),
+        node_resource=config.ledger_node_resource,
+        node_id=address.get("NodeID") or None,
+        node_ip=address.get("IPAddress") or None,
+        pid=int(row["Pid"]) if running and row.get("Pid") else None,
+        restarts=int(row.get("NumRestarts") or 0),
+    )
 
 
 def _unavailable(message: str = "The usage ledger is unavailable; retry later.") -> LedgerUnavailableError:
@@ -113,7 +159,9 @@ class ActorTransport:
 
     Hot batches are resent, with back-off, while Ray restarts the ledger, for up to
     ``restart_deadline_s``; then the caller sees :class:`LedgerUnavailableError`, as it does when
-    one call is not answered within ``call_timeout_s``."""
+    one call is not answered within ``call_timeout_s``, and at once when no live node offers the
+    ledger's ``node_resource`` (its home node is dead: Ray cannot restart it before that node is
+    back, so waiting would only hold the request)."""
 
     def __init__(
         self,
@@ -122,10 +170,12 @@ class ActorTransport:
         socket: bool = True,
         restart_deadline_s: float = 60.0,
         call_timeout_s: float = 30.0,
+        node_resource: str | None = None,
     ) -> None:
         self.handle = handle
         self.restart_deadline_s = restart_deadline_s
         self.call_timeout_s = call_timeout_s
+        self.node_resource = node_resource
         self.keys = KeyDirectory() if socket else None
         """The usable keys, as the ledger pushes them on the socket (None: never synced)."""
         self._link = LedgerLink(self._endpoint, self.keys) if socket else None
@@ -136,6 +186,8 @@ class ActorTransport:
     async def hot(self, ops: list[HotOp]) -> list[HotResult]:
         deadline = time.monotonic() + self.restart_deadline_s
         delay_s = 0.05
+        if self.keys is not None and not self.keys.synced and not await self._home_alive():
+            raise _unavailable("The usage ledger's node is down; retry later.")  # the link is down too
         while True:
             try:
                 call = self._link.call(ops) if self._link is not None else self.handle.apply.remote(ops)
@@ -143,11 +195,27 @@ class ActorTransport:
             except TimeoutError as e:  # a hung ledger: answer the request, do not wait forever
                 raise _unavailable("The usage ledger did not answer in time; retry later.") from e
             except (ConnectionError, OSError, RayActorError) as e:
-                if time.monotonic() + delay_s > deadline:
+                if time.monotonic() + delay_s > deadline or not await self._home_alive():
                     raise _unavailable() from e
                 log.info("ledger unreachable (%s); resending", e)
                 await asyncio.sleep(delay_s)  # back-off timer while Ray restarts the ledger
                 delay_s = min(1.0, delay_s * 2)
+
+    async def _home_alive(self) -> bool:
+        """Whether a live Ray node offers the ledger's resource, so that a restart can happen
+        (asked of the GCS only while the ledger is unreachable)."""
+        if self.node_resource is None:
+            return True
+        resource = self.node_resource
+
+        def alive() -> bool:
+            return any(n["Alive"] and resource in n["Resources"] for n in ray.nodes())
+
+        try:
+            return await asyncio.to_thread(alive)
+        except Exception:  # the GCS itself unreachable: keep to the deadline
+            log.debug("could not list Ray's nodes", exc_info=True)
+            return True
 
     async def connect(self) -> None:
         """Open the ledger socket now (it also syncs :attr:`keys`); failures are retried by use."""

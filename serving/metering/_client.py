@@ -118,7 +118,9 @@ def connect(config: MeteringConfig, *, namespace: str) -> LedgerClient:
     """The client of the cluster's ledger actor (created on first use; every replica shares it):
     hot operations on the ledger's socket, admin operations and reads as Ray actor calls."""
     actor = get_or_create_ledger_actor(config, namespace=namespace)
-    transport = ActorTransport(actor, call_timeout_s=config.call_timeout_s)
+    transport = ActorTransport(
+        actor, call_timeout_s=config.call_timeout_s, node_resource=config.ledger_node_resource
+    )
     return LedgerClient(transport, max_batch_ops=config.max_batch_ops)
 
 

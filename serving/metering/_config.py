@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._policy import ModelPrice
 
-__all__ = ["MeteringConfig", "PriceConfig"]
+__all__ = ["HEAD_NODE_RESOURCE", "MeteringConfig", "PriceConfig"]
+
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""Ray's built-in resource of the head node (one unit, on the head only)."""
 
 
 class PriceConfig(BaseModel):
@@ -78,6 +81,15 @@ class MeteringConfig(BaseModel):
     may also be set by hand to keep the key itself out of the config file)."""
     ledger_actor_name: str = "tokenweir-ledger"
     """Name of the detached ledger actor that every gateway replica shares."""
+    ledger_node_resource: str = Field(
+        default=HEAD_NODE_RESOURCE, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:/-]+$"
+    )
+    """Ray resource of the node that holds the ledger's storage. The ledger actor asks for a sliver
+    of it, so Ray starts it, and restarts it after a crash, only on a node that advertises it, never
+    elsewhere onto an empty file; while no such node is alive, metered requests get 503
+    ``ledger_unavailable``. Default: the head node (Ray's ``node:__internal_head__``); or a custom
+    resource that the one node with the ledger's disk advertises (``ray start --resources
+    '{"tokenweir_ledger": 1}'``)."""
 
     @model_validator(mode="after")
     def _check(self) -> MeteringConfig:

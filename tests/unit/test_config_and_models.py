@@ -179,6 +179,48 @@ def test_placement_uses_custom_resource_for_types_ray_does_not_know() -> None:
     assert opts["resources"] == {"accelerator_type:L20": 0.001} and "accelerator_type" not in opts
 
 
+CLUSTER_POOLS = [
+    {"name": "h100", "model": "llama-3.1-8b-instruct", "accelerator": "H100"},
+    {"name": "sim-h100", "model": "llama-3.1-8b-instruct", "accelerator": "H100", "engine": "sim"},
+    {"name": "sim-l20", "model": "llama-3.1-8b-instruct", "accelerator": "L20", "engine": "sim"},
+    {"name": "cpu", "model": "tiny-llama", "accelerator": "CPU", "engine": "vllm"},
+]
+
+
+def _pins(options: dict) -> dict[str, float]:
+    """The node resources a replica with these actor options needs (Ray's `accelerator_type`
+    option is the resource `accelerator_type:<X>`)."""
+    need = dict(options.get("resources", {}))
+    if "accelerator_type" in options:
+        need[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return need
+
+
+def test_on_a_cluster_every_pool_is_pinned_to_its_type() -> None:
+    """With ``ray.address`` set (or ``cluster=True``) simulated and CPU pools are pinned through
+    ``accelerator_type:<X>`` too; on the local Ray only vLLM GPU pools are (nothing advertises it)."""
+    on = resolve(parse_config({"ray": {"address": "auto"}, "pools": CLUSTER_POOLS}))
+    local = resolve(parse_config({"pools": CLUSTER_POOLS}))
+    forced = resolve(parse_config({"pools": CLUSTER_POOLS}), cluster=True)
+    expected = {
+        "h100": {"accelerator_type:H100": 0.001},
+        "sim-h100": {"accelerator_type:H100": 0.001},
+        "sim-l20": {"accelerator_type:L20": 0.001},
+        "cpu": {"accelerator_type:CPU": 0.001},
+    }
+    assert {p.name: _pins(p.ray_actor_options) for p in on.pools} == expected
+    assert {p.name: _pins(p.ray_actor_options) for p in forced.pools} == expected
+    assert {p.name: _pins(p.ray_actor_options) for p in local.pools} == {
+        "h100": {"accelerator_type:H100": 0.001},
+        "sim-h100": {},
+        "sim-l20": {},
+        "cpu": {},
+    }
+    # Pinning asks for a sliver of the type's resource, never a GPU the simulated pool does not use.
+    assert all("num_gpus" not in p.ray_actor_options for p in on.pools if p.engine == "sim")
+    assert resolve(parse_config({"pools": CLUSTER_POOLS}), cluster=False).pools == local.pools
+
+
 def test_model_overrides_apply() -> None:
     cfg = parse_config(
         {

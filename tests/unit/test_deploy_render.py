@@ -231,6 +231,21 @@ def test_serve_config_loads_in_rays_schema_and_builds_the_same_app(cfg: Tokenwei
     assert ours._bound_deployment.ray_actor_options["resources"] == {"tokenweir_gateway": 1}
 
 
+def test_serve_builder_pins_every_pool_even_without_ray_address(cfg: TokenweirConfig) -> None:
+    """A Serve config is deployed onto an existing cluster: the builder pins simulated and CPU pools
+    to their type's nodes whether or not the embedded config sets ``ray.address``."""
+    import serving.app
+
+    raw = copy.deepcopy(FLEET)
+    del raw["ray"]
+    app = serving.app.app_builder(serve_config(parse_config(raw))["applications"][0]["args"])
+    pools = app._bound_deployment.init_args[1]
+    options = {name: h._bound_deployment.ray_actor_options for name, h in pools.items()}
+    assert _pins(options["a10-sim"]) == {"accelerator_type:A10": 0.001}
+    assert _pins(options["tiny"]) == {"accelerator_type:CPU": 0.001}
+    assert _pins(options["h100"]) == {"accelerator_type:H100": 0.001, "GPU": 1}
+
+
 def test_serve_builder_reports_a_bad_config_by_field() -> None:
     import serving.app
 
@@ -438,6 +453,34 @@ def test_the_ledger_lives_on_the_heads_volume(cfg: TokenweirConfig, rendered: di
     assert pvc["spec"]["accessModes"] == ["ReadWriteOncePod"]  # one pod at a time: never two ledgers
     assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert rs["spec"]["upgradeStrategy"] == {"type": "None"}  # in place: no second cluster, no second ledger
+
+
+def test_the_ledger_is_pinned_to_the_head_that_holds_its_volume(cfg: TokenweirConfig) -> None:
+    """Default: Ray's own head resource pins the ledger actor (nothing to advertise). A custom
+    ``metering.ledger_node_resource`` is advertised by the head and by no other group, in both the
+    RayService and the cluster launcher; one node's address resource cannot be rendered."""
+    from serving.metering import HEAD_NODE_RESOURCE
+
+    assert cfg.metering.ledger_node_resource == HEAD_NODE_RESOURCE == "node:__internal_head__"
+    raw = copy.deepcopy(FLEET) | {"metering": {"ledger_node_resource": "tokenweir_ledger"}}
+    custom = parse_config(raw)
+    (rs, *_) = kuberay_manifests(custom, resolve(custom), RenderOptions(), None)
+    head_params = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert _advertised({"rayStartParams": head_params}) == {"tokenweir_ledger": 1}
+    assert all("tokenweir_ledger" not in _advertised(g) for g in _groups(rs).values())
+    opts = RenderOptions(instance_types={"L20": ("gn8is.8xlarge", 8)})
+    launcher = cluster_launcher(custom, resolve(custom), opts, "/srv", with_admin_key=False)
+    owners = [n for n, t in launcher["available_node_types"].items() if "tokenweir_ledger" in t["resources"]]
+    assert owners == ["head"]
+    (default_rs, *_) = kuberay_manifests(cfg, resolve(cfg), RenderOptions(), None)
+    assert "resources" not in default_rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    pinned_to_ip = parse_config(
+        copy.deepcopy(FLEET) | {"metering": {"ledger_node_resource": "node:10.0.0.5"}}
+    )
+    with pytest.raises(ConfigError, match="ledger_node_resource"):
+        kuberay_manifests(pinned_to_ip, resolve(pinned_to_ip), RenderOptions(), None)
+    with pytest.raises(ConfigError, match="ledger_node_resource"):
+        parse_config(copy.deepcopy(FLEET) | {"metering": {"ledger_node_resource": "a b"}})
 
 
 def test_ray_token_auth_and_the_admin_key_come_from_secrets(
