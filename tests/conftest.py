@@ -45,6 +45,7 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "internal_port": free_port(),
                 "max_body_bytes": 65536,
                 "replicas": 2,
+                "access_log_file": str(state / "access.log"),
             },
             # A short lease, so the chaos tier sees a dead gateway's reservations resolved quickly.
             "metering": {"admin_key": ADMIN_KEY, "lease_grace_s": 3},

@@ -57,6 +57,11 @@ class GatewayConfig(_Strict):
     as a disconnect (aborted at the pool, charged what was produced)."""
     read_timeout_s: float = Field(default=15.0, gt=0)
     """Longest a client may take to send a request's headers and body; then 408 and the connection closes."""
+    access_log: bool = True
+    """One JSON line per request to the replica's log (logger ``tokenweir.access``; fields in
+    ``serving/gateway/access_log.py``); API keys never appear in it."""
+    access_log_file: str | None = None
+    """Also append the access lines to this file (mode 0600), e.g. for a log shipper."""
     internal_host: str = "127.0.0.1"
     """Address of the operator's listener (`/metrics`, `/internal/pools`, a deep `/readyz`): the
     node's address (or `node`, as for `host`) for a Prometheus elsewhere; never the public one

@@ -58,6 +58,8 @@ class EngineRequest:
     tenant_id: str = "default"
     """Who pays; the pool's fair queue uses it."""
     tenant_weight: float = 1.0
+    traceparent: str | None = None
+    """W3C trace context from the client, handed to the engine (vLLM's ``trace_headers``)."""
 
 
 @dataclass(slots=True)

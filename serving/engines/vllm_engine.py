@@ -164,7 +164,10 @@ class VllmEngine(Engine):
         done_tokens = 0
         try:
             async for out in self._llm.generate(
-                {"prompt_token_ids": request.prompt_token_ids}, self._params(request), request.request_id
+                {"prompt_token_ids": request.prompt_token_ids},
+                self._params(request),
+                request.request_id,
+                trace_headers=_trace_headers(request),
             ):
                 chunk = _chunk(out, prompt_tokens, done_tokens, k)
                 done_tokens = chunk.completion_tokens
@@ -184,7 +187,10 @@ class VllmEngine(Engine):
                 return await super().submit(request, sink)
             self._dispatch = _Dispatch()
         q = await self._llm.add_request(
-            request.request_id, {"prompt_token_ids": request.prompt_token_ids}, self._params(request)
+            request.request_id,
+            {"prompt_token_ids": request.prompt_token_ids},
+            self._params(request),
+            trace_headers=_trace_headers(request),
         )
         pushed = _Pushed(
             self, self._dispatch, q, sink, len(request.prompt_token_ids), request.sampling.logprobs
@@ -362,3 +368,7 @@ def _logprobs(c: Any, k: int) -> list[TokenLogprob]:
             )
         )
     return items
+
+
+def _trace_headers(request: EngineRequest) -> dict[str, str] | None:
+    return None if request.traceparent is None else {"traceparent": request.traceparent}

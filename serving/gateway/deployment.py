@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +32,7 @@ from serving.errors import (
     error_response,
     install_error_handlers,
 )
+from serving.gateway.access_log import AccessLog, AccessRecord, valid_traceparent
 from serving.gateway.http import (
     ClientDisconnected,
     RequestIdMiddleware,
@@ -44,6 +47,7 @@ from serving.gateway.http import (
 from serving.gateway.http_server import guarded_protocol
 from serving.gateway.openapi import openapi_document
 from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
+from serving.gateway.request import Prepared
 from serving.gateway.service import GatewayService
 from serving.gateway.tokenization import PromptTokenizer
 from serving.gateway.transport import ChannelTransport
@@ -57,6 +61,10 @@ from serving.ray_env import listen_host
 from serving.tenancy import make_tenancy_router
 
 log = logging.getLogger("tokenweir.gateway")
+
+_PREPARE_INLINE_BYTES = 32 * 1024
+"""Bodies at least this large are validated and tokenized in a worker thread (a 1 MiB prompt of
+token ids takes ~170 ms of CPU, which on the event loop would stall every other stream)."""
 
 
 def _server_class() -> Any:
@@ -110,6 +118,9 @@ class Gateway:
             self.meter,
             self.cfg.gateway.request_timeout_s,
         )
+        self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
+        g = deployment.gateway
+        self.access_log = AccessLog(g.access_log, g.access_log_file)
         self.created = int(time.time())
         self.board = get_board(self.cfg.ray.namespace)
         self._add_routes(self.app)
@@ -210,15 +221,25 @@ class Gateway:
     # ------------------------------------------------------------------ routes
     async def _generate(self, kind: str, request: Request) -> Response:
         rid = request_id_of(request)
+        t0 = time.monotonic()
+        prepared: Prepared | None = None
+        body: Any = None
         try:
             api_key = bearer_token(request)
             if self.meter.enabled and not api_key:
                 raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
             self.meter.check_key(api_key)  # before the body is read, parsed or tokenized
-            body = await read_json(request, self.cfg.gateway.max_body_bytes)
+            body, size = await read_json(request, self.cfg.gateway.max_body_bytes)
             # The caller's id is echoed and logged, never a key: each request gets its own internal id
             # (its reservation, its stream on the channel, its admission entry).
-            prepared = self.service.prepare(kind, body, client_request_id=rid)  # type: ignore[arg-type]
+            if size < _PREPARE_INLINE_BYTES:
+                prepared = self.service.prepare(kind, body, client_request_id=rid)  # type: ignore[arg-type]
+            else:  # a large prompt is validated and tokenized off the event loop: streams keep flowing
+                prepared = await asyncio.get_running_loop().run_in_executor(
+                    self._prepare_pool,
+                    functools.partial(self.service.prepare, kind, body, client_request_id=rid),  # type: ignore[arg-type]
+                )
+            assert prepared is not None
             pin = request.headers.get("x-tokenweir-gpu")
             if pin:
                 if not self.cfg.gateway.allow_gpu_pinning:
@@ -226,16 +247,59 @@ class Gateway:
                         "GPU pinning is disabled on this gateway", code="gpu_pinning_disabled"
                     )
                 prepared.pinned_gpu = pin
+            prepared.traceparent = valid_traceparent(request.headers.get("traceparent"))
             await self.service.authorize(prepared, api_key)
             if prepared.stream:
                 stream, _ = await unless_disconnected(request, self.service.stream(prepared))
-                return SSEResponse(stream, self.stall_guard, prepared.extra_headers)
+                done = functools.partial(self._log_access, kind, body, prepared, t0, 200, None)
+                return SSEResponse(stream, self.stall_guard, prepared.extra_headers, on_done=done)
             result = await unless_disconnected(request, self.service.complete(prepared))
+            self._log_access(kind, body, prepared, t0, 200, None)
             return json_response(result, rid, prepared.extra_headers)
         except APIError as e:
+            self._log_access(kind, body, prepared, t0, e.status_code, e.code, rid)
             return error_response(e)
         except ClientDisconnected:
+            self._log_access(kind, body, prepared, t0, 499, None, rid)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    def _log_access(
+        self,
+        kind: str,
+        body: Any,
+        p: Prepared | None,
+        t0: float,
+        status: int,
+        error: str | None,
+        client_request_id: str | None = None,
+    ) -> None:
+        """One access-log line for a request that has ended (:mod:`.access_log`)."""
+        if not self.access_log.enabled:
+            return
+        rec = AccessRecord(ts=time.time(), status=status, error=error, kind=kind)
+        rec.duration_s = round(time.monotonic() - t0, 6)
+        if p is None:
+            rec.client_request_id = client_request_id
+            model = body.get("model") if isinstance(body, dict) else None
+            rec.model = model if isinstance(model, str) and model in self.entries else None
+        else:
+            rec.request_id, rec.client_request_id, rec.traceparent = (
+                p.request_id,
+                p.client_request_id,
+                p.traceparent,
+            )
+            rec.model, rec.stream = p.entry.name, p.stream
+            if p.reservation is not None and self.meter.enabled:
+                rec.tenant = p.reservation.tenant_id
+            o = p.outcome
+            if o is not None:
+                rec.pool, rec.gpu, rec.outcome = o.pool or None, o.accelerator or None, o.status
+                rec.prompt_tokens, rec.completion_tokens = o.prompt_tokens, o.completion_tokens
+                rec.ttft_s = None if o.ttft_s is None else round(o.ttft_s, 6)
+                rec.error = rec.error or o.error
+            if p.charged_ucredits is not None:
+                rec.credits = p.charged_ucredits / 1e6
+        self.access_log.write(rec)
 
     def _add_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions")

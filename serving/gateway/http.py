@@ -10,7 +10,7 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -65,8 +65,8 @@ def request_id_of(request: Request) -> str:
     return rid if rid and _REQ_ID_OK.match(rid) else uuid.uuid4().hex  # set by RequestIdMiddleware
 
 
-async def read_json(request: Request, max_body_bytes: int) -> Any:
-    """Read the body within the size limit and parse it as JSON."""
+async def read_json(request: Request, max_body_bytes: int) -> tuple[Any, int]:
+    """Read the body within the size limit and parse it as JSON; the value and the body's size."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
         raise PayloadTooLargeError(
@@ -91,7 +91,7 @@ async def read_json(request: Request, max_body_bytes: int) -> Any:
     # can take it. It can only come from a \u escape or a surrogate's UTF-8 form (0xED 0xA0-0xBF).
     if (b"\\u" in raw or b"\xed" in raw) and _has_lone_surrogate(body):
         raise InvalidRequestError("request body contains a lone UTF-16 surrogate (not valid Unicode text)")
-    return body
+    return body, size
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
@@ -189,9 +189,17 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: Any, guard: StallGuard, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        body: Any,
+        guard: StallGuard,
+        headers: dict[str, str] | None = None,
+        on_done: Callable[[], object] | None = None,
+    ) -> None:
         self.body_iterator = body
         self.guard = guard
+        self.on_done = on_done
+        """Called once the stream has ended and its body is closed (the access log)."""
         self.status_code = 200
         self.background = None
         self.init_headers({**_SSE_HEADERS, **(headers or {})})
@@ -233,6 +241,8 @@ class SSEResponse(Response):
             watcher.cancel()
             self.guard.live.discard(entry)
             await body.aclose()
+            if self.on_done is not None:
+                self.on_done()
 
 
 def json_response(obj: Any, request_id: str, headers: dict[str, str] | None = None) -> Response:

@@ -34,6 +34,12 @@ class Prepared:
     """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
     reservation: Reservation | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
+    traceparent: str | None = None
+    """The caller's W3C ``traceparent`` when well formed: logged and passed to the engine."""
+    outcome: Outcome | None = None
+    """What the dispatch produced (set once it starts)."""
+    charged_ucredits: int | None = None
+    """What settlement charged (set once settled)."""
 
 
 @dataclass
@@ -46,3 +52,5 @@ class Outcome:
     pool: str = ""
     accelerator: str = ""
     ttft_s: float | None = None
+    error: str | None = None
+    """The OpenAI error code a stream ended with, if it ended with one."""

@@ -166,7 +166,7 @@ class GatewayService:
     def _engine_request(self, p: Prepared) -> EngineRequest:
         tenant = p.reservation.tenant_id if p.reservation else "default"
         weight = p.reservation.tenant_weight if p.reservation else 1.0
-        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight)
+        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight, p.traceparent)
 
     async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
         request = self._engine_request(p)
@@ -175,17 +175,22 @@ class GatewayService:
     async def _open_or_settle(
         self, p: Prepared, outcome: Outcome
     ) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
-        """``_open``, releasing the reservation when nothing was produced."""
+        """``_open``, releasing the reservation when nothing was produced.
+
+        The release is not awaited: a refusal by a pool (or any failure before the first token)
+        is answered at once, and its release joins the ledger's next group commit (no commit of its
+        own, and no wait for one on the refusal's path); if this gateway died first, its lease
+        resolves it the same way."""
         try:
             return await self._open(p, outcome)
         except BaseException as e:
             outcome.status = "disconnected" if isinstance(e, asyncio.CancelledError) else "engine_error"
-            await self._settle_shielded(p, outcome)
+            self._settle_soon(p, outcome)
             raise
 
     async def stream(self, p: Prepared) -> tuple[AsyncIterator[bytes], Outcome]:
         """Open the stream (errors before the first token raise) and return the SSE body iterator."""
-        outcome = Outcome(prompt_tokens=len(p.prompt_ids))
+        outcome = p.outcome = Outcome(prompt_tokens=len(p.prompt_ids))
         pool, chunks, first = await self._open_or_settle(p, outcome)
         renderer = Renderer(p.kind, p.request_id, p.entry.name, p.include_usage)
         return self._relay(p, pool, chunks, first, renderer, outcome), outcome
@@ -227,6 +232,7 @@ class GatewayService:
         except Exception as e:
             outcome.status = "engine_error"
             err = map_dispatch_error(e, self.first_token_timeout_s)
+            outcome.error = err.code
             log.warning(
                 "stream %s (x-request-id %s) failed after %d tokens: %s",
                 p.request_id,
@@ -244,7 +250,7 @@ class GatewayService:
 
     async def complete(self, p: Prepared) -> dict[str, Any]:
         """Run a non-streamed request to the end and build its body."""
-        outcome = Outcome(prompt_tokens=len(p.prompt_ids))
+        outcome = p.outcome = Outcome(prompt_tokens=len(p.prompt_ids))
         finished = False
         texts: dict[int, list[str]] = {i: [] for i in range(p.sampling.n)}
         finish: dict[int, str | None] = {}
@@ -310,7 +316,7 @@ class GatewayService:
         if p.reservation is None or not self.meter.enabled:
             return
         try:
-            await self.meter.settle(
+            settled = await self.meter.settle(
                 p.reservation,
                 outcome.prompt_tokens,
                 outcome.completion_tokens,
@@ -318,6 +324,7 @@ class GatewayService:
                 outcome.pool,
                 outcome.accelerator,
             )
+            p.charged_ucredits = settled.charged_ucredits
         except Exception:  # never break the response path; the ledger's crash rule resolves it
             log.exception("settling %s failed", p.request_id)
 

@@ -284,6 +284,9 @@ def test_context_length_error_names_both_numbers(gateway_url: str, auth: dict, t
     huge = "weir " * 3000
     r = _post(gateway_url, "/v1/completions", auth, json={"model": MODEL, "prompt": huge, "max_tokens": 1})
     _assert_openai_error(r, 400, "2048")
+    ids = [5] * 10_000  # a ~50 KB body: prepared off the event loop, same errors
+    r = _post(gateway_url, "/v1/completions", auth, json={"model": MODEL, "prompt": ids, "max_tokens": 1})
+    _assert_openai_error(r, 400, "2048", "10000")
 
 
 def test_body_over_limit_is_413(gateway_url: str, auth: dict) -> None:
@@ -297,3 +300,58 @@ def test_gateway_serves_after_errors(client: openai.OpenAI) -> None:
         model=MODEL, messages=[{"role": "user", "content": "still up?"}], max_tokens=2
     )
     assert r.usage.completion_tokens >= 1
+
+
+def test_access_log_has_one_line_per_request_with_trace_and_usage(
+    live: dict, gateway_url: str, auth: dict
+) -> None:
+    import json
+    import time
+    from pathlib import Path
+
+    trace = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    r = _post(
+        gateway_url,
+        "/v1/chat/completions",
+        auth,
+        headers={"x-request-id": "access-ok-1", "traceparent": trace},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "log me"}], "max_tokens": 3},
+    )
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    bad = _post(
+        gateway_url,
+        "/v1/chat/completions",
+        auth,
+        headers={"x-request-id": "access-bad-1"},
+        json={"model": MODEL},
+    )
+    assert bad.status_code == 400
+    with httpx.stream(
+        "POST",
+        gateway_url + "/v1/completions",
+        headers={**auth, "x-request-id": "access-stream-1", "traceparent": "not-a-trace"},
+        json={"model": MODEL, "prompt": "s", "max_tokens": 2, "stream": True},
+        timeout=60,
+    ) as s:
+        assert s.status_code == 200 and list(s.iter_lines())
+    path = Path(live["state_dir"]) / "access.log"
+    deadline = time.monotonic() + 10
+    lines: dict[str, dict] = {}
+    while time.monotonic() < deadline and len(lines) < 3:
+        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        lines = {
+            r["client_request_id"]: r for r in recs if r.get("client_request_id", "").startswith("access-")
+        }
+        time.sleep(0.1)
+    ok, err, st = lines["access-ok-1"], lines["access-bad-1"], lines["access-stream-1"]
+    assert ok["status"] == 200 and ok["traceparent"] == trace and ok["model"] == MODEL
+    assert (
+        ok["prompt_tokens"] == usage["prompt_tokens"]
+        and ok["completion_tokens"] == usage["completion_tokens"]
+    )
+    assert ok["pool"] == "tiny-cpu" and ok["gpu"] == "CPU" and ok["tenant"] and ok["credits"] > 0
+    assert ok["ttft_s"] > 0 and ok["duration_s"] >= ok["ttft_s"] and ok["request_id"] != "access-ok-1"
+    assert err["status"] == 400 and err["model"] == MODEL and "tenant" not in err and "request_id" not in err
+    assert st["stream"] is True and st["completion_tokens"] == 2 and "traceparent" not in st
+    assert auth["Authorization"].split()[-1] not in path.read_text()

@@ -25,6 +25,7 @@ def _session_logs() -> list[Path]:
 def test_no_key_appears_in_any_log(live: dict) -> None:
     logs = _session_logs()
     assert logs, "no Ray session logs found"
+    logs.append(Path(live["state_dir"]) / "access.log")  # the gateway's access log file
     secrets = [live["admin_key"].encode(), live["api_key"].encode()]
     leaks = []
     for path in logs:
