@@ -7,6 +7,12 @@ sequence needs a block and none is free, the most recently admitted running sequ
 (recompute: its KV is dropped and it goes back to the front of the queue; prompt plus the output so
 far is prefilled again). Nothing here knows about time: :meth:`schedule` returns a batch, the
 caller prices it with the performance model, and :meth:`postprocess` applies it.
+
+Blocks come from a :class:`~serving.kvcache.BlockPool` with vLLM's automatic prefix caching: a
+sequence's full prompt blocks are named by their chained hashes (``SimSeq.block_hashes``) as they
+are scheduled; a sequence admitted from the queue first takes the longest cached prefix of its
+prompt (at most ``prompt - 1`` tokens, so the last token is always computed, as in vLLM), and
+its prefill starts after it. Output tokens have no ids here, so output blocks are never cached.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from enum import Enum
 from typing import Any
 
 from serving.hardware.perfmodel import chunk_attn_pairs
+from serving.kvcache import BlockHash, BlockPool, PrefixCacheStats
 
 __all__ = ["SeqStatus", "SimScheduler", "SimSeq", "StepBatch"]
 
@@ -39,16 +46,28 @@ class SimSeq:
     max_tokens: int
     eos_after: int | None = None
     """Output length at which the sequence samples EOS; None when EOS is ignored."""
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    """Chained hashes of the prompt's full blocks (empty: nothing of it is cacheable)."""
     num_computed: int = 0
     """Tokens whose KV is in the cache."""
     num_output: int = 0
-    num_blocks: int = 0
+    blocks: list[int] = field(default_factory=list)
+    """KV blocks held, in order."""
+    num_cached_blocks: int = 0
+    """Leading blocks already named by their hash in the pool."""
+    preemptions: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at first admission."""
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
 
     @property
     def total_len(self) -> int:
         return self.prompt_len + self.num_output
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
 
 
 @dataclass(slots=True)
@@ -87,6 +106,7 @@ class SimScheduler:
         max_num_batched_tokens: int,
         kv_capacity_tokens: int,
         block_tokens: int = 16,
+        enable_prefix_caching: bool = True,
     ) -> None:
         if min(max_num_seqs, max_num_batched_tokens, block_tokens) < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_tokens must be >= 1")
@@ -95,11 +115,25 @@ class SimScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_tokens = block_tokens
-        self.num_blocks = kv_capacity_tokens // block_tokens
-        self.free_blocks = self.num_blocks
+        self.pool = BlockPool(
+            kv_capacity_tokens // block_tokens, block_tokens, enable_caching=enable_prefix_caching
+        )
         self.waiting: deque[SimSeq] = deque()
         self.running: list[SimSeq] = []
         self.num_preemptions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks an allocation can take (empty or evictable cached ones)."""
+        return self.pool.num_free
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.pool.stats
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -124,19 +158,23 @@ class SimScheduler:
         self._release(seq, reason)
 
     def _release(self, seq: SimSeq, reason: str) -> None:
-        self.free_blocks += seq.num_blocks
-        seq.num_blocks = 0
+        self._free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+
+    def _free(self, seq: SimSeq) -> None:
+        self.pool.free(seq.blocks)
+        seq.blocks = []
+        seq.num_cached_blocks = 0
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
 
     def _preempt(self, seq: SimSeq) -> None:
-        self.free_blocks += seq.num_blocks
-        seq.num_blocks = 0
+        self._free(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -151,7 +189,7 @@ class SimScheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             nc = seq.num_computed
-            if seq.num_output and nc == seq.prompt_len + seq.num_output - 1 and nc < seq.num_blocks * bt:
+            if seq.num_output and nc == seq.prompt_len + seq.num_output - 1 and nc < len(seq.blocks) * bt:
                 # Fast path: a decode whose next token fits in the blocks it holds.
                 items.append((seq, nc, 1))
                 batch.decode_seqs += 1
@@ -161,8 +199,8 @@ class SimScheduler:
                 i += 1
                 continue
             n = min(seq.total_len - nc, budget)
-            need = self._blocks_for(nc + n) - seq.num_blocks
-            while need > self.free_blocks:
+            need = self._blocks_for(nc + n) - len(seq.blocks)
+            while need > self.pool.num_free:
                 victim = running.pop()
                 self._preempt(victim)
                 batch.preempted += 1
@@ -174,14 +212,27 @@ class SimScheduler:
             budget -= n
             i += 1
         if batch.preempted == 0:
-            waiting = self.waiting
+            waiting, pool = self.waiting, self.pool
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 seq = waiting[0]
-                n = min(seq.total_len - seq.num_computed, budget)
-                need = self._blocks_for(seq.num_computed + n) - seq.num_blocks
-                if need > self.free_blocks:
+                hit: list[int] = []
+                if seq.num_computed == 0 and seq.block_hashes:
+                    hit = pool.longest_hit(seq.block_hashes, (seq.total_len - 1) // bt)
+                start = len(hit) * bt if hit else seq.num_computed
+                n = min(seq.total_len - start, budget)
+                need = self._blocks_for(start + n) - len(hit) - len(seq.blocks)
+                if need + pool.evictable(hit) > pool.num_free:
                     break
                 waiting.popleft()
+                if seq.num_computed == 0:
+                    pool.stats.record(seq.total_len, start, seq.preemptions > 0)
+                    if seq.preemptions == 0:
+                        seq.cached_tokens = start
+                if hit:
+                    pool.touch(hit)
+                    seq.blocks = hit
+                    seq.num_cached_blocks = len(hit)
+                    seq.num_computed = start
                 seq.status = SeqStatus.RUNNING
                 running.append(seq)
                 self._take(batch, seq, n, need)
@@ -189,9 +240,16 @@ class SimScheduler:
         return batch
 
     def _take(self, batch: StepBatch, seq: SimSeq, n: int, need_blocks: int) -> None:
-        self.free_blocks -= need_blocks
-        seq.num_blocks += need_blocks
+        if need_blocks:
+            seq.blocks += self.pool.allocate(need_blocks)
         start = seq.num_computed
+        hashes = seq.block_hashes
+        if seq.num_cached_blocks < len(hashes):
+            # The prompt's blocks this step fills are named now (vLLM caches at scheduling time).
+            full = min((start + n) // self.block_tokens, len(hashes))
+            if full > seq.num_cached_blocks:
+                self.pool.cache(seq.blocks, hashes, seq.num_cached_blocks, full)
+                seq.num_cached_blocks = full
         batch.items.append((seq, start, n))
         if start + n == seq.total_len:
             batch.sampled_tokens += 1

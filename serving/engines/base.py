@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from serving.kvcache import PrefixCacheStats
+
 log = logging.getLogger("tokenweir.engine")
 
 
@@ -188,6 +190,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def capacity(self) -> EngineCapacity:
         """Batch and KV-cache bounds of the started engine."""
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """A copy of the engine's prefix-cache counters (plain data), or None when it keeps none."""
+        return None
 
     @abc.abstractmethod
     def num_unfinished(self) -> int:

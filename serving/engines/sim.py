@@ -8,6 +8,12 @@ tokens buffered and gets them as one merged chunk. Text is deterministic (words 
 request id or seed, the choice index and the position); usage counts are exact; a choice ends on
 ``max_tokens`` ("length"), a stop string, or a deterministic EOS ("stop") unless ``ignore_eos``.
 
+Prefix caching is vLLM's (on by default, as in vLLM v1): each prompt's full blocks are hashed as
+vLLM hashes them (:class:`~serving.kvcache.BlockHasher`), a new request reuses the longest cached
+prefix and prefills only the rest, and cached blocks are evicted LRU within the KV capacity
+(:class:`~serving.kvcache.BlockPool`). ``stats.prefix_cache`` counts queried and hit prompt
+tokens, exported as ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``.
+
 ``speedup`` divides every step time (a test fleet can run 100x faster than the hardware it models).
 ``record_lag`` keeps, per delivered token, how late the consumer got it against the model's
 timeline (``stats.lag_s``), which ``loadtests/bench_sim_schedule.py`` reports. For a submitted
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -37,8 +44,9 @@ from serving.engines.base import (
     deliver,
 )
 from serving.hardware.catalog import GpuProfile
-from serving.hardware.perfmodel import ModelArch, PerfFactors, PerfModel
+from serving.hardware.perfmodel import KV_BLOCK_TOKENS, ModelArch, PerfFactors, PerfModel
 from serving.hardware.plan import EngineSettings
+from serving.kvcache import BlockHasher, PrefixCacheStats
 
 __all__ = ["Clock", "FakeClock", "LoopClock", "SimEngine", "SimStats"]
 
@@ -56,6 +64,8 @@ class SimStats:
     model_busy_s: float = 0.0
     """Sum of (scaled) step times."""
     timeline_resyncs: int = 0
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    """Prompt tokens looked up in and found in the prefix cache (the scheduler's own counters)."""
     lag_s: list[float] = field(default_factory=list)
     """Per delivered token: consumer wake-up time minus the token's time on the model's timeline."""
 
@@ -76,17 +86,20 @@ class SimEngine(Engine):
         max_model_len: int | None = None,
         eos_mean_tokens: int | None = 256,
         record_lag: bool = False,
+        enable_prefix_caching: bool = True,
+        block_tokens: int = KV_BLOCK_TOKENS,
     ) -> None:
         """``kv_capacity_tokens`` defaults to the model's prediction at the settings' utilisation;
         ``max_model_len`` (prompt + max_tokens) to that capacity; ``eos_mean_tokens`` sets where
-        the deterministic EOS falls (uniform in 1..2x, None: never)."""
+        the deterministic EOS falls (uniform in 1..2x, None: never); ``block_tokens`` is vLLM's
+        ``block_size`` (16 on GPUs, 128 in the CPU build)."""
         if speedup <= 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
         self.perf = PerfModel(arch, gpu, factors)
         kv = kv_capacity_tokens
         if kv is None:
             kv = self.perf.kv_capacity_tokens(
-                settings.gpu_memory_utilization, settings.max_num_batched_tokens
+                settings.gpu_memory_utilization, settings.max_num_batched_tokens, block_tokens
             )
         if kv <= 0:
             raise EngineError(f"{arch.name} does not fit on {gpu.name} at {settings.gpu_memory_utilization}")
@@ -101,7 +114,11 @@ class SimEngine(Engine):
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             kv_capacity_tokens=kv,
+            block_tokens=block_tokens,
+            enable_prefix_caching=enable_prefix_caching,
         )
+        self.stats.prefix_cache = self._sched.prefix_cache_stats
+        self._hasher = BlockHasher(block_tokens) if enable_prefix_caching else None
         self._streams: dict[str, SimStream] = {}
         self._task: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
@@ -113,6 +130,9 @@ class SimEngine(Engine):
 
     def capacity(self) -> EngineCapacity:
         return EngineCapacity(self.settings.max_num_seqs, self._sched.kv_capacity_tokens)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return dataclasses.replace(self.stats.prefix_cache) if self._hasher is not None else None
 
     # ---- Engine interface -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -217,13 +237,21 @@ class SimEngine(Engine):
         if request.request_id in self._streams:
             raise EngineError(f"duplicate request id {request.request_id!r}")
         hashes = [seq_hash(request, i) for i in range(sp.n)]
+        blocks = self._hasher.block_hashes(request.prompt_token_ids) if self._hasher is not None else []
         seqs = []
         for i, h in enumerate(hashes):
             eos = None
             if not sp.ignore_eos and self.eos_mean_tokens:
                 eos = max(1 + h % (2 * self.eos_mean_tokens), sp.min_tokens)
             seqs.append(
-                SimSeq(owner=None, index=i, prompt_len=prompt_len, max_tokens=sp.max_tokens, eos_after=eos)
+                SimSeq(
+                    owner=None,
+                    index=i,
+                    prompt_len=prompt_len,
+                    max_tokens=sp.max_tokens,
+                    eos_after=eos,
+                    block_hashes=blocks,
+                )
             )
         stream = SimStream(request, seqs, hashes, self._record_lag)
         for seq in seqs:

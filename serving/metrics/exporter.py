@@ -71,6 +71,7 @@ class BoardCollector(Collector):
         gateways = [(k, p) for kind, k, _a, p in self.entries if kind == "gateway"]
         yield from _deployment_families(self.pools, [p for _k, p in pools])
         yield from _pool_families(pools)
+        yield from _engine_families(pools)
         yield from _gateway_families(gateways)
 
 
@@ -199,6 +200,25 @@ def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
     yield refused
     yield t_queued
     yield t_served
+
+
+def _engine_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """The engines' own counters under vLLM's names (``vllm:*``), one series per pool replica."""
+    lbl = ["model_name", "pool", "replica", "gpu"]
+    queries = CounterMetricFamily(
+        "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels=lbl
+    )
+    hits = CounterMetricFamily(
+        "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=lbl
+    )
+    for key, p in pools:
+        pc = p.get("prefix_cache")
+        if pc is None:
+            continue
+        labels = [p.get("model", ""), p["pool"], key.split("/", 1)[-1], p["accelerator"]]
+        queries.add_metric(labels, float(pc.queries))
+        hits.add_metric(labels, float(pc.hits))
+    yield from (queries, hits)
 
 
 def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metric]:

@@ -50,7 +50,13 @@ def build_engine(pool: ResolvedPool) -> Engine:
         int(args["max_num_seqs"]), int(args["max_num_batched_tokens"]), float(args["gpu_memory_utilization"])
     )
     return SimEngine(
-        pool.arch, pool.gpu, settings, speedup=pool.sim_speedup, max_model_len=pool.entry.max_model_len
+        pool.arch,
+        pool.gpu,
+        settings,
+        speedup=pool.sim_speedup,
+        max_model_len=pool.entry.max_model_len,
+        enable_prefix_caching=bool(args.get("enable_prefix_caching", True)),
+        block_tokens=int(args.get("block_size") or 16),
     )
 
 
@@ -118,6 +124,8 @@ class PoolReplica:
             "accelerator": self.pool.accelerator,
             "snapshot": snap,
             "admission": core.stats(),
+            "model": self.pool.model,
+            "prefix_cache": self._engine.prefix_cache_stats(),
             "engine_unfinished": self._engine.num_unfinished(),
             "replica": self._id,
             "channel": self._channel_addr,

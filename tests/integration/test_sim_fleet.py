@@ -117,6 +117,8 @@ def test_metrics_cover_pools_gateways_and_ledger(internal_url: str, client: open
         "tokenweir_requests_total",
         "tokenweir_tokens_charged_total",
         "tokenweir_credits_remaining",
+        "vllm:prefix_cache_queries_total",  # the simulated engines' prefix-cache counters
+        "vllm:prefix_cache_hits_total",
     ):
         assert family in text, family
     assert 'tenant="demo"' in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -38,8 +39,10 @@ async def run_until(clock: FakeClock, done: Callable[[], bool], max_jumps: int =
 
 
 def req(rid: str, prompt: int = 100, **sampling: object) -> EngineRequest:
+    """A request whose prompt shares nothing with other ids' (no prefix-cache hits between them)."""
     sampling.setdefault("max_tokens", 5)
-    return EngineRequest(rid, list(range(prompt)), SamplingSpec(**sampling))  # type: ignore[arg-type]
+    first = zlib.crc32(rid.encode()) * 8192
+    return EngineRequest(rid, list(range(first, first + prompt)), SamplingSpec(**sampling))  # type: ignore[arg-type]
 
 
 class Collector:
