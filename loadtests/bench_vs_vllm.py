@@ -33,7 +33,7 @@ import httpx
 
 from loadtests.client import Target, run_plan
 from loadtests.metrics import summarize
-from loadtests.plan import Plan, build_plan
+from loadtests.plan import Plan, PlannedRequest, build_plan
 from loadtests.scenario import Scenario
 
 
@@ -146,6 +146,7 @@ def _write_trace(plan: Plan, model: Path, path: Path) -> list[int]:
     lengths = []
     with path.open("w") as f:
         for i, r in enumerate(plan.open_requests):
+            assert isinstance(r, PlannedRequest), "agent sessions have no single-request trace"
             n = len(tok(r.prompt).input_ids)
             lengths.append(n)
             hashes = [i * 10_000 + k for k in range((n + 15) // 16)]  # unique blocks: no prefix-cache hits

@@ -2,7 +2,8 @@
 
 One aiohttp session, an unbounded connection pool, one task per request. The dispatcher sleeps until
 each request's scheduled time and starts it whatever earlier requests are doing; closed-loop streams run
-``concurrency`` workers. Times come from ``time.perf_counter``; a request's *lateness* is
+``concurrency`` workers. An agent session (``PlannedSession``) is one task that sends its turns one
+after another, each with the whole conversation so far (the answers as the server gave them). Times come from ``time.perf_counter``; a request's *lateness* is
 how long after its scheduled time it actually went out, which measures the client, not the server.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from loadtests.plan import ClosedStream, Plan, PlannedRequest
+from loadtests.plan import ClosedStream, Plan, PlannedRequest, PlannedSession
 from loadtests.scenario import BoundsSpec
 
 __all__ = ["LiveStats", "RequestRecord", "RunResult", "Target", "run_plan"]
@@ -69,6 +70,14 @@ class RequestRecord:
     completion_tokens: int | None = None
     """From the server's ``usage``."""
     content_chunks: int = 0
+    cached_tokens: int | None = None
+    """``usage.prompt_tokens_details.cached_tokens`` when the server reports it (OpenAI's field)."""
+    session: int | None = None
+    """Agent sessions: the session's number in this run (None for single requests)."""
+    agent: str | None = None
+    """Agent sessions: ``<tenant>/<agent index>``."""
+    turn: int | None = None
+    """Agent sessions: the turn, from 1."""
 
 
 @dataclass(slots=True)
@@ -109,6 +118,7 @@ class _Runner:
         self.records: list[RequestRecord] = []
         self.budget = bounds.max_requests
         self.next_index = 0
+        self.next_session = 0
         self.t0 = 0.0
         self.send_deadline = 0.0
 
@@ -128,6 +138,19 @@ class _Runner:
         body.update(self.target.extra_body)
         return json.dumps(body).encode()
 
+    def _chat_body(self, messages: list[dict[str, str]], max_tokens: int) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.target.model,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "messages": messages,
+        }
+        body.update(self.target.extra_body)
+        return json.dumps(body).encode()
+
     def _take(self) -> int | None:
         if self.budget <= 0:
             return None
@@ -143,7 +166,12 @@ class _Runner:
         index: int,
         at: float | None,
         body: bytes | None = None,
-    ) -> None:
+        *,
+        turn: tuple[int, str, int] | None = None,
+        text: list[str] | None = None,
+    ) -> RequestRecord:
+        """Send one request and record it; ``turn`` is (session, agent, turn) for an agent's turn,
+        and ``text`` collects the generated text."""
         body = body if body is not None else self._body(req)
         live = self.live
         start = _now()
@@ -152,6 +180,8 @@ class _Runner:
             index, req.tenant, None if at is None else at - self.t0, start - self.t0, lateness,
             req.prompt_tokens_target, req.max_tokens,
         )  # fmt: skip
+        if turn is not None:
+            rec.session, rec.agent, rec.turn = turn
         live.sent += 1
         live.in_flight += 1
         if lateness is not None:
@@ -159,7 +189,7 @@ class _Runner:
             live.late_over_10ms += lateness > 0.010
         try:
             async with asyncio.timeout(self.bounds.request_timeout_s):
-                await self._stream(session, req, body, rec, start)
+                await self._stream(session, req, body, rec, start, text)
         except TimeoutError:
             rec.ok, rec.error_code = False, "timeout"
         except asyncio.CancelledError:
@@ -178,6 +208,36 @@ class _Runner:
             live.failed += not rec.ok
             live.output_tokens += rec.completion_tokens or 0
             self.records.append(rec)
+        return rec
+
+    async def run_session(self, http: aiohttp.ClientSession, ps: PlannedSession, at: float | None) -> None:
+        """An agent session: each turn sends the conversation so far plus a new user message; no new
+        turn after the send deadline, when the request budget is spent, or after a failed turn."""
+        sid = self.next_session
+        self.next_session += 1
+        messages = [{"role": "system", "content": ps.system_prompt}]
+        approx = ps.system_prompt_tokens
+        for turn, (user, max_tokens) in enumerate(zip(ps.user_prompts, ps.max_tokens, strict=True), 1):
+            if turn > 1:
+                if ps.think_time_s > 0:
+                    await asyncio.sleep(ps.think_time_s)
+                if _now() >= self.send_deadline:
+                    return
+            index = self._take()
+            if index is None:
+                return
+            messages.append({"role": "user", "content": user})
+            approx += len(user.split())
+            req = PlannedRequest(ps.tenant, None, "", approx, max_tokens)
+            text: list[str] = []
+            rec = await self.one(
+                http, req, index, at if turn == 1 else None, self._chat_body(messages, max_tokens),
+                turn=(sid, ps.agent, turn), text=text,
+            )  # fmt: skip
+            if not rec.ok:
+                return
+            messages.append({"role": "assistant", "content": "".join(text)})
+            approx += rec.completion_tokens or 0
 
     async def _stream(
         self,
@@ -186,6 +246,7 @@ class _Runner:
         body: bytes,
         rec: RequestRecord,
         start: float,
+        text: list[str] | None = None,
     ) -> None:
         chat = self.target.endpoint == "chat"
         async with session.post(self.url, data=body, headers=self.headers[req.tenant]) as resp:
@@ -195,7 +256,7 @@ class _Runner:
                 rec.error_code, rec.error_message = _error_of(resp.status, raw)
                 rec.e2e_s = _now() - start
                 return
-            st = _StreamState(chat, start, rec)
+            st = _StreamState(chat, start, rec, text)
             buf = b""
             # Read what the socket has, then split into SSE lines: every event in one read shares its time.
             async for data in resp.content.iter_any():
@@ -224,23 +285,38 @@ class _Runner:
             at = self.t0 + req.send_at_s
             if at >= self.send_deadline:
                 break
-            body = self._body(req)  # built while waiting, not on the clock
-            delay = at - _now()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            index = self._take()
-            if index is None:
-                break
-            task = asyncio.create_task(self.one(session, req, index, at, body))
+            if isinstance(req, PlannedSession):
+                delay = at - _now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if self.budget <= 0:
+                    break
+                run: Any = self.run_session(session, req, at)
+            else:
+                body = self._body(req)  # built while waiting, not on the clock
+                delay = at - _now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                index = self._take()
+                if index is None:
+                    break
+                run = self.one(session, req, index, at, body)
+            task = asyncio.create_task(run)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
     async def worker(self, session: aiohttp.ClientSession, stream: ClosedStream) -> None:
         while _now() < self.send_deadline:
-            index = self._take()
-            if index is None:
+            if self.budget <= 0:
                 return
-            await self.one(session, next(stream.requests), index, None)
+            item = next(stream.requests)
+            if isinstance(item, PlannedSession):
+                await self.run_session(session, item, None)
+            else:
+                index = self._take()
+                if index is None:
+                    return
+                await self.one(session, item, index, None)
             if stream.think_time_s > 0:
                 await asyncio.sleep(stream.think_time_s)
 
@@ -295,10 +371,12 @@ class _Runner:
 class _StreamState:
     """Parses OpenAI SSE lines into a record's timings and usage."""
 
-    __slots__ = ("chat", "error", "last", "rec", "start")
+    __slots__ = ("chat", "error", "last", "rec", "start", "text")
 
-    def __init__(self, chat: bool, start: float, rec: RequestRecord) -> None:
+    def __init__(self, chat: bool, start: float, rec: RequestRecord, text: list[str] | None = None) -> None:
         self.chat, self.start, self.rec = chat, start, rec
+        self.text = text
+        """When given, the generated text is appended to it."""
         self.last = 0.0
         self.error: dict[str, Any] | None = None
 
@@ -321,6 +399,8 @@ class _StreamState:
                 c0 = choices[0]
                 text = (c0.get("delta") or {}).get("content") if self.chat else c0.get("text")
                 if text:
+                    if self.text is not None:
+                        self.text.append(text)
                     if rec.content_chunks == 0:
                         rec.ttft_s = now - self.start
                     else:
@@ -331,6 +411,9 @@ class _StreamState:
             if usage:
                 rec.prompt_tokens = usage.get("prompt_tokens")
                 rec.completion_tokens = usage.get("completion_tokens")
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                    rec.cached_tokens = int(details["cached_tokens"])
         return False
 
 

@@ -13,6 +13,10 @@ token fields (``prompt_tokens``, ``completion_tokens``, ``total_tokens``) at the
 ``usage``, ``totals`` or ``data`` (an object, or a list of rows that are summed: the gateway's
 ``UsageSummary.usage`` is a list of per-day, per-model rows). A 404, an error or an unreadable body makes
 the check "unavailable", never a failed run.
+
+Prefix cache (when the scenario names ``metrics_url``): ``GET`` that Prometheus page before and
+after the run, summing ``vllm:prefix_cache_queries_total`` and ``vllm:prefix_cache_hits_total`` over
+every series (each engine replica's): the server-side hit rate is the ratio of the increases.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ import httpx
 from loadtests.client import RequestRecord
 from loadtests.scenario import Scenario, ScenarioError
 
-__all__ = ["MeterReading", "MeterRow", "key_groups", "meter_rows", "provision_keys", "read_usage"]
+__all__ = [
+    "MeterReading",
+    "MeterRow",
+    "PrefixCacheReading",
+    "key_groups",
+    "meter_rows",
+    "provision_keys",
+    "read_prefix_cache",
+    "read_usage",
+]
 
 _TIMEOUT_S = 10.0
 _FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -165,3 +178,34 @@ def meter_rows(
         diff = None if gateway is None else gateway - client
         rows.append(MeterRow(" + ".join(tenants), tuple(tenants), client, gateway, diff, no_usage))
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheReading:
+    """The engines' prefix-cache counters, summed over their series (tokens)."""
+
+    queries: float
+    hits: float
+
+
+def read_prefix_cache(metrics_url: str) -> tuple[PrefixCacheReading | None, str | None]:
+    """(reading, None), or (None, why) when the page is unreachable or has no such counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        r = httpx.get(metrics_url, timeout=_TIMEOUT_S)
+        r.raise_for_status()
+        sums = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+        seen = False
+        for fam in text_string_to_metric_families(r.text):
+            for x in fam.samples:
+                if x.name in sums:
+                    seen = True
+                    sums[x.name] += x.value
+    except (httpx.HTTPError, ValueError) as e:
+        return None, f"{metrics_url}: {e}"
+    if not seen:
+        return None, f"{metrics_url} has no vllm:prefix_cache_* counters"
+    return PrefixCacheReading(
+        sums["vllm:prefix_cache_queries_total"], sums["vllm:prefix_cache_hits_total"]
+    ), None

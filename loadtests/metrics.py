@@ -5,7 +5,10 @@
   E2EL: mean, median, p90, p99 (numpy's linear percentiles), in milliseconds, successful requests only;
 * goodput: successful requests meeting every SLO that is set, per second;
 * per tenant: requests, failures, tokens served, share of service, goodput; refusals by reason;
-* Jain's fairness index over tenants' tokens per unit of share, and over tenants' served/asked ratios.
+* Jain's fairness index over tenants' tokens per unit of share, and over tenants' served/asked ratios;
+* agent sessions: prefix-cache hit rate (``cached_tokens`` / ``prompt_tokens`` from the responses'
+  usage, and the server's ``vllm:prefix_cache_*`` counters when read), TTFT and goodput by turn, and
+  good sessions (every turn sent, successful and within the SLOs).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from loadtests.scenario import SloSpec
 
 __all__ = [
     "LATENESS_WARN_P99_MS",
+    "AgentSummary",
     "LatencyStats",
     "RunSummary",
     "TenantSummary",
+    "TurnSummary",
+    "agent_summary",
     "is_good",
     "jain_index",
     "latency_stats",
@@ -101,6 +107,39 @@ class TenantSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnSummary:
+    """The k-th turns of every agent session."""
+
+    turn: int
+    requests: int
+    succeeded: int
+    good: int
+    prompt_tokens: int
+    cached_tokens: int | None
+    """Sum over the turns whose usage reported it; None when none did."""
+    cache_hit_rate: float | None
+    goodput_rps: float
+    ttft: LatencyStats
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSummary:
+    """Agent sessions: cache hits, TTFT and goodput by turn, sessions done within the SLOs."""
+
+    sessions: int
+    agents: int
+    good_sessions: int
+    """Sessions whose every planned turn was sent, succeeded and met the SLOs."""
+    cache_hit_rate: float | None
+    """Cached / prompt tokens over the successful turns whose usage reported ``cached_tokens``."""
+    server_cache_hit_rate: float | None
+    """The increase of ``vllm:prefix_cache_hits`` over that of ``vllm:prefix_cache_queries``."""
+    server_prefix_cache_queries: float | None
+    server_prefix_cache_hits: float | None
+    turns: list[TurnSummary]
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary:
     """Everything the report shows about one run (or one sweep point)."""
 
@@ -131,6 +170,8 @@ class RunSummary:
     """Over completion tokens served / asked per tenant."""
     slo: dict[str, float | None]
     warnings: list[str] = field(default_factory=list)
+    agents: AgentSummary | None = None
+    """Present when the run had agent sessions."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +203,67 @@ def _tenant(
     )
 
 
+def _rate(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def agent_summary(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    slo: SloSpec,
+    planned_turns: dict[str, int],
+    server: tuple[float, float] | None = None,
+) -> AgentSummary | None:
+    """The agent part of a run (None without sessions); ``planned_turns`` by tenant, ``server`` the
+    increases of the server's (queries, hits) counters."""
+    recs = [r for r in records if r.session is not None]
+    if not recs:
+        return None
+    sessions: dict[int, list[RequestRecord]] = {}
+    for r in recs:
+        sessions.setdefault(r.session or 0, []).append(r)
+    good_sessions = sum(
+        len(rs) == planned_turns.get(rs[0].tenant, len(rs)) and all(is_good(r, slo) for r in rs)
+        for rs in sessions.values()
+    )
+    turns = []
+    for k in sorted({r.turn or 0 for r in recs}):
+        mine = [r for r in recs if r.turn == k]
+        ok = [r for r in mine if r.ok]
+        told = [r for r in ok if r.cached_tokens is not None]
+        cached = sum(r.cached_tokens or 0 for r in told) if told else None
+        good = sum(is_good(r, slo) for r in mine)
+        turns.append(
+            TurnSummary(
+                turn=k,
+                requests=len(mine),
+                succeeded=len(ok),
+                good=good,
+                prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
+                cached_tokens=cached,
+                cache_hit_rate=_rate(cached or 0, sum(r.prompt_tokens or 0 for r in told)) if told else None,
+                goodput_rps=good / duration_s if duration_s > 0 else 0.0,
+                ttft=latency_stats([r.ttft_s for r in ok if r.ttft_s is not None]),
+            )
+        )
+    told = [r for r in recs if r.ok and r.cached_tokens is not None]
+    hit_rate = (
+        _rate(sum(r.cached_tokens or 0 for r in told), sum(r.prompt_tokens or 0 for r in told))
+        if told
+        else None
+    )
+    return AgentSummary(
+        sessions=len(sessions),
+        agents=len({r.agent for r in recs}),
+        good_sessions=good_sessions,
+        cache_hit_rate=hit_rate,
+        server_cache_hit_rate=_rate(server[1], server[0]) if server else None,
+        server_prefix_cache_queries=server[0] if server else None,
+        server_prefix_cache_hits=server[1] if server else None,
+        turns=turns,
+    )
+
+
 def summarize(
     records: Sequence[RequestRecord],
     duration_s: float,
@@ -170,6 +272,8 @@ def summarize(
     *,
     send_window_s: float | None = None,
     offered_rate_rps: float | None = None,
+    planned_turns: dict[str, int] | None = None,
+    server_prefix_cache: tuple[float, float] | None = None,
 ) -> RunSummary:
     """The run's summary; ``shares`` lists every tenant (those that sent nothing count as zero)."""
     ok = [r for r in records if r.ok]
@@ -219,4 +323,5 @@ def summarize(
         jain_satisfaction=jain_index(sat),
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms},
         warnings=warnings,
+        agents=agent_summary(records, duration_s, slo, planned_turns or {}, server_prefix_cache),
     )

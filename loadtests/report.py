@@ -92,6 +92,35 @@ def _tenant_table(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _agent_lines(a: dict[str, Any]) -> list[str]:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v * 100:.1f}%"
+
+    lines = [
+        f"- sessions: {a['sessions']} over {a['agents']} agents; good sessions (every turn sent, "
+        f"successful and within the SLOs): {a['good_sessions']}",
+        f"- prefix-cache hit rate from the responses' `usage.prompt_tokens_details.cached_tokens`: "
+        f"{pct(a['cache_hit_rate'])}",
+        f"- from the server's `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`: "
+        f"{pct(a['server_cache_hit_rate'])}"
+        + (
+            f" ({_f(a['server_prefix_cache_hits'], 0)} of {_f(a['server_prefix_cache_queries'], 0)} tokens)"
+            if a["server_prefix_cache_queries"] is not None
+            else " (`metrics_url` not set or unreadable)"
+        ),
+        "",
+        "| turn | sent | ok | good | goodput (req/s) | prompt tok | cached tok | hit rate | TTFT p50 | TTFT p90 | TTFT p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in a["turns"]:
+        lines.append(
+            f"| {t['turn']} | {t['requests']} | {t['succeeded']} | {t['good']} | {_f(t['goodput_rps'])} "
+            f"| {t['prompt_tokens']} | {_f(t['cached_tokens'])} | {pct(t['cache_hit_rate'])} "
+            f"| {_f(t['ttft']['median_ms'])} | {_f(t['ttft']['p90_ms'])} | {_f(t['ttft']['p99_ms'])} |"
+        )
+    return lines
+
+
 def _meter_lines(meter: list[MeterRow] | None, unavailable: str | None) -> list[str]:
     if meter is None:
         return [f"meter check unavailable: {unavailable or 'not run'}"]
@@ -143,6 +172,8 @@ def markdown_report(
     out += ["", f"SLOs for goodput: {slo}.", "", "## Latency", ""]
     out += _latency_table(summary)
     out += ["", "## Tenants", "", *_tenant_table(summary)]
+    if summary.get("agents"):
+        out += ["", "## Agent sessions", "", *_agent_lines(summary["agents"])]
     out += ["", "## Refusals and errors by reason", ""]
     if summary["refusals"]:
         out += ["| reason | requests |", "|---|---:|"]

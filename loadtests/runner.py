@@ -12,13 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.client import LiveStats, RunResult, Target, run_plan
-from loadtests.gateway_api import MeterReading, MeterRow, meter_rows, provision_keys, read_usage
+from loadtests.gateway_api import (
+    MeterReading,
+    MeterRow,
+    meter_rows,
+    provision_keys,
+    read_prefix_cache,
+    read_usage,
+)
 from loadtests.metrics import RunSummary, summarize
 from loadtests.plan import Plan, build_plan
 from loadtests.plots import plot_run, plot_sweep
 from loadtests.progress import live_progress
 from loadtests.report import markdown_report, write_records
-from loadtests.scenario import Scenario, ScenarioError, is_loopback_url
+from loadtests.scenario import AgentWorkload, Scenario, ScenarioError, is_loopback_url
 
 __all__ = ["RemoteTargetError", "RunOutcome", "run_scenario"]
 
@@ -106,15 +113,29 @@ def _one_point(
     before, why = read_usage(scenario.target_url, keys.values())
     title = f"{scenario.name}" + (f" @ {sweep_value:g}" if sweep_value is not None else "")
     plan = build_plan(scenario)
+    cache_before = read_prefix_cache(scenario.metrics_url)[0] if scenario.metrics_url else None
     result = _run_async(_drive(scenario, plan, keys, progress, title))
+    server_cache = None
+    if cache_before is not None and scenario.metrics_url:
+        cache_after, cache_why = read_prefix_cache(scenario.metrics_url)
+        if cache_after is not None:
+            server_cache = (cache_after.queries - cache_before.queries, cache_after.hits - cache_before.hits)
+        else:
+            print(f"warning: prefix-cache counters unreadable after the run: {cache_why}", file=sys.stderr)
     meter: list[MeterRow] | None = None
     if before is not None:
         got = _meter(scenario, keys, before, result)
         meter, why = (got, None) if isinstance(got, list) else (None, got)
     shares = {t.name: t.share for t in scenario.tenants}
+    turns = {
+        t.name: wl.turns
+        for t in scenario.tenants
+        if isinstance(wl := t.workload or scenario.workload, AgentWorkload)
+    }
     summary = summarize(
         result.records, result.duration_s, scenario.slo, shares,
         send_window_s=result.send_window_s, offered_rate_rps=plan.offered_rate_rps,
+        planned_turns=turns, server_prefix_cache=server_cache,
     )  # fmt: skip
     write_records(result.records, out_dir / "requests.jsonl")
     tenants = [t.name for t in scenario.tenants]
@@ -146,6 +167,8 @@ def run_scenario(
     hosts = [scenario.target_url] + (
         [scenario.admin.base_url] if scenario.admin and scenario.admin.base_url else []
     )
+    if scenario.metrics_url:
+        hosts.append(scenario.metrics_url)
     remote = [h for h in hosts if not is_loopback_url(h)]
     if remote and not allow_remote:
         raise RemoteTargetError(f"target {remote} is not a loopback address; pass --allow-remote to load it")

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_DURATION_S",
     "MAX_REQUESTS",
     "AdminSpec",
+    "AgentWorkload",
     "ArrivalSpec",
     "BoundsSpec",
     "ClosedLoopArrival",
@@ -195,7 +196,33 @@ class JsonlWorkload(_Strict):
     """JSONL file; a relative path is resolved against the scenario file's folder."""
 
 
-WorkloadSpec = Annotated[SyntheticWorkload | JsonlWorkload, Field(discriminator="kind")]
+class AgentWorkload(_Strict):
+    """Agent sessions: multi-turn chats that share a long system prompt per agent.
+
+    Each tenant runs ``agents`` agents, each with its own system prompt (``system_prompt_tokens``
+    long, the same in all its sessions: an industry agent's instructions and tool definitions). A
+    *session* is ``turns`` chat requests: turn k sends the system prompt, the k-1 previous user
+    messages with the answers the server gave, and a new user message; ``think_time_s`` passes
+    between an answer and the next turn. The arrival process starts sessions (open loop: at its
+    times; closed loop: ``concurrency`` sessions in flight), spread over the agents in turn.
+    """
+
+    kind: Literal["agent"] = "agent"
+    agents: int = Field(default=10, ge=1, le=1000)
+    """Agents per tenant; each has its own system prompt."""
+    system_prompt_tokens: int = Field(default=2000, ge=1, le=1_000_000)
+    """Length of each agent's system prompt, in (approximate) tokens."""
+    turns: int = Field(default=8, ge=1, le=200)
+    """Requests per session."""
+    user: LengthSpec = Field(default_factory=lambda: FixedLength(tokens=100))
+    """Length of each turn's new user message."""
+    output: LengthSpec = Field(default_factory=lambda: FixedLength(tokens=150))
+    """Answer length per turn; sent as ``max_tokens`` with ``ignore_eos``, so exact."""
+    think_time_s: float = Field(default=1.0, ge=0, le=600)
+    """Pause between an answer and the session's next turn."""
+
+
+WorkloadSpec = Annotated[SyntheticWorkload | JsonlWorkload | AgentWorkload, Field(discriminator="kind")]
 
 # ---------------------------------------------------------------- tenants, SLOs, bounds, sweeps
 
@@ -290,6 +317,10 @@ class Scenario(_Strict):
     """Admin API access to create tenants without keys."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Extra request fields merged into every body (``ignore_eos: true`` is always sent)."""
+    metrics_url: str | None = None
+    """The server's Prometheus page (``http://127.0.0.1:9464/metrics`` on a Tokenweir gateway's
+    operator listener, ``/metrics`` on vLLM's server): read before and after each run for the
+    engines' ``vllm:prefix_cache_queries``/``hits``, the server-side cache hit rate."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -312,6 +343,11 @@ class Scenario(_Strict):
                 raise ValueError(f"sweep over concurrency needs arrival kind 'closed', got {kind!r}")
             if self.sweep.parameter == "rate" and kind not in ("constant", "poisson", "gamma"):
                 raise ValueError(f"sweep over rate needs a constant/poisson/gamma arrival, got {kind!r}")
+        agents = [t.name for t in self.tenants if isinstance(t.workload or self.workload, AgentWorkload)]
+        if agents and self.endpoint != "chat":
+            raise ValueError(
+                f"agent workloads (tenants {agents}) need endpoint 'chat', got {self.endpoint!r}"
+            )
         parsed = urlparse(self.target_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"target_url must be http(s)://host[:port], got {self.target_url!r}")

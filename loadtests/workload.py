@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from loadtests.scenario import (
+    AgentWorkload,
     FixedLength,
     JsonlWorkload,
     LengthSpec,
@@ -27,7 +28,17 @@ from loadtests.scenario import (
     WorkloadSpec,
 )
 
-__all__ = ["WORDS", "DrawnRequest", "WorkloadSampler", "fit_to_tokens", "sample_lengths", "synthesize_prompt"]
+__all__ = [
+    "WORDS",
+    "AgentSampler",
+    "DrawnRequest",
+    "DrawnSession",
+    "WorkloadSampler",
+    "fit_to_tokens",
+    "make_sampler",
+    "sample_lengths",
+    "synthesize_prompt",
+]
 
 WORDS: tuple[str, ...] = tuple(
     """the of and to in is was he for it with as his on be at by had are but from or have an they
@@ -96,7 +107,7 @@ def fit_to_tokens(text: str, n_tokens: int, tokenizer_path: str) -> str:
 class WorkloadSampler:
     """Draws prompts and output lengths for one tenant from a seeded generator."""
 
-    def __init__(self, spec: WorkloadSpec, rng: np.random.Generator) -> None:
+    def __init__(self, spec: SyntheticWorkload | JsonlWorkload, rng: np.random.Generator) -> None:
         self._spec = spec
         self._rng = rng
         self._rows: list[tuple[str, int]] = []
@@ -116,6 +127,53 @@ class WorkloadSampler:
             return [DrawnRequest(t, int(pl), int(ol)) for t, pl, ol in zip(texts, p, o, strict=True)]
         picks = self._rng.integers(0, len(self._rows), size=n)
         return [DrawnRequest(self._rows[i][0], -1, self._rows[i][1]) for i in picks]
+
+
+@dataclass(frozen=True, slots=True)
+class DrawnSession:
+    """Material for one agent session: the agent's system prompt and each turn's message and length."""
+
+    agent: int
+    system_prompt: str
+    system_prompt_tokens: int
+    user_prompts: tuple[str, ...]
+    max_tokens: tuple[int, ...]
+
+
+class AgentSampler:
+    """Draws agent sessions for one tenant: system prompts fixed per agent, agents taken in turn."""
+
+    def __init__(self, spec: AgentWorkload, rng: np.random.Generator) -> None:
+        self._spec = spec
+        self._rng = rng
+        self.system_prompts = [synthesize_prompt(spec.system_prompt_tokens, rng) for _ in range(spec.agents)]
+        self._next_agent = 0
+
+    def draw(self, n: int) -> list[DrawnSession]:
+        """The next ``n`` sessions."""
+        spec, out = self._spec, []
+        for _ in range(n):
+            agent = self._next_agent
+            self._next_agent = (agent + 1) % spec.agents
+            users = sample_lengths(spec.user, spec.turns, self._rng)
+            outs = sample_lengths(spec.output, spec.turns, self._rng)
+            out.append(
+                DrawnSession(
+                    agent,
+                    self.system_prompts[agent],
+                    spec.system_prompt_tokens,
+                    tuple(synthesize_prompt(int(u), self._rng) for u in users),
+                    tuple(int(o) for o in outs),
+                )
+            )
+        return out
+
+
+def make_sampler(spec: WorkloadSpec, rng: np.random.Generator) -> WorkloadSampler | AgentSampler:
+    """The sampler for a workload: sessions for agent workloads, single requests otherwise."""
+    if isinstance(spec, AgentWorkload):
+        return AgentSampler(spec, rng)
+    return WorkloadSampler(spec, rng)
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, int]]:

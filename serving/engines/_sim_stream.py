@@ -326,7 +326,9 @@ class SimStream:
             delta = ChoiceDelta(0, text, self.token_counts[0], finish)
             self.token_counts[0] = 0
             self.done = finish is not None
-            return EngineChunk([delta], self._prompt_tokens, self.completion_tokens, self.done)
+            return EngineChunk(
+                [delta], self._prompt_tokens, self.completion_tokens, self.done, self.seqs[0].cached_tokens
+            )
         deltas = []
         for i, pending in enumerate(self.deltas_pending):
             if not pending:
@@ -355,4 +357,5 @@ class SimStream:
             prompt_tokens=self._prompt_tokens,
             completion_tokens=self.completion_tokens,
             finished=finished,
+            cached_tokens=self.seqs[0].cached_tokens,
         )

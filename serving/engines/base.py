@@ -93,6 +93,9 @@ class EngineChunk:
     prompt_tokens: int
     completion_tokens: int
     finished: bool = False
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, how many the engine found in its prefix cache (OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens``)."""
 
 
 def merge_chunks(a: EngineChunk, b: EngineChunk) -> EngineChunk:
@@ -111,7 +114,9 @@ def merge_chunks(a: EngineChunk, b: EngineChunk) -> EngineChunk:
         m.finish_reason = d.finish_reason
         if d.logprobs:
             m.logprobs = (m.logprobs or []) + d.logprobs
-    return EngineChunk(list(by_index.values()), b.prompt_tokens, b.completion_tokens, b.finished)
+    return EngineChunk(
+        list(by_index.values()), b.prompt_tokens, b.completion_tokens, b.finished, b.cached_tokens
+    )
 
 
 @dataclass(frozen=True, slots=True)
