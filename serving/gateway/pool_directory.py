@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from serving.engines.cpu_placement import avoid_cores, engine_cores_on
 from serving.gateway.transport import ChannelLost, ChannelTransport
 from serving.hardware import PerfModel
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
-from serving.routing import PoolInfo, RouteDecision, Router, RouteRequest, pick_replica
+from serving.routing import PoolInfo, PrefixRouter, RouteDecision, Router, RouteRequest, pick_replica
 
 log = logging.getLogger("tokenweir.gateway.pools")
 
@@ -50,17 +51,27 @@ class PoolRef:
 
 
 def pool_info(pool: ResolvedPool) -> PoolInfo:
-    """Static routing facts of a pool: its performance model, price per token, batch bounds."""
+    """Static routing facts of a pool: its performance model, price per token, batch bounds, and
+    its engines' prefix cache (on unless ``enable_prefix_caching: false``, as in vLLM)."""
+    args = pool.engine_args
+    perf = PerfModel(pool.arch, pool.gpu)
+    chunk = int(args.get("max_num_batched_tokens", 2048))
+    cpu_build = pool.engine == "vllm" and pool.accelerator == "CPU"
+    block = int(args.get("block_size") or (128 if cpu_build else 16))
+    kv = perf.kv_capacity_tokens(float(args.get("gpu_memory_utilization", 0.9)), chunk, block)
     return PoolInfo(
         pool_id=pool.name,
         model=pool.model,
         gpu_type=pool.accelerator,
         price_per_mtok=pool.price_per_mtok,
-        predictor=PerfModel(pool.arch, pool.gpu),
-        chunk_tokens=int(pool.engine_args.get("max_num_batched_tokens", 2048)),
-        max_num_seqs=int(pool.engine_args.get("max_num_seqs", 256)),
+        predictor=perf,
+        chunk_tokens=chunk,
+        max_num_seqs=int(args.get("max_num_seqs", 256)),
         queue_deadline_s=pool.admission.queue_deadline_s_at(pool.slo.ttft_ms),
         replicas=pool.replicas,
+        prefix_caching=bool(args.get("enable_prefix_caching", True)) and kv > 0,
+        block_tokens=block,
+        kv_capacity_tokens=kv,
     )
 
 
@@ -84,6 +95,12 @@ class PoolDirectory:
         self._rng = rng or random.Random()
         self.by_name = {p.name: p for p in pools}
         self.router = Router(infos)
+        self.prefix = {
+            i.pool_id: PrefixRouter(i.block_tokens, max(i.kv_capacity_tokens // i.block_tokens, 1))
+            for i in infos
+            if i.prefix_caching
+        }
+        """Per pool with a prefix cache: replica choice by cached prefix (this gateway's estimate)."""
         self._by_model: dict[str, list[PoolRef]] = defaultdict(list)
         for p in pools:
             self._by_model[p.model].append(p)
@@ -122,15 +139,23 @@ class PoolDirectory:
             for p in self.pools
         }
 
-    async def replica(self, pool: PoolRef, exclude: str | None, deadline: float) -> str:
+    async def replica(
+        self, pool: PoolRef, exclude: str | None, deadline: float, prompt_ids: Sequence[int] = ()
+    ) -> str:
         """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one
-        to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it."""
+        to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it. With the prompt's
+        token ids and a prefix-caching pool, the one holding most of its prefix within the load bound."""
         loop = asyncio.get_running_loop()
         transport = self.transport
+        prefix = self.prefix.get(pool.name) if prompt_ids else None
         while True:
             usable = [k for k in pool.replica_keys if transport.usable(k)]
             others = [k for k in usable if k != exclude]
-            key = pick_replica(others or usable, transport.load, self._rng)
+            if prefix is not None:
+                choice = prefix.choose(others or usable, transport.load, prompt_ids, self._rng)
+                key = choice.replica if choice is not None else None
+            else:
+                key = pick_replica(others or usable, transport.load, self._rng)
             if key is not None:
                 return key
             left = deadline - loop.time()
@@ -158,7 +183,11 @@ class PoolDirectory:
         for name, ref in self.by_name.items():
             payloads = per_pool.get(name, [])
             ref.board = payloads
-            ref.replica_keys = [p["replica"] for p in payloads]
+            keys = [p["replica"] for p in payloads]
+            if name in self.prefix:
+                for gone in set(ref.replica_keys) - set(keys):
+                    self.prefix[name].index.forget(gone)  # a replica that comes back starts cold
+            ref.replica_keys = keys
             snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
             if snaps:
                 self.router.update_snapshot(name, merge_snapshots(snaps))

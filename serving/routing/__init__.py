@@ -1,7 +1,15 @@
 """Hardware-aware routing across pools of one model on different GPU types: the cheapest pool
 predicted to meet the SLOs, else the fastest; then a replica within the pool. Pure policy, the
-clock passed in."""
+clock passed in. Within a pool, replicas are chosen by cached prefix under a load bound
+(:class:`PrefixRouter`)."""
 
+from serving.routing._prefix import (
+    PrefixIndex,
+    PrefixRouter,
+    PrefixRoutingStats,
+    ReplicaChoice,
+    ReplicaReason,
+)
 from serving.routing._replica import pick_replica
 from serving.routing._router import Router, price_per_mtok
 from serving.routing._types import (
@@ -21,6 +29,11 @@ __all__ = [
     "NoPoolForGpuError",
     "PoolInfo",
     "Prediction",
+    "PrefixIndex",
+    "PrefixRouter",
+    "PrefixRoutingStats",
+    "ReplicaChoice",
+    "ReplicaReason",
     "RouteDecision",
     "RouteReason",
     "RouteRequest",

@@ -2,7 +2,8 @@
 
 Pool choice (:mod:`._router`) decides *which GPU type* serves a request; this decides *which
 replica* of that pool. Load is what the caller counts: a gateway's own open requests on each replica
-(no shared state, no staleness). Cache-aware routing extends this one place.
+(no shared state, no staleness). Pools whose engines cache prefixes choose by cached prefix
+instead (:mod:`._prefix`), falling back to this when no replica holds any of the prompt.
 """
 
 from __future__ import annotations

@@ -69,6 +69,12 @@ class PoolInfo:
     queue_deadline_s: float
     """The pool's admission queue deadline: a longer predicted wait means a refusal."""
     replicas: int = 1
+    prefix_caching: bool = False
+    """Whether the engines cache prompt prefixes (then replicas are chosen by cached prefix)."""
+    block_tokens: int = 16
+    """The engines' KV block size (vLLM's ``block_size``: 16 on GPUs, 128 in the CPU build)."""
+    kv_capacity_tokens: int = 0
+    """KV cache capacity of one replica (the performance model's), bounding its prefix index."""
 
 
 @dataclass(frozen=True, slots=True)
