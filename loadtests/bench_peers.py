@@ -521,6 +521,8 @@ def _ready(kind: str, base: str) -> bool:
     tokenweir = kind.startswith("tokenweir")
     with contextlib.suppress(httpx.HTTPError):
         r = httpx.get(base + ("/readyz/pools" if tokenweir else "/v1/models"), timeout=5)
+        if tokenweir and r.status_code == 404:  # a tree from before the readiness split
+            r = httpx.get(base + "/readyz", timeout=5)
         return r.status_code == 200 and (tokenweir or MODEL_NAME in r.text)
     return False
 
