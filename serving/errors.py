@@ -21,6 +21,7 @@ replica reaches the gateway as it was raised.
     ├── ConflictError                 409 code conflict
     │   └── DuplicateRequestError         code duplicate_request_id
     ├── PayloadTooLargeError          413 code payload_too_large
+    ├── UnsupportedMediaTypeError     415 code unsupported_media_type
     ├── RateLimitError                429 type and code rate_limit_exceeded
     │   ├── RateLimitExceededError        type "requests" or "tokens" (the exhausted limit)
     │   └── InsufficientQuotaError        type and code insufficient_quota
@@ -71,6 +72,7 @@ __all__ = [
     "RateLimitError",
     "RateLimitExceededError",
     "ServiceUnavailableError",
+    "UnsupportedMediaTypeError",
     "error_response",
     "from_exception",
     "install_error_handlers",
@@ -207,6 +209,14 @@ class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    """A request body that is not JSON (415)."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimitError(APIError):

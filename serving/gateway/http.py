@@ -7,7 +7,6 @@ Every response carries ``x-request-id`` (:class:`RequestIdMiddleware`); errors a
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,19 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from serving.errors import InvalidRequestError, PayloadTooLargeError
+from serving.http_body import parse_json, read_body
+
+__all__ = [
+    "ClientDisconnected",
+    "RequestIdMiddleware",
+    "SSEResponse",
+    "StallGuard",
+    "bearer_token",
+    "json_response",
+    "read_json",
+    "request_id_of",
+    "unless_disconnected",
+]
 
 _REQ_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -66,49 +77,10 @@ def request_id_of(request: Request) -> str:
 
 
 async def read_json(request: Request, max_body_bytes: int) -> tuple[Any, int]:
-    """Read the body within the size limit and parse it as JSON; the value and the body's size."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-        raise PayloadTooLargeError(
-            f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"
-        )
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > max_body_bytes:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {max_body_bytes} bytes")
-        chunks.append(part)
-    raw = b"".join(chunks)
-    if not raw:
-        raise InvalidRequestError("request body is empty; expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise InvalidRequestError("request body is nested too deeply") from e
-    # A lone UTF-16 surrogate ("\ud800") is valid JSON but not text: no tokenizer, log or engine
-    # can take it. It can only come from a \u escape or a surrogate's UTF-8 form (0xED 0xA0-0xBF).
-    if (b"\\u" in raw or b"\xed" in raw) and _has_lone_surrogate(body):
-        raise InvalidRequestError("request body contains a lone UTF-16 surrogate (not valid Unicode text)")
-    return body, size
-
-
-def _has_lone_surrogate(obj: Any) -> bool:
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, str):
-            try:
-                o.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(o, dict):
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, list):
-            stack.extend(o)
-    return False
+    """Read the body within the size limit and parse it (:mod:`serving.http_body`, the one way
+    every route reads a JSON body); the value and the body's size."""
+    raw = await read_body(request, max_body_bytes)
+    return parse_json(raw, request.headers.get("content-type")), len(raw)
 
 
 T = TypeVar("T")

@@ -9,6 +9,7 @@ changes on a 4xx.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from serving.errors import (
     error_response,
     validation_message,
 )
+from serving.http_body import parse_json, read_body
 
 from ._backend import TenancyBackend
 from ._keys import constant_time_equals, hash_api_key
@@ -31,6 +33,8 @@ from ._model import KeyCreate, TenantCreate, TenantLimits, TenantUpdate, TopUp
 __all__ = ["make_tenancy_router"]
 
 M = TypeVar("M", bound=BaseModel)
+_MAX_BODY_BYTES = 1 << 20
+"""Admin bodies are a tenant spec or a few fields."""
 Handler = Callable[..., Awaitable[Any]]
 
 
@@ -42,11 +46,13 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-async def _body(request: Request, model: type[M]) -> M:
-    try:
-        data = await request.json()
-    except ValueError as e:
-        raise InvalidInputError("The request body is not valid JSON.") from e
+async def _body(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """The body as ``model`` (read and parsed as the OpenAI routes do: :mod:`serving.http_body`);
+    an ``optional`` body may be empty."""
+    raw = await read_body(request, _MAX_BODY_BYTES)
+    if optional and not raw:
+        return model()
+    data = parse_json(raw, request.headers.get("content-type"))
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -59,11 +65,12 @@ def _float_query(request: Request, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
-    except ValueError as e:
-        raise InvalidInputError(
-            f"{name} must be a unix timestamp in seconds (got {raw!r}).", param=name
-        ) from e
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a unix timestamp in seconds (got {raw!r}).", param=name)
+    return value
 
 
 def _guard(fn: Handler) -> Handler:
@@ -134,7 +141,7 @@ def make_tenancy_router(backend: TenancyBackend, admin_key_sha256: str | None) -
     @_guard
     async def create_key(request: Request, tenant_id: str) -> Any:
         admin(request)
-        body = await _body(request, KeyCreate) if await request.body() else KeyCreate()
+        body = await _body(request, KeyCreate, optional=True)
         created = await backend.create_key(tenant_id, body.name)
         return JSONResponse(created.model_dump(mode="json"), status_code=201)
 

@@ -169,3 +169,38 @@ async def test_a_top_up_past_the_maximum_balance_is_400_and_the_ledger_keeps_wor
         assert r.json()["error"]["param"] == "credits" and "maximum" in r.json()["error"]["message"]
     r = await http.get("/admin/v1/tenants/rich", headers=auth(ADMIN))
     assert r.status_code == 200 and r.json()["credits"] == 1e12
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "content_type", "status"),
+    [
+        (
+            "POST",
+            "/admin/v1/tenants",
+            b'{"name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "application/json",
+            400,
+        ),
+        ("POST", "/admin/v1/tenants", b'{"tenant_id": "s", "name": "a\\ud800"}', "application/json", 400),
+        ("POST", "/admin/v1/tenants/acme/keys", b'{"name": "\\udc00"}', "application/json", 400),
+        ("POST", "/admin/v1/tenants/acme/credits", b'{"credits": NaN}', "application/json", 400),
+        ("POST", "/admin/v1/tenants/acme/credits", b'{"credits": 1}', "text/plain", 415),
+        ("POST", "/admin/v1/tenants", b"x" * (1 << 21), "application/json", 413),
+        ("GET", "/admin/v1/usage?since=nan", b"", None, 400),
+        ("GET", "/admin/v1/usage?until=inf&format=csv", b"", None, 400),
+    ],
+)
+async def test_hostile_admin_requests_are_4xx_and_change_nothing(
+    http: httpx.AsyncClient, method: str, path: str, body: bytes, content_type: str | None, status: int
+) -> None:
+    """Found by the fuzz tier: a deep body was a 500 (RecursionError), a lone surrogate a 503 from
+    the ledger's commit, a text/plain body and non-finite timestamps were accepted."""
+    await make_tenant(http, "acme", 10)
+    before = (await http.get("/admin/v1/tenants", headers=auth(ADMIN))).json()
+    keys = (await http.get("/admin/v1/tenants/acme/keys", headers=auth(ADMIN))).json()
+    headers = {**auth(ADMIN), **({"content-type": content_type} if content_type else {})}
+    r = await http.request(method, path, headers=headers, content=body or None)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert (await http.get("/admin/v1/tenants", headers=auth(ADMIN))).json() == before
+    assert (await http.get("/admin/v1/tenants/acme/keys", headers=auth(ADMIN))).json() == keys
