@@ -49,7 +49,10 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             },
             # A short lease, so the chaos tier sees a dead gateway's reservations resolved quickly.
             "metering": {"admin_key": ADMIN_KEY, "lease_grace_s": 3},
-            "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
+            "models": {
+                "llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"},
+                "qwen2.5-7b-instruct": {"tokenizer": "builtin:tiny-llama"},
+            },
             "ray": {"num_cpus": 8},
             "state_dir": str(state),
             "pools": [
@@ -78,6 +81,18 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     "engine": "sim",
                     "sim_speedup": 20,
                     "slo": {"ttft_ms": 2000, "tpot_ms": 60},
+                },
+                # A pool the ops tier overloads (its own model, so no other test routes to it): real
+                # time, two sequences and two queue places, targets its queue cannot meet, so that its
+                # load has admission refusals and SLO misses (tests/integration/test_ops_prometheus.py).
+                {
+                    "name": "sim-l40s",
+                    "model": "qwen2.5-7b-instruct",
+                    "accelerator": "L40S",
+                    "engine": "sim",
+                    "engine_args": {"max_num_seqs": 2},
+                    "admission": {"max_queued_requests": 2},
+                    "slo": {"ttft_ms": 200, "tpot_ms": 30, "attainment_target": 0.9},
                 },
             ],
         }

@@ -453,7 +453,9 @@ class LedgerCore:
                 snap.rate_limit_utilisation[(t.tenant_id, "concurrency")] = (
                     t.in_flight / t.limits.max_concurrency
                 )
-        snap.credits_charged = {k: ucredits_to_credits(v) for k, v in st.counters.credits.items()}
+        # Every tenant from 0, so that its first charge is an increase rate() sees.
+        charged = st.counters.credits
+        snap.credits_charged = {t: ucredits_to_credits(charged.get(t, 0)) for t in st.tenants}
         snap.low_credit, snap.tenants_below_ratio = low_credit(snap.credits_remaining, snap.credits_granted)
         return snap
 

@@ -23,9 +23,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from serving.admission import RefusalReason
 from serving.config.resolved import ResolvedPool
 
 P = "tokenweir"
+_REFUSAL_REASONS = tuple(r.value for r in RefusalReason)
 
 
 @dataclass
@@ -185,8 +187,10 @@ def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
                 fam.add_metric(labels, float(v))
         for name, cfam in counters.items():
             cfam.add_metric(labels, float(getattr(st, name, 0)))
-        for reason, n in sorted(st.refused_total.items()):
-            refused.add_metric([*labels, reason], float(n))
+        # every reason from the start (a bounded enum): a counter that first appears at its
+        # value after a burst of refusals would show no increase to rate()
+        for reason in _REFUSAL_REASONS:
+            refused.add_metric([*labels, reason], float(st.refused_total.get(reason, 0)))
         for tenant, ts in st.tenants.items():
             tenant_queued[(p["pool"], tenant)] += ts.queued_tokens
             tenant_served[(p["pool"], tenant, "prompt")] += ts.served_prompt_tokens

@@ -143,7 +143,16 @@ def test_models_health_ready_and_request_ids(gateway_url: str, client: openai.Op
     own = httpx.get(gateway_url + "/readyz").json()
     assert own["ledger"] == "ready"  # the gateway's own readiness: its ledger link and >= 1 pool
     pools = httpx.get(gateway_url + "/readyz/pools").json()["pools"]
-    assert pools == own["pools"] == {"tiny-cpu": "ready", "sim-h100": "ready", "sim-a10": "ready"}
+    assert (
+        pools
+        == own["pools"]
+        == {
+            "tiny-cpu": "ready",
+            "sim-h100": "ready",
+            "sim-a10": "ready",
+            "sim-l40s": "ready",
+        }
+    )
 
 
 def test_internals_are_only_on_the_operators_listener(gateway_url: str, internal_url: str) -> None:
@@ -157,6 +166,7 @@ def test_internals_are_only_on_the_operators_listener(gateway_url: str, internal
         "tiny-cpu",
         "sim-h100",
         "sim-a10",
+        "sim-l40s",
     }
     deep = httpx.get(internal_url + "/readyz", timeout=30)
     assert deep.status_code == 200 and deep.json()["status"] == "ready", deep.text

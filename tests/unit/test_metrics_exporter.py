@@ -51,7 +51,9 @@ def deployment():  # type: ignore[no-untyped-def]
 
 
 def pool_entry(pool: str, gpu: str, replica: str, finished: int) -> tuple[str, str, float, dict]:
-    st = AdmissionStats(finished_total=finished, slo_met_total=finished - 1, refused_total={"queue_full": 2})
+    st = AdmissionStats(
+        finished_total=finished, slo_met_total=finished - 1, refused_total={"pool_queue_full": 2}
+    )
     return ("pool", f"{pool}/{replica}", 0.1, {"pool": pool, "accelerator": gpu, "admission": st})
 
 
@@ -72,7 +74,10 @@ def test_pools_configured_ready_and_priced() -> None:
     lbl = {"pool": "h", "replica": "r1", "gpu": "H100"}
     assert value(ss, "tokenweir_pool_finished_total", **lbl) == 5
     assert value(ss, "tokenweir_pool_slo_met_total", **lbl) == 4
-    assert value(ss, "tokenweir_pool_refused_total", **lbl, reason="queue_full") == 2
+    assert value(ss, "tokenweir_pool_refused_total", **lbl, reason="pool_queue_full") == 2
+    # every reason is there from the start, so the first refusals are an increase rate() sees
+    assert value(ss, "tokenweir_pool_refused_total", **lbl, reason="predicted_wait") == 0
+    assert value(ss, "tokenweir_pool_refused_total", **lbl, reason="tenant_queue_full") == 0
 
 
 def test_gateway_series_keep_their_replica() -> None:
@@ -127,7 +132,7 @@ async def test_ledger_exports_granted_charged_and_low_credit(tmp_path: Path) -> 
     s = await meter.settle(r, 10, 5)
     st = await client.stats()
     assert st.credits_granted == {"rich": 1000.0, "poor": 20.0}
-    assert st.credits_charged == {"poor": s.charged_ucredits / 1_000_000}
+    assert st.credits_charged == {"rich": 0.0, "poor": s.charged_ucredits / 1_000_000}
     assert st.low_credit[0] == ("poor", (20 - s.charged_ucredits / 1_000_000) / 20)
     collector = LedgerCollector()
     collector.update(st)
@@ -144,5 +149,5 @@ async def test_ledger_exports_granted_charged_and_low_credit(tmp_path: Path) -> 
     await core2.start()
     st2 = await LedgerClient(LocalTransport(core2)).stats()
     assert st2.credits_granted == {"rich": 1000.0, "poor": 20.0}
-    assert st2.credits_charged == {}  # a counter: it starts again with the ledger
+    assert st2.credits_charged == {"rich": 0.0, "poor": 0.0}  # a counter: it starts again with the ledger
     await core2.close()
