@@ -25,6 +25,7 @@ def init_ray(cfg: TokenweirConfig) -> None:
         ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=False)
         return
     ray.init(
+        address="local",  # always a new local Ray: never attach to another one found on this machine
         num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
         namespace=cfg.ray.namespace,
         include_dashboard=False,

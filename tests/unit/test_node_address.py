@@ -55,7 +55,12 @@ def test_node_without_ray_fails_loudly_instead_of_binding_loopback() -> None:
     assert "127.0.0.1" not in out.stdout
 
 
-def test_cli_default_url_for_node() -> None:
+def test_cli_default_url_for_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.cli.runtime as runtime_mod
+
+    # This process may hold the integration session's Ray (session fixtures outlive their tier):
+    # the case under test is a CLI that is not connected to the cluster's Ray.
+    monkeypatch.setattr(runtime_mod, "_ray_connected", lambda: False)
     local = parse_config({"gateway": {"host": "node", "port": 8123}, "pools": [POOL]})
     assert (
         gateway_url(local) == "http://127.0.0.1:8123"
