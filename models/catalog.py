@@ -59,12 +59,22 @@ def load_catalog(path: Path | None = None) -> dict[str, ModelEntry]:
     return {name: ModelEntry(name=name, **body) for name, body in (raw.get("models") or {}).items()}
 
 
-def resolve_source(source: str) -> str:
-    """The path or hub id that vLLM or the tokenizer loads; builds the tiny model on demand."""
+def check_source(source: str) -> str:
+    """``source`` as written, once a ``builtin:`` name is known (nothing is built): what a
+    resolved deployment carries, so each replica resolves it on its own node (:func:`resolve_source`)."""
     if source.startswith("builtin:"):
-        from models.tiny import TINY_MODEL_NAME, build_tiny_model
+        from models.tiny import TINY_MODEL_NAME
 
         if source != f"builtin:{TINY_MODEL_NAME}":
             raise ValueError(f"unknown builtin model {source!r}")
+    return source
+
+
+def resolve_source(source: str) -> str:
+    """The path or hub id that vLLM or the tokenizer loads; builds the tiny model on demand, in this
+    machine's cache (a path there means nothing on another node of a cluster)."""
+    if check_source(source).startswith("builtin:"):
+        from models.tiny import build_tiny_model
+
         return str(build_tiny_model())
     return source

@@ -16,6 +16,7 @@ Usage: ``tokenweir models build-tiny`` or ``python -m models.tiny [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -71,9 +72,23 @@ def content_hash() -> str:
 def build_tiny_model(out_dir: Path | None = None) -> Path:
     """Build (or find, when already built) the tiny model and return its directory."""
     target = Path(out_dir) if out_dir else cache_root() / f"{TINY_MODEL_NAME}-{content_hash()}"
-    if (target / "model.safetensors").exists() and (target / ".complete").exists():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas on one node build it at once (each resolves `builtin:` on its own node): one builds,
+    # the others wait on the lock and find it complete, so none replaces a directory another reads.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _complete(target):
+            _build(target)
+    return target
+
+
+def _complete(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / ".complete").exists()
+
+
+def _build(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         _write_tokenizer(tmp)
@@ -85,7 +100,6 @@ def build_tiny_model(out_dir: Path | None = None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _ascii_alphabet() -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from models.catalog import CATALOG_PATH, ModelEntry, load_catalog, resolve_source
+from models.catalog import CATALOG_PATH, ModelEntry, check_source, load_catalog
 from serving.admission import AdmissionSettings
 from serving.config.loader import ConfigError
 from serving.config.schema import (
@@ -45,7 +45,8 @@ class ResolvedModel:
     entry: ModelEntry
     """The catalog entry with the config's ``models.<name>`` overrides applied."""
     tokenizer_source: str
-    """Path or hub id the gateway tokenizes with (a ``builtin:`` model is built here)."""
+    """Path, hub id or ``builtin:`` name the gateway tokenizes with; each gateway resolves it on its
+    own node (a ``builtin:`` model is built there, in that node's cache)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,8 @@ class ResolvedPool:
     """CPUs, GPUs and the accelerator pin of a replica (without the runtime environment): vLLM GPU
     pools always, every pool on a cluster (``accelerator_type:<X>``)."""
     weights_source: str
-    """Path or hub id vLLM loads ("" for simulated pools)."""
+    """Path, hub id or ``builtin:`` name vLLM loads, resolved by each replica on its own node ("" for
+    simulated pools)."""
     engine_args: dict[str, Any]
     """vLLM arguments: catalog per-GPU settings, then the plan (GPU pools), then the pool's own."""
     plan: EnginePlan | None
@@ -142,9 +144,16 @@ def resolve(
     unplanned = [f"pools.{p.name}: cannot plan: {p.plan_error}" for p in pools if p.plan_error]
     if unplanned and require_plans:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(unplanned))
-    models = {m: ResolvedModel(e, resolve_source(e.tokenizer or e.source)) for m, e in entries.items()}
+    models = {m: ResolvedModel(e, _source(e.tokenizer or e.source)) for m, e in entries.items()}
     # Replicas get the admin key's hash, never the key (constructor arguments are kept by Ray).
     return ResolvedDeployment(cfg.gateway, cfg.ray, cfg.metering_config().for_actors(), models, pools)
+
+
+def _source(source: str) -> str:
+    try:
+        return check_source(source)
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration: {e}") from e
 
 
 def _load_catalog(path: Path) -> dict[str, ModelEntry]:
@@ -222,7 +231,7 @@ def _resolve_pool(pool: PoolConfig, entry: ModelEntry, gpu: GpuProfile, cluster:
         gpus_per_replica=gpus,
         graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
         ray_actor_options=options,
-        weights_source=resolve_source(entry.source) if pool.engine == "vllm" else "",
+        weights_source=_source(entry.source) if pool.engine == "vllm" else "",
         engine_args=args,
         plan=plan,
         plan_error=plan_error,

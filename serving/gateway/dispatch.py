@@ -69,6 +69,8 @@ async def open_stream(
         outcome.ttft_s = time.monotonic() - t0
         p.extra_headers["x-tokenweir-pool"] = pool.name
         p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
+        if node := pools.transport.node_of(replica):  # the Ray node of the replica that serves it
+            p.extra_headers["x-tokenweir-node"] = node
         return pool, stream, first
     raise AssertionError("unreachable")
 

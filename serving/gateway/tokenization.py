@@ -21,9 +21,12 @@ class PromptTokenizer:
     """A model's tokenizer, loaded from the same source the engine loads."""
 
     def __init__(self, source: str) -> None:
+        """``source``: a path, a hub id or a ``builtin:`` name (built here, on this node)."""
         from transformers import AutoTokenizer
 
-        self._tok: Any = AutoTokenizer.from_pretrained(source)
+        from models.catalog import resolve_source
+
+        self._tok: Any = AutoTokenizer.from_pretrained(resolve_source(source))
         if not getattr(self._tok, "chat_template", None):
             raise ValueError(f"tokenizer at {source} has no chat template")
         self._fast: Any = getattr(self._tok, "backend_tokenizer", None)

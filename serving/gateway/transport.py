@@ -158,10 +158,12 @@ class TokenStream:
 class _Link:
     """One connection to a pool replica."""
 
-    __slots__ = ("draining", "key", "live", "streams", "task", "writer")
+    __slots__ = ("draining", "host", "key", "live", "streams", "task", "writer")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, host: str = "") -> None:
         self.key = key
+        self.host = host
+        """The replica's channel address: the address of the Ray node it runs on."""
         self.live = False
         self.draining = False
         self.writer: asyncio.StreamWriter | None = None
@@ -187,6 +189,11 @@ class ChannelTransport:
     @property
     def load(self) -> Mapping[str, int]:
         return self._load
+
+    def node_of(self, replica: str) -> str | None:
+        """The node address of a pool replica this gateway has a channel to (None: none)."""
+        link = self._links.get(replica)
+        return link.host if link is not None else None
 
     def submit(self, replica: str, request: EngineRequest) -> TokenStream:
         link = self._links.get(replica)
@@ -233,7 +240,7 @@ class ChannelTransport:
         loop = asyncio.get_running_loop()
         for key, (host, port, secret) in wanted.items():
             if key not in self._links:
-                link = self._links[key] = _Link(key)
+                link = self._links[key] = _Link(key, host)
                 link.task = loop.create_task(self._run(link, host, port, secret))
 
     async def _run(self, link: _Link, host: str, port: int, secret: bytes) -> None:

@@ -31,11 +31,12 @@ log = logging.getLogger("tokenweir.pool")
 def build_engine(pool: ResolvedPool) -> Engine:
     """The engine a pool runs, on its resolved engine arguments."""
     if pool.engine == "vllm":
+        from models.catalog import resolve_source
         from serving.engines.vllm_engine import VllmEngine
 
         cpu = pool.accelerator == "CPU"
         return VllmEngine(
-            pool.weights_source,
+            resolve_source(pool.weights_source),  # on this replica's node (a builtin model is built here)
             pool.model,
             pool.entry.max_model_len,
             pool.engine_args,

@@ -1,0 +1,540 @@
+"""Tokenweir on a real multi-node Ray cluster: four Ray nodes, each in its own network namespace.
+
+The cluster (:mod:`_netns`): a head (``10.77.0.10``: GCS, Serve's controller, the ledger, a
+gateway) and three workers: ``w1`` (``10.77.0.11``: a gateway and an L20), ``w2`` and ``w3``
+(``10.77.0.12``/``.13``: an H100 each, so that a replica can come back after its node is lost).
+Accelerators are fake (``--resources '{"accelerator_type:H100": 1}'``) and run simulated pools;
+every node has its own home, state and ``--temp-dir`` directories and object store, and the same
+``RAY_AUTH_MODE=token`` token; GCS health checks are short, so a lost node is noticed in seconds.
+The app is deployed as an operator would: ``tokenweir deploy render --target serve``, then ``serve
+run --non-blocking serve.yaml`` by a driver inside the head's namespace. This process is the client,
+on the bridge's address, and reaches the gateways only at their nodes' addresses.
+
+What it shows (the test functions run in this order, on one deployment):
+
+1. every pool replica runs on a node of its GPU type (the GCS actor table), and the ledger on the
+   head (the actor table, and ``tokenweir status`` run on the head); Ray refuses a driver without the token;
+2. a request pinned to each type through either gateway node is served there (``x-tokenweir-pool``,
+   ``-gpu``, ``-node``), tokens crossing nodes on the token channel; TTFT through a gateway on the
+   pool's own node vs another node is printed;
+3. metering is exact across nodes: 300 concurrent requests split over both gateway nodes overspend
+   nothing and end with ``final = initial - sum(charged)`` and no reservation left;
+4. node loss: the H100 replica's node is cut off and its Ray processes killed mid-load. Its
+   streams end with an error event and an exact charge; requests sent to it before a first token
+   are retried on the other pool; L20 streams finish untouched; the replica comes back on the other
+   H100 node; the time to the last affected answer and to full readiness is printed.
+
+Alone: ``pytest -m multinode tests/multinode/test_cluster.py -s`` as root (about 3 minutes on two
+cores: a minute to start the nodes and deploy, most of the rest the node loss and the recovery).
+Skipped where network namespaces cannot be made (no root, no iproute2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from _netns import VENV_BIN, NetnsCluster, Node, can_make_namespaces
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.multinode,
+    pytest.mark.skipif(can_make_namespaces() is not None, reason=str(can_make_namespaces())),
+]
+MODEL = "llama-3.1-8b-instruct"
+ADMIN_KEY = "tw-admin-multinode-" + "k" * 24
+PORT = 8000
+U = 1_000_000
+REPO = Path(__file__).resolve().parents[2]
+# A node is declared dead after 4 missed checks of 1 s (Ray's default: 5 of 3 s, plus a 5 s timeout).
+HEALTH = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 4,
+}
+POOLS = {"sim-h100": "H100", "sim-l20": "L20"}
+
+
+def _config(state_dir: Path) -> dict[str, Any]:
+    slo = {"ttft_ms": 5000, "tpot_ms": 100}
+    return {
+        "gateway": {
+            "host": "node",
+            "port": PORT,
+            "internal_host": "node",
+            "replicas": 2,
+            "node_resource": "tokenweir_gateway",
+            "first_token_timeout_s": 60,
+            "request_timeout_s": 180,
+        },
+        "ray": {"address": "auto"},
+        "state_dir": str(state_dir),  # the head's own directory: the ledger's file is there
+        "metering": {"lease_grace_s": 3},
+        "models": {MODEL: {"tokenizer": "builtin:tiny-llama"}},
+        "pools": [
+            {"name": name, "model": MODEL, "accelerator": gpu, "engine": "sim", "slo": slo}
+            for name, gpu in POOLS.items()
+        ],
+    }
+
+
+class Probe:
+    """The driver in the head's namespace (``_probe.py``): the GCS's node and actor tables."""
+
+    def __init__(self, cluster: NetnsCluster) -> None:
+        script = str(Path(__file__).with_name("_probe.py"))
+        self.proc = cluster.popen(
+            cluster.head,
+            [sys.executable, script, cluster.address],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(cluster.head.root / "log" / "probe.log", "wb"),  # noqa: SIM115
+            text=True,
+        )
+        self._read()
+
+    def _read(self) -> Any:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise RuntimeError("the probe driver exited")
+
+    def ask(self, op: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        assert "ok" in out, out
+        return out["ok"]
+
+    def replicas(self, deployment: str) -> list[dict[str, Any]]:
+        """Live actors of a Serve deployment (class ``ServeReplica:<app>:<deployment>``)."""
+        return [
+            a for a in self.ask("actors") if a["state"] == "ALIVE" and a["class"].endswith(f":{deployment}")
+        ]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _wait(cond: Any, timeout_s: float, what: str, every_s: float = 0.25) -> float:
+    t0 = time.monotonic()
+    while True:
+        try:
+            if cond():
+                return time.monotonic() - t0
+        except (httpx.HTTPError, OSError):
+            pass
+        assert time.monotonic() - t0 < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(every_s)  # a polled condition with a deadline
+
+
+def _port_open(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((ip, port)) == 0
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    t0 = time.monotonic()
+    failed_before = request.session.testsfailed
+    root = Path(tempfile.mkdtemp(prefix="twmn-", dir="/tmp"))  # short: Ray's socket paths live under it
+    cluster = NetnsCluster(root, system_config=HEALTH)
+    cluster.env_extra = {"TOKENWEIR_ADMIN_KEY": ADMIN_KEY}  # what the gateways' admin API checks
+    probe = None
+    try:
+        head = cluster.add_node("head", 10, {"tokenweir_gateway": 1}, head=True)
+        _wait(lambda: _port_open(head.ip, 6379), 60, "the head's GCS")
+        cluster.add_node("w1", 11, {"tokenweir_gateway": 1, "accelerator_type:L20": 1})
+        cluster.add_node("w2", 12, {"accelerator_type:H100": 1})
+        cluster.add_node("w3", 13, {"accelerator_type:H100": 1})
+        probe = Probe(cluster)
+        _wait(lambda: sum(n["alive"] for n in probe.ask("nodes")) == 4, 90, "four nodes")
+        started = time.monotonic() - t0
+
+        # Deploy the rendered Serve config, as `serve run` (what `serve deploy` also submits).
+        config = root / "tokenweir.yaml"
+        config.write_text(yaml.safe_dump(_config(head.state)))
+        out = root / "render"
+        render = ["deploy", "render", "--target", "serve", "--config", str(config), "--out", str(out)]
+        subprocess.run(
+            [str(VENV_BIN / "tokenweir"), *render],
+            check=True,
+            capture_output=True,
+            env={"PATH": str(VENV_BIN), "PYTHONPATH": str(REPO), "HOME": str(root), "LANG": "C.UTF-8"},
+        )
+        serve_run = cluster.run(
+            head, [str(VENV_BIN / "serve"), "run", "--non-blocking", str(out / "serve.yaml")], timeout_s=180
+        )
+        assert serve_run.returncode == 0, serve_run.stdout + serve_run.stderr
+        gateways = {n: cluster.nodes[n] for n in ("head", "w1")}
+        urls = {n: f"http://{node.ip}:{PORT}" for n, node in gateways.items()}
+        for url in urls.values():  # each gateway's own readiness (its ledger link), then every pool's
+            for path in ("/readyz", "/readyz/pools"):
+                _wait(lambda u=url + path: httpx.get(u, timeout=5).status_code == 200, 240, url + path)
+        print(
+            f"\n[multinode] 4 nodes up in {started:.1f} s, deployed and ready in "
+            f"{time.monotonic() - t0 - started:.1f} s more"
+        )
+        yield {"cluster": cluster, "probe": probe, "urls": urls, "state": head.state, "root": root}
+    finally:
+        if probe is not None:
+            probe.close()
+        cluster.close()
+        if request.session.testsfailed == failed_before:  # else the nodes' logs stay, for a look
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"\n[multinode] the nodes' directories (Ray's logs): {root}")
+
+
+def _admin(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+
+def _tenant(url: str, credits: float) -> tuple[str, str]:
+    tid = "mn-" + uuid.uuid4().hex[:8]
+    with _admin(url) as a:
+        r = a.post("/admin/v1/tenants", json={"tenant_id": tid, "name": tid, "credits": credits})
+        assert r.status_code == 201, r.text
+        return tid, a.post(f"/admin/v1/tenants/{tid}/keys", json={}).json()["api_key"]
+
+
+def _nodes_with(probe: Probe, resource: str) -> dict[str, str]:
+    """Live nodes advertising ``resource``: node id -> address."""
+    return {n["node_id"]: n["ip"] for n in probe.ask("nodes") if n["alive"] and resource in n["resources"]}
+
+
+# ----------------------------------------------------------------------------- placement
+def test_every_pool_replica_runs_on_a_node_of_its_gpu_type(fleet: dict[str, Any]) -> None:
+    probe: Probe = fleet["probe"]
+    for pool, gpu in POOLS.items():
+        replicas = probe.replicas(f"pool-{pool}")
+        typed = _nodes_with(probe, f"accelerator_type:{gpu}")
+        assert replicas and all(r["node_id"] in typed for r in replicas), (pool, replicas, typed)
+    cluster: NetnsCluster = fleet["cluster"]
+    gateways = probe.replicas("gateway")
+    on = {r["ip"] for r in gateways}
+    assert len(gateways) == 2 and on == {cluster.nodes["head"].ip, cluster.nodes["w1"].ip}
+    # Each gateway resolved the `builtin:` tokenizer on its own node, into that node's cache (a
+    # path from the node that built the app would name nothing on another machine).
+    built = {
+        n for n, node in cluster.nodes.items() if list(node.home.glob(".cache/tokenweir/models/*/.complete"))
+    }
+    assert built == {"head", "w1"}, built
+
+
+def test_the_ledger_runs_on_the_head(fleet: dict[str, Any]) -> None:
+    cluster: NetnsCluster = fleet["cluster"]
+    probe: Probe = fleet["probe"]
+    (head_id,) = _nodes_with(probe, "node:__internal_head__")
+    ledger = probe.ask("ledger")
+    assert (ledger["state"], ledger["node_id"], ledger["node_ip"]) == ("ALIVE", head_id, cluster.head.ip)
+    assert (fleet["state"] / "ledger.sqlite3").exists()
+    # What an operator sees: `tokenweir status` on the head says the same.
+    config = fleet["root"] / "tokenweir.yaml"
+    argv = ["status", "--json", "--config", str(config), "--url", fleet["urls"]["head"]]
+    status = cluster.run(cluster.head, [str(VENV_BIN / "tokenweir"), *argv])
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["ledger"]["node_id"] == head_id and shown["ledger"]["node_ip"] == cluster.head.ip
+    assert {p["pool"]: p["replicas"] for p in shown["pools"]} == {p: "1/1" for p in POOLS}
+
+
+def test_ray_refuses_a_driver_without_the_token(fleet: dict[str, Any]) -> None:
+    cluster: NetnsCluster = fleet["cluster"]
+    code = f"import ray; ray.init(address={cluster.address!r})"
+    env = cluster.env(cluster.head) | {"RAY_AUTH_TOKEN": "0" * 64}
+    r = subprocess.run(
+        ["ip", "netns", "exec", cluster.head.netns, sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "auth" in (r.stdout + r.stderr).lower(), r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- requests
+def _chat(max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello from another node"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def test_a_request_pinned_to_each_type_is_served_there_through_either_gateway(fleet: dict[str, Any]) -> None:
+    probe: Probe = fleet["probe"]
+    _tid, key = _tenant(fleet["urls"]["head"], 100_000)
+    for gw, url in fleet["urls"].items():
+        for pool, gpu in POOLS.items():
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json=_chat(6),
+                headers={"Authorization": f"Bearer {key}", "x-tokenweir-gpu": gpu},
+                timeout=60,
+            )
+            assert r.status_code == 200, (gw, gpu, r.text)
+            assert r.json()["usage"]["completion_tokens"] == 6
+            assert (r.headers["x-tokenweir-pool"], r.headers["x-tokenweir-gpu"]) == (pool, gpu)
+            assert r.headers["x-tokenweir-node"] in _nodes_with(probe, f"accelerator_type:{gpu}").values()
+
+
+async def _ttft(client: httpx.AsyncClient, key: str, gpu: str) -> float:
+    """Seconds from sending a streamed request to its first content chunk (the response's headers
+    come with the first token), on a kept-alive connection."""
+    headers = {"Authorization": f"Bearer {key}", "x-tokenweir-gpu": gpu}
+    ttft = None
+    t0 = time.perf_counter()
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=_chat(2, stream=True), headers=headers
+    ) as r:
+        async for line in r.aiter_lines():  # read to the end: the request finishes before the next
+            if ttft is None and line.startswith("data: {") and '"content"' in line:
+                ttft = time.perf_counter() - t0
+    assert r.status_code == 200 and ttft is not None
+    return ttft
+
+
+def test_cross_node_hop_ttft(fleet: dict[str, Any]) -> None:
+    """The L20 pool runs on w1: through w1's gateway its tokens stay on the node, through the
+    head's they cross the bridge. Prints both TTFT p50s (same run, interleaved)."""
+    urls = fleet["urls"]
+    _tid, key = _tenant(urls["head"], 100_000)
+
+    async def run() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"same": [], "cross": []}
+        async with (
+            httpx.AsyncClient(base_url=urls["w1"], timeout=60) as same,
+            httpx.AsyncClient(base_url=urls["head"], timeout=60) as cross,
+        ):
+            for _ in range(3):  # connections open, pools warm
+                await _ttft(same, key, "L20"), await _ttft(cross, key, "L20")
+            for _ in range(30):
+                out["same"].append(await _ttft(same, key, "L20"))
+                out["cross"].append(await _ttft(cross, key, "L20"))
+        return out
+
+    t = asyncio.run(run())
+    same, cross = (statistics.median(t[k]) * 1000 for k in ("same", "cross"))
+    print(
+        f"\n[multinode] TTFT p50, L20 pool on w1: gateway on the same node {same:.1f} ms, on another "
+        f"node {cross:.1f} ms (cross-node hop {cross - same:+.1f} ms; {len(t['same'])} requests each)"
+    )
+    assert len(t["same"]) == len(t["cross"]) == 30
+
+
+async def test_metering_is_exact_across_two_gateway_nodes(fleet: dict[str, Any]) -> None:
+    urls = list(fleet["urls"].values())
+    initial = 2_000.0  # a fraction of what 300 requests of ~30 tokens each would need
+    tid, key = _tenant(urls[0], initial)
+    limits = httpx.Limits(max_connections=200)
+    clients = [httpx.AsyncClient(base_url=u, timeout=120, limits=limits) for u in urls]
+
+    async def one(i: int) -> int | str:
+        r = await clients[i % 2].post(
+            "/v1/chat/completions", json=_chat(8), headers={"Authorization": f"Bearer {key}"}
+        )
+        if r.status_code == 200:
+            return int(r.json()["usage"]["total_tokens"])
+        return str(r.json()["error"]["code"])
+
+    results = await asyncio.gather(*(one(i) for i in range(300)))
+    for c in clients:
+        await c.aclose()
+    charged = [x for x in results if isinstance(x, int)]
+    refused = [x for x in results if isinstance(x, str)]
+    assert charged and refused and set(refused) == {"insufficient_quota"}, set(refused)
+    with _admin(urls[1]) as a:
+        view = a.get(f"/admin/v1/tenants/{tid}").json()
+    print(
+        f"\n[multinode] 300 concurrent over 2 gateway nodes: served {len(charged)}, refused {len(refused)}; "
+        f"final {view['credits']:g} = {initial:g} - {sum(charged)}"
+    )
+    assert sum(charged) <= initial
+    assert view["credits"] == pytest.approx(initial - sum(charged))
+    assert view["reserved_credits"] == 0 and view["in_flight"] == 0
+
+
+# ----------------------------------------------------------------------------- node loss
+class Stream:
+    """One streamed request on its own connection, as the client saw it."""
+
+    def __init__(self, url: str, gpu: str | None, max_tokens: int) -> None:
+        self.url, self.gpu, self.max_tokens = url, gpu, max_tokens
+        self.request_id: str | None = None
+        self.events = 0
+        self.status = "pending"
+        self.error: dict[str, Any] | None = None
+        self.http_status: int | None = None
+        self.node: str | None = None
+        self.ended_at = 0.0
+
+    async def run(self, key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"} | ({"x-tokenweir-gpu": self.gpu} if self.gpu else {})
+        try:
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10)) as c,
+                c.stream(
+                    "POST",
+                    f"{self.url}/v1/chat/completions",
+                    json=_chat(self.max_tokens, True),
+                    headers=headers,
+                ) as r,
+            ):
+                self.http_status = r.status_code
+                self.node = r.headers.get("x-tokenweir-node")
+                if r.status_code != 200:
+                    self.status = "refused"
+                    self.error = json.loads(await r.aread())["error"]
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        self.error, self.status = obj["error"], "error"
+                        return
+                    self.request_id = self.request_id or obj["id"].split("-", 1)[1]
+                    self.events += 1
+                self.status = "done"
+        except (httpx.HTTPError, ConnectionError):
+            self.status = "broken"
+        finally:
+            self.ended_at = time.monotonic()
+
+
+def _events(state_dir: Path, tenant: str) -> dict[str, tuple[str, int, int, int]]:
+    with sqlite3.connect(f"file:{state_dir / 'ledger.sqlite3'}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT request_id, outcome, prompt_tokens, completion_tokens, ucredits FROM usage_events"
+            " WHERE tenant_id = ?",
+            (tenant,),
+        ).fetchall()
+    return {r: (o, p, c, u) for r, o, p, c, u in rows}
+
+
+async def _until(cond: Any, timeout_s: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout_s, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
+    cluster: NetnsCluster = fleet["cluster"]
+    probe: Probe = fleet["probe"]
+    urls = list(fleet["urls"].values())
+    tid, key = _tenant(urls[0], 1_000_000)
+    (replica,) = probe.replicas("pool-sim-h100")
+    victim: Node = next(n for n in cluster.nodes.values() if n.ip == replica["ip"])
+    survivor: Node = next(
+        n for n in cluster.nodes.values() if "accelerator_type:H100" in n.resources and n is not victim
+    )
+
+    # Mid-load: long H100 streams (on the node about to die) and L20 streams, over both gateways.
+    h100 = [Stream(urls[i % 2], "H100", 3000) for i in range(6)]
+    l20 = [Stream(urls[i % 2], "L20", 700) for i in range(4)]
+    tasks = [asyncio.create_task(s.run(key)) for s in h100 + l20]
+    await _until(lambda: all(s.events > 0 for s in h100 + l20), 60, "every stream's first tokens")
+    assert all(s.node == victim.ip for s in h100)
+    cluster.cut(victim)  # the machine drops off the network: no FIN, no RST from it
+    cluster.kill(victim)  # and its Ray processes are gone
+    killed_at = time.monotonic()
+    # Sent right after: unpinned ones may be routed to the dead replica (retried on L20 before
+    # their first token); H100-pinned ones wait for a replica (served by the replacement, or 503).
+    after = [Stream(urls[i % 2], None, 8) for i in range(8)] + [
+        Stream(urls[i % 2], "H100", 8) for i in range(2)
+    ]
+    await asyncio.gather(*tasks, *(s.run(key) for s in after))
+    last_answer = max(s.ended_at for s in h100 + after) - killed_at
+
+    assert all(s.status == "error" for s in h100), [(s.status, s.error) for s in h100]
+    assert all(s.error and s.error["code"] == "service_unavailable" for s in h100)
+    assert all(s.status == "done" for s in l20), [(s.status, s.error) for s in l20]  # other pool untouched
+    assert all(s.status == "done" for s in after[:8]), [(s.status, s.error) for s in after[:8]]
+    pinned = after[8:]
+    assert all(
+        (s.status == "done" and s.node == survivor.ip)
+        or (s.status == "refused" and s.http_status == 503 and s.error is not None)
+        for s in pinned
+    ), [(s.status, s.http_status, s.node, s.error) for s in pinned]
+
+    # Full readiness: the H100 replica is back, on the other H100 node, and both gateways reach it.
+    await asyncio.to_thread(
+        _wait,
+        lambda: [r["ip"] for r in probe.replicas("pool-sim-h100")] == [survivor.ip],
+        180,
+        "the H100 replica on the surviving node",
+    )
+    for url in urls:
+        await asyncio.to_thread(
+            _wait, lambda u=url: httpx.get(f"{u}/readyz/pools", timeout=5).status_code == 200, 120, url
+        )
+    ready_after = time.monotonic() - killed_at
+    back = await asyncio.to_thread(
+        httpx.post,
+        f"{urls[0]}/v1/chat/completions",
+        json=_chat(4),
+        headers={"Authorization": f"Bearer {key}", "x-tokenweir-gpu": "H100"},
+        timeout=60,
+    )
+    assert back.status_code == 200 and back.headers["x-tokenweir-node"] == survivor.ip, back.text
+
+    # The books: every request charged exactly what it produced, nothing left reserved.
+    with _admin(urls[1]) as a:
+        await asyncio.to_thread(
+            _wait,
+            lambda: (
+                (v := a.get(f"/admin/v1/tenants/{tid}").json())["in_flight"] == 0
+                and v["reserved_credits"] == 0
+            ),
+            60,
+            "every reservation settled",
+        )
+        view = a.get(f"/admin/v1/tenants/{tid}").json()
+    events = _events(fleet["state"], tid)
+    for s in h100:
+        outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
+        assert outcome == "error" and 0 < completion < 3000 and ucredits == (prompt + completion) * U
+    for s in l20:
+        outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
+        assert (outcome, completion, ucredits) == ("completed", 700, (prompt + 700) * U)
+    for s in after:
+        if s.status == "done":
+            outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
+            assert (outcome, completion, ucredits) == ("completed", 8, (prompt + 8) * U)
+    charged = sum(u for *_, u in events.values())
+    assert round(view["credits"] * U) == 1_000_000 * U - charged
+    by: dict[str, int] = {}
+    for s in h100 + l20 + after:
+        by[s.status] = by.get(s.status, 0) + 1
+    print(
+        f"\n[multinode] node loss ({victim.name}, H100): {len(h100)} streams on it ended with an error "
+        f"event and an exact charge; {len(l20)} L20 streams finished; {len(after)} sent after the kill "
+        f"{by}; last affected request answered {last_answer:.1f} s after the kill; the replica back on "
+        f"{survivor.name} and every gateway ready {ready_after:.1f} s after the kill; "
+        f"balance {view['credits']:g} = 1e6 - {charged / U:g}"
+    )
