@@ -19,6 +19,13 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 fi
+# iproute2's `ip`: the multi-node tier puts each Ray node in a network namespace of its own.
+if ! command -v ip >/dev/null 2>&1; then
+  echo "setup: installing Debian's iproute2 (network namespaces for the multi-node tests)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
 stamp=".venv/.setup-$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-16)-$extra"
 if [ -f "$stamp" ]; then
