@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.cli._deploy import deploy_app
-from serving.cli._tenancy import ConfigOpt, UrlOpt, keys_app, tenants_app, usage_app
+from serving.cli._tenancy import ConfigOpt, UrlOpt, grants_app, keys_app, projects_app, tenants_app, usage_app
 from serving.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -39,6 +39,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(projects_app, name="projects")
+app.add_typer(grants_app, name="grants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
 app.add_typer(deploy_app, name="deploy")

@@ -1,4 +1,5 @@
-"""``tokenweir tenants | keys | usage``: tenant administration from the command line.
+"""``tokenweir tenants | projects | grants | keys | usage``: organization administration from the
+command line (a tenant is an organization; its projects hold keys, caps and limits).
 
 With the gateway up, commands go through its admin API (``/admin/v1``) with the admin key; with it
 down, they open the ledger file in-process (the ledger locks its file, so both cannot write at once).
@@ -26,21 +27,39 @@ from pydantic import ValidationError
 from serving.cli.runtime import gateway_url
 from serving.config import load_config
 from serving.errors import APIError, validation_message
-from serving.tenancy import TenancyBackend, TenantCreate, TenantLimits, TenantUpdate, TopUp
+from serving.tenancy import (
+    DEFAULT_PROJECT,
+    GrantCreate,
+    ProjectCreate,
+    ProjectUpdate,
+    TenancyBackend,
+    TenantCreate,
+    TenantLimits,
+    TenantUpdate,
+    TopUp,
+    UsageQuery,
+)
 
-__all__ = ["ConfigOpt", "UrlOpt", "keys_app", "tenants_app", "usage_app"]
+__all__ = ["ConfigOpt", "UrlOpt", "grants_app", "keys_app", "projects_app", "tenants_app", "usage_app"]
 
 tenants_app = typer.Typer(
     help="Create, list, show, update tenants; top up credits; set limits.", no_args_is_help=True
 )
 keys_app = typer.Typer(help="Create, list, revoke API keys.", no_args_is_help=True)
-usage_app = typer.Typer(help="Export usage events for billing.", no_args_is_help=True)
+usage_app = typer.Typer(help="Export usage events and reports for billing.", no_args_is_help=True)
+projects_app = typer.Typer(
+    help="Create, list, show, update an organization's projects.", no_args_is_help=True
+)
+grants_app = typer.Typer(help="Grant credits (program, start, expiry); list grants.", no_args_is_help=True)
 
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", help="YAML config (default: the embedded deploy/local.yaml).")
 ]
 UrlOpt = Annotated[str | None, typer.Option("--url", help="Gateway base URL (default: from the config).")]
-TenantArg = Annotated[str, typer.Argument(help="Tenant id.")]
+TenantArg = Annotated[str, typer.Argument(help="Tenant (organization) id.")]
+ProjectArg = Annotated[str, typer.Argument(help="Project id within the organization.")]
+AfterOpt = Annotated[str | None, typer.Option(help="List after this id (the previous page's next_after).")]
+LimitOpt = Annotated[int, typer.Option(help="Page size (1-1000).", min=1, max=1000)]
 RpmOpt = Annotated[int | None, typer.Option(help="Requests per minute.")]
 TpmOpt = Annotated[int | None, typer.Option(help="Tokens per minute.")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(help="Concurrent requests.")]
@@ -90,6 +109,8 @@ def _input_errors() -> Iterator[None]:
 
 
 def _print(obj: Any) -> None:
+    if isinstance(obj, tuple):
+        obj = obj[0]
     if isinstance(obj, list):
         obj = [o.model_dump(mode="json") if hasattr(o, "model_dump") else o for o in obj]
     elif hasattr(obj, "model_dump"):
@@ -166,9 +187,11 @@ def create(
 
 
 @tenants_app.command("list")
-def list_tenants(config: ConfigOpt = None, url: UrlOpt = None) -> None:
-    """Every tenant, with balance and limits."""
-    _show(config, url, lambda b: b.list_tenants())
+def list_tenants(
+    after: AfterOpt = None, limit: LimitOpt = 100, config: ConfigOpt = None, url: UrlOpt = None
+) -> None:
+    """A page of organizations, with balance and limits."""
+    _show(config, url, lambda b: b.list_tenants(after, limit))
 
 
 @tenants_app.command("show")
@@ -222,18 +245,159 @@ def top_up(
     _show(config, url, lambda b: b.top_up(tenant_id, grant))
 
 
+@tenants_app.command("figures")
+def figures(tenant_id: TenantArg, config: ConfigOpt = None, url: UrlOpt = None) -> None:
+    """One organization's live figures (balance, reserved, charged, refusals, per project)."""
+    _show(config, url, lambda b: b.tenant_figures(tenant_id))
+
+
+def _cap(credit_cap: float | None) -> dict[str, Any]:
+    return {} if credit_cap is None else {"credit_cap": credit_cap}
+
+
+@projects_app.command("create")
+def project_create(
+    tenant_id: TenantArg,
+    project_id: ProjectArg,
+    name: Annotated[str, typer.Option(help="Human-readable name.")] = "",
+    weight: Annotated[float, typer.Option(help="Share of the organization's part under contention.")] = 1.0,
+    credit_cap: Annotated[float | None, typer.Option(help="Most credits per cap period.")] = None,
+    cap_period: Annotated[
+        Literal["lifetime", "daily", "monthly"], typer.Option(help="When the cap resets.")
+    ] = "lifetime",
+    models: ModelsOpt = None,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    max_tokens_per_request: MaxTokensOpt = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Create a project in an organization; prints it."""
+    limits = _limits(rpm, tpm, max_concurrency, max_tokens_per_request) or TenantLimits()
+    with _input_errors():
+        spec = ProjectCreate(
+            project_id=project_id, name=name, weight=weight, cap_period=cap_period, limits=limits,
+            allowed_models=models.split(",") if models else None, **_cap(credit_cap),
+        )  # fmt: skip
+    _show(config, url, lambda b: b.create_project(tenant_id, spec))
+
+
+@projects_app.command("list")
+def project_list(
+    tenant_id: TenantArg,
+    after: AfterOpt = None,
+    limit: LimitOpt = 100,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """A page of an organization's projects."""
+    _show(config, url, lambda b: b.list_projects(tenant_id, after, limit))
+
+
+@projects_app.command("show")
+def project_show(
+    tenant_id: TenantArg, project_id: ProjectArg, config: ConfigOpt = None, url: UrlOpt = None
+) -> None:
+    """One project: cap, spending this period, limits."""
+    _show(config, url, lambda b: b.get_project(tenant_id, project_id))
+
+
+@projects_app.command("update")
+def project_update(
+    tenant_id: TenantArg,
+    project_id: ProjectArg,
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    weight: Annotated[float | None, typer.Option(help="New share.")] = None,
+    credit_cap: Annotated[float | None, typer.Option(help="New credit cap.")] = None,
+    no_cap: Annotated[bool, typer.Option("--no-cap", help="Remove the credit cap.")] = False,
+    cap_period: Annotated[
+        Literal["lifetime", "daily", "monthly"] | None, typer.Option(help="When the cap resets.")
+    ] = None,
+    models: ModelsOpt = None,
+    all_models: Annotated[
+        bool, typer.Option("--all-models", help="Every model the organization may use.")
+    ] = False,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+    max_tokens_per_request: MaxTokensOpt = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Change the fields given; limits given replace the project's limits as a whole."""
+    fields: dict[str, Any] = {
+        k: v for k, v in (("name", name), ("weight", weight), ("cap_period", cap_period)) if v is not None
+    }
+    fields |= _cap(credit_cap)
+    if no_cap:
+        fields["remove_credit_cap"] = True
+    if models:
+        fields["allowed_models"] = models.split(",")
+    if all_models:
+        fields["allow_all_models"] = True
+    if (lim := _limits(rpm, tpm, max_concurrency, max_tokens_per_request)) is not None:
+        fields["limits"] = lim
+    with _input_errors():
+        change = ProjectUpdate(**fields)
+    _show(config, url, lambda b: b.update_project(tenant_id, project_id, change))
+
+
+@grants_app.command("create")
+def grant_create(
+    tenant_id: TenantArg,
+    grant_id: Annotated[str, typer.Argument(help="Your id for the grant (a retry with it is a no-op).")],
+    credits: Annotated[float, typer.Argument(help="Credits granted.")],
+    program: Annotated[str, typer.Option(help="Credit program (innovation-lab, partnership, paid-plan...).")],
+    starts: Annotated[
+        str | None, typer.Option(help="Usable from (unix seconds or ISO date/time; default now).")
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option(help="Written off at (unix seconds or ISO date/time).")
+    ] = None,
+    note: Annotated[str, typer.Option(help="Kept with the grant.")] = "",
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Grant credits to an organization (platform admin only)."""
+    with _input_errors():
+        spec = GrantCreate(
+            grant_id=grant_id,
+            credits=credits,
+            program=program,
+            starts_at=_ts(starts),
+            expires_at=_ts(expires),
+            note=note,
+        )
+    _show(config, url, lambda b: b.create_grant(tenant_id, spec))
+
+
+@grants_app.command("list")
+def grant_list(tenant_id: TenantArg, config: ConfigOpt = None, url: UrlOpt = None) -> None:
+    """An organization's grants, soonest expiry first: remaining, reserved, written off."""
+    _show(config, url, lambda b: b.list_grants(tenant_id))
+
+
 @keys_app.command("create")
 def key_create(
     tenant_id: TenantArg,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    project: Annotated[str, typer.Option(help="The project whose requests the key makes.")] = DEFAULT_PROJECT,
+    org_admin: Annotated[
+        bool,
+        typer.Option("--org-admin", help="An organization admin key (admin API on this organization only)."),
+    ] = False,
     key_only: Annotated[
         bool, typer.Option("--key-only", help="Print only the key on stdout (for scripts).")
     ] = False,
     config: ConfigOpt = None,
     url: UrlOpt = None,
 ) -> None:
-    """Create an API key for a tenant; the key is shown once (only its hash is kept)."""
-    created = _run(config, url, lambda b: b.create_key(tenant_id, name))
+    """Create an API key for a project (or an organization admin key); the key is shown once (only
+    its hash is kept)."""
+    created = _run(
+        config, url, lambda b: b.create_key(tenant_id, name, project, "admin" if org_admin else "member")
+    )
     if key_only:
         print(created.api_key)
         return
@@ -242,9 +406,16 @@ def key_create(
 
 
 @keys_app.command("list")
-def key_list(tenant_id: TenantArg, config: ConfigOpt = None, url: UrlOpt = None) -> None:
-    """A tenant's keys (ids and prefixes, never the keys)."""
-    _show(config, url, lambda b: b.list_keys(tenant_id))
+def key_list(
+    tenant_id: TenantArg,
+    project: Annotated[str | None, typer.Option(help="Only this project's keys.")] = None,
+    after: AfterOpt = None,
+    limit: LimitOpt = 100,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """A page of an organization's keys (ids and prefixes, never the keys)."""
+    _show(config, url, lambda b: b.list_keys(tenant_id, project, after, limit))
 
 
 @keys_app.command("revoke")
@@ -257,21 +428,65 @@ def key_revoke(
     _show(config, url, lambda b: b.revoke_key(key_id))
 
 
+def _write_stream(
+    config: str | None, url: str | None, make: Callable[[TenancyBackend], Any], out: str | None
+) -> None:
+    """Write an export's chunks as they arrive (to ``out`` or stdout)."""
+
+    async def go(b: TenancyBackend) -> None:
+        sink = open(out, "w") if out else sys.stdout  # noqa: SIM115 - closed below when a file
+        try:
+            async for chunk in make(b):
+                sink.write(chunk)
+            if not out:
+                sink.write("\n")
+        finally:
+            if out:
+                sink.close()
+
+    _run(config, url, go)
+    if out:
+        print(f"wrote {out}", file=sys.stderr)
+
+
 @usage_app.command("export")
 def export(
-    tenant: Annotated[str | None, typer.Option(help="One tenant (default: all).")] = None,
+    tenant: Annotated[str | None, typer.Option(help="One organization (default: all).")] = None,
+    project: Annotated[str | None, typer.Option(help="One project (needs --tenant).")] = None,
+    model: Annotated[str | None, typer.Option(help="One model.")] = None,
     since: Annotated[str | None, typer.Option(help="Unix seconds or ISO date/time.")] = None,
     until: Annotated[str | None, typer.Option(help="Unix seconds or ISO date/time.")] = None,
-    fmt: Annotated[Literal["csv", "json"], typer.Option("--format", help="Output format.")] = "csv",
+    fmt: Annotated[Literal["csv", "json", "jsonl"], typer.Option("--format", help="Output format.")] = "csv",
     out: Annotated[str | None, typer.Option(help="File to write (default: stdout).")] = None,
     config: ConfigOpt = None,
     url: UrlOpt = None,
 ) -> None:
-    """Export usage events for billing."""
-    start, end = _ts(since), _ts(until)
-    text = _run(config, url, lambda b: b.export_usage(tenant, start, end, fmt))
-    if out:
-        Path(out).write_text(text)
-        print(f"wrote {out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    """Export usage events for billing, streamed page by page."""
+    with _input_errors():
+        q = UsageQuery(tenant_id=tenant, project_id=project, model=model, since=_ts(since), until=_ts(until))
+    _write_stream(config, url, lambda b: b.export_usage(q, fmt), out)
+
+
+@usage_app.command("report")
+def report(
+    group_by: Annotated[
+        str, typer.Option(help="Comma-separated of tenant_id,project_id,model,day.")
+    ] = "tenant_id,project_id,model,day",
+    tenant: Annotated[str | None, typer.Option(help="One organization (default: all).")] = None,
+    project: Annotated[str | None, typer.Option(help="One project (needs --tenant).")] = None,
+    model: Annotated[str | None, typer.Option(help="One model.")] = None,
+    since: Annotated[str | None, typer.Option(help="From this UTC day (unix seconds or ISO date).")] = None,
+    until: Annotated[str | None, typer.Option(help="Up to this UTC day (unix seconds or ISO date).")] = None,
+    fmt: Annotated[Literal["csv", "json", "jsonl"], typer.Option("--format", help="Output format.")] = "csv",
+    out: Annotated[str | None, typer.Option(help="File to write (default: stdout).")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Requests, tokens and credits summed by organization, project, model and day (from the daily
+    roll-up, which outlives the events' retention)."""
+    with _input_errors():
+        q = UsageQuery(
+            tenant_id=tenant, project_id=project, model=model, since=_ts(since), until=_ts(until),
+            group_by=tuple(group_by.split(",")),  # type: ignore[arg-type]
+        )  # fmt: skip
+    _write_stream(config, url, lambda b: b.usage_report(q, fmt), out)

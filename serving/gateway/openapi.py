@@ -26,7 +26,12 @@ from serving.api.protocol import ChatCompletionRequest, CompletionRequest, Error
 from serving.tenancy import (
     ApiKeyView,
     CreatedApiKey,
+    GrantCreate,
+    GrantView,
     KeyCreate,
+    ProjectCreate,
+    ProjectUpdate,
+    ProjectView,
     TenantCreate,
     TenantLimits,
     TenantUpdate,
@@ -66,13 +71,25 @@ class _Operation:
     status: int = 200
     streams: bool = False
     """Answers ``text/event-stream`` when the body asks for ``stream``."""
-    csv: bool = False
-    """May answer ``text/csv``."""
+    export: bool = False
+    """A streamed export: may answer ``text/csv`` or JSON lines."""
     query: tuple[_Query, ...] = ()
     headers: tuple[_Query, ...] = ()
 
 
 _SINCE = _Query("since", {"type": "number"}, "Unix timestamp in seconds: only usage from then on.")
+_PAGE = (
+    _Query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size."),
+    _Query("after", {"type": "string"}, "The previous page's next_after."),
+)
+_USAGE = (
+    _Query("tenant_id", {"type": "string"}, "Only this organization's usage."),
+    _Query("project_id", {"type": "string"}, "Only this project's usage (needs tenant_id)."),
+    _Query("model", {"type": "string"}, "Only this model's usage."),
+    _SINCE,
+    _Query("until", {"type": "number"}, "Unix timestamp in seconds: only usage before then."),
+    _Query("format", {"enum": ["json", "csv", "jsonl"], "default": "json"}, "Export format (streamed)."),
+)
 _GENERATION_HEADERS = (
     _Query(
         "x-request-id",
@@ -96,7 +113,7 @@ _OPERATIONS: dict[tuple[str, str], _Operation] = {
     ("GET", "/openapi.json"): _Operation(),
     ("GET", "/v1/usage"): _Operation(auth=_API_KEY, response=UsageSummary, query=(_SINCE,)),
     ("POST", "/admin/v1/tenants"): _Operation(TenantCreate, auth=_ADMIN_KEY, response=TenantView, status=201),
-    ("GET", "/admin/v1/tenants"): _Operation(auth=_ADMIN_KEY, response=TenantView, listing=True),
+    ("GET", "/admin/v1/tenants"): _Operation(auth=_ADMIN_KEY, response=TenantView, listing=True, query=_PAGE),
     ("GET", "/admin/v1/tenants/{tenant_id}"): _Operation(auth=_ADMIN_KEY, response=TenantView),
     ("PATCH", "/admin/v1/tenants/{tenant_id}"): _Operation(
         TenantUpdate, auth=_ADMIN_KEY, response=TenantView
@@ -107,21 +124,52 @@ _OPERATIONS: dict[tuple[str, str], _Operation] = {
     ("POST", "/admin/v1/tenants/{tenant_id}/credits"): _Operation(
         TopUp, auth=_ADMIN_KEY, response=TenantView
     ),
+    ("POST", "/admin/v1/tenants/{tenant_id}/grants"): _Operation(
+        GrantCreate, auth=_ADMIN_KEY, response=GrantView, status=201
+    ),
+    ("GET", "/admin/v1/tenants/{tenant_id}/grants"): _Operation(
+        auth=_ADMIN_KEY, response=GrantView, listing=True
+    ),
+    ("GET", "/admin/v1/tenants/{tenant_id}/figures"): _Operation(auth=_ADMIN_KEY),
+    ("POST", "/admin/v1/tenants/{tenant_id}/projects"): _Operation(
+        ProjectCreate, auth=_ADMIN_KEY, response=ProjectView, status=201
+    ),
+    ("GET", "/admin/v1/tenants/{tenant_id}/projects"): _Operation(
+        auth=_ADMIN_KEY, response=ProjectView, listing=True, query=_PAGE
+    ),
+    ("GET", "/admin/v1/tenants/{tenant_id}/projects/{project_id}"): _Operation(
+        auth=_ADMIN_KEY, response=ProjectView
+    ),
+    ("PATCH", "/admin/v1/tenants/{tenant_id}/projects/{project_id}"): _Operation(
+        ProjectUpdate, auth=_ADMIN_KEY, response=ProjectView
+    ),
     ("POST", "/admin/v1/tenants/{tenant_id}/keys"): _Operation(
         KeyCreate, body_required=False, auth=_ADMIN_KEY, response=CreatedApiKey, status=201
     ),
     ("GET", "/admin/v1/tenants/{tenant_id}/keys"): _Operation(
-        auth=_ADMIN_KEY, response=ApiKeyView, listing=True
+        auth=_ADMIN_KEY,
+        response=ApiKeyView,
+        listing=True,
+        query=(*_PAGE, _Query("project_id", {"type": "string"}, "Only this project's keys.")),
+    ),
+    ("POST", "/admin/v1/tenants/{tenant_id}/projects/{project_id}/keys"): _Operation(
+        KeyCreate, body_required=False, auth=_ADMIN_KEY, response=CreatedApiKey, status=201
+    ),
+    ("GET", "/admin/v1/tenants/{tenant_id}/projects/{project_id}/keys"): _Operation(
+        auth=_ADMIN_KEY, response=ApiKeyView, listing=True, query=_PAGE
     ),
     ("DELETE", "/admin/v1/keys/{key_id}"): _Operation(auth=_ADMIN_KEY, response=ApiKeyView),
-    ("GET", "/admin/v1/usage"): _Operation(
+    ("GET", "/admin/v1/usage"): _Operation(auth=_ADMIN_KEY, export=True, query=_USAGE),
+    ("GET", "/admin/v1/usage/report"): _Operation(
         auth=_ADMIN_KEY,
-        csv=True,
+        export=True,
         query=(
-            _Query("tenant_id", {"type": "string"}, "Only this tenant's usage."),
-            _SINCE,
-            _Query("until", {"type": "number"}, "Unix timestamp in seconds: only usage before then."),
-            _Query("format", {"enum": ["json", "csv"], "default": "json"}, "Export format."),
+            *_USAGE,
+            _Query(
+                "group_by",
+                {"type": "string", "default": "tenant_id,project_id,model,day"},
+                "Comma-separated dimensions of tenant_id, project_id, model, day.",
+            ),
         ),
     ),
 }
@@ -219,13 +267,19 @@ def _operation(
             schema = {
                 "type": "object",
                 "required": ["object", "data"],
-                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": schema}},
+                "properties": {
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": schema},
+                    "has_more": {"type": "boolean"},
+                    "next_after": {"type": ["string", "null"]},
+                },
             }
     success["content"] = {_JSON: {"schema": schema}}
     if op.streams:
         success["content"]["text/event-stream"] = {"schema": {"type": "string"}}
-    if op.csv:
+    if op.export:
         success["content"]["text/csv"] = {"schema": {"type": "string"}}
+        success["content"]["application/x-ndjson"] = {"schema": {"type": "string"}}
     out["responses"] = {
         str(op.status): success,
         "default": {

@@ -19,18 +19,29 @@ from typing import Any, Protocol
 
 from serving.errors import APIError, AuthenticationError, LedgerUnavailableError
 from serving.tenancy import (
+    DEFAULT_PROJECT,
     ApiKeyView,
     CreatedApiKey,
     ExportFormat,
+    GrantCreate,
+    GrantView,
+    KeyOwner,
+    KeyRole,
+    Page,
+    ProjectCreate,
+    ProjectUpdate,
+    ProjectView,
     TenantCreate,
     TenantUpdate,
     TenantView,
+    UsageQuery,
     UsageSummary,
     generate_api_key,
     hash_api_key,
     looks_like_api_key,
 )
 from serving.tenancy import TopUp as TopUpRequest
+from serving.tenancy._export import render_rows
 
 from ._actor import ActorTransport, get_or_create_ledger_actor
 from ._config import MeteringConfig
@@ -40,22 +51,33 @@ from ._ops import (
     AddKey,
     AdminOp,
     Audit,
+    CreateGrant,
+    CreateProject,
     CreateTenant,
     ExportUsage,
+    GetProject,
     GetTenant,
     HotOp,
     HotResult,
+    KeyPrincipal,
+    ListGrants,
     ListKeys,
+    ListProjects,
     ListTenants,
     Read,
     RevokeKey,
     Stats,
     SummarizeUsage,
-    TenantForKeyHash,
+    TenantFigures,
     TopUp,
+    UpdateProject,
     UpdateTenant,
+    UsageFilters,
+    UsageReport,
 )
+from ._policy import utc_day
 from ._stats import LedgerStats
+from ._store import EXPORT_COLUMNS
 
 __all__ = ["LedgerClient", "LedgerTransport", "LocalTransport", "connect", "local_ledger"]
 
@@ -235,45 +257,109 @@ class LedgerClient:
     async def top_up(self, tenant_id: str, top_up: TopUpRequest) -> TenantView:
         return await self._admin(TopUp(tenant_id, top_up.credits, top_up.note))
 
-    async def create_key(self, tenant_id: str, name: str = "") -> CreatedApiKey:
+    async def create_project(self, tenant_id: str, spec: ProjectCreate) -> ProjectView:
+        return await self._admin(CreateProject(tenant_id, spec))
+
+    async def update_project(self, tenant_id: str, project_id: str, update: ProjectUpdate) -> ProjectView:
+        return await self._admin(UpdateProject(tenant_id, project_id, update))
+
+    async def create_grant(self, tenant_id: str, spec: GrantCreate) -> tuple[GrantView, bool]:
+        view, new = await self._admin(CreateGrant(tenant_id, spec))
+        return view, new
+
+    async def create_key(
+        self, tenant_id: str, name: str = "", project_id: str = DEFAULT_PROJECT, role: KeyRole = "member"
+    ) -> CreatedApiKey:
         """Mint a key here (the plaintext never reaches the ledger) and register its hash."""
         key = generate_api_key()
         view: ApiKeyView = await self._admin(
-            AddKey(tenant_id, key.key_id, key.key_hash, key.display_prefix, name)
+            AddKey(tenant_id, key.key_id, key.key_hash, key.display_prefix, name, project_id, role)
         )
         return CreatedApiKey(**view.model_dump(), api_key=key.plaintext)
 
-    async def revoke_key(self, key_id: str) -> ApiKeyView:
-        return await self._admin(RevokeKey(key_id))
+    async def revoke_key(self, key_id: str, tenant_id: str | None = None) -> ApiKeyView:
+        return await self._admin(RevokeKey(key_id, tenant_id))
 
-    async def list_tenants(self) -> list[TenantView]:
-        return await self._read(ListTenants())
+    async def list_tenants(self, after: str | None = None, limit: int = 100) -> Page[TenantView]:
+        return await self._read(ListTenants(after, limit))
 
     async def get_tenant(self, tenant_id: str) -> TenantView:
         return await self._read(GetTenant(tenant_id))
 
-    async def list_keys(self, tenant_id: str) -> list[ApiKeyView]:
-        return await self._read(ListKeys(tenant_id))
+    async def list_projects(
+        self, tenant_id: str, after: str | None = None, limit: int = 100
+    ) -> Page[ProjectView]:
+        return await self._read(ListProjects(tenant_id, after, limit))
+
+    async def get_project(self, tenant_id: str, project_id: str) -> ProjectView:
+        return await self._read(GetProject(tenant_id, project_id))
+
+    async def list_grants(self, tenant_id: str) -> list[GrantView]:
+        return await self._read(ListGrants(tenant_id))
+
+    async def list_keys(
+        self, tenant_id: str, project_id: str | None = None, after: str | None = None, limit: int = 100
+    ) -> Page[ApiKeyView]:
+        return await self._read(ListKeys(tenant_id, project_id, after, limit))
+
+    async def key_owner(self, api_key: str) -> KeyOwner:
+        p = None
+        if looks_like_api_key(api_key):
+            p = await self._read(KeyPrincipal(hash_api_key(api_key)))
+        if p is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return KeyOwner(tenant_id=p.tenant_id, project_id=p.project_id, role=p.role)
 
     async def tenant_for_key(self, api_key: str) -> str:
-        tenant_id = None
-        if looks_like_api_key(api_key):
-            tenant_id = await self._read(TenantForKeyHash(hash_api_key(api_key)))
-        if tenant_id is None:
-            raise AuthenticationError("Incorrect API key provided.")
-        return tenant_id
+        return (await self.key_owner(api_key)).tenant_id
 
-    async def usage_summary(self, tenant_id: str, since_ts: float | None = None) -> UsageSummary:
-        return await self._read(SummarizeUsage(tenant_id, since_ts))
+    async def usage_summary(
+        self, tenant_id: str, project_id: str | None = None, since_ts: float | None = None
+    ) -> UsageSummary:
+        return await self._read(SummarizeUsage(tenant_id, project_id, since_ts))
 
-    async def export_usage(
-        self, tenant_id: str | None, since_ts: float | None, until_ts: float | None, fmt: ExportFormat
-    ) -> str:
-        return await self._read(ExportUsage(tenant_id, since_ts, until_ts, fmt))
+    async def _event_pages(self, query: UsageQuery, page_rows: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        filters = UsageFilters(query.tenant_id, query.project_id, query.model)
+        after = 0
+        while True:
+            rows = await self._read(ExportUsage(filters, query.since, query.until, after, page_rows))
+            if not rows:
+                return
+            yield rows
+            if len(rows) < page_rows:
+                return
+            after = rows[-1][0]
+
+    def export_usage(self, query: UsageQuery, fmt: ExportFormat, page_rows: int = 5000) -> AsyncIterator[str]:
+        """Usage events page by page (one ledger read per ``page_rows``), rendered as they come."""
+        return render_rows(EXPORT_COLUMNS, self._event_pages(query, page_rows), fmt)
+
+    async def _report_pages(self, query: UsageQuery, page_rows: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+        filters = UsageFilters(query.tenant_id, query.project_id, query.model)
+        since = None if query.since is None else utc_day(query.since)
+        until = None if query.until is None else utc_day(query.until)
+        after: tuple[str, ...] | None = None
+        n = len(query.group_by)
+        while True:
+            rows = await self._read(UsageReport(query.group_by, filters, since, until, after, page_rows))
+            if not rows:
+                return
+            yield rows
+            if len(rows) < page_rows:
+                return
+            after = tuple(rows[-1][:n])
+
+    def usage_report(self, query: UsageQuery, fmt: ExportFormat, page_rows: int = 5000) -> AsyncIterator[str]:
+        columns = (*query.group_by, "requests", "prompt_tokens", "completion_tokens", "ucredits")
+        return render_rows(columns, self._report_pages(query, page_rows), fmt)
+
+    async def tenant_figures(self, tenant_id: str) -> dict[str, Any]:
+        return await self._read(TenantFigures(tenant_id))
 
     async def stats(self) -> LedgerStats:
         return await self._read(Stats())
 
     async def audit(self) -> list[str]:
-        """Ledger invariant violations; empty when balances match grants minus charges."""
+        """Ledger invariant violations; empty when balances match grants minus charges and
+        write-offs."""
         return await self._read(Audit())

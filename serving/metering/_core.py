@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import fcntl
-import io
-import json
 import logging
 import os
 import time
@@ -47,20 +44,35 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, assert_never
 
 from serving.errors import APIError, LedgerUnavailableError
-from serving.tenancy import RateLimitState, TenantLimits, UsageRow, UsageSummary, ucredits_to_credits
+from serving.tenancy import (
+    Page,
+    ProjectUsage,
+    RateLimitState,
+    TenantLimits,
+    UsageRow,
+    UsageSummary,
+    ucredits_to_credits,
+)
 
-from ._admin import AdminOps, key_view, load_state, tenant_view
+from ._admin import AdminOps, grant_view, key_view, load_state, project_view, tenant_view
 from ._config import MeteringConfig
 from ._keys import KeyEntry
 from ._ops import (
     AddKey,
     Audit,
+    CreateGrant,
+    CreateProject,
     CreateTenant,
     ExportUsage,
+    GetProject,
     GetTenant,
+    KeyPrincipal,
+    ListGrants,
     ListKeys,
+    ListProjects,
     ListTenants,
     Op,
+    Principal,
     Progress,
     Read,
     Reservation,
@@ -69,17 +81,29 @@ from ._ops import (
     Settle,
     Stats,
     SummarizeUsage,
-    TenantForKeyHash,
+    TenantFigures,
     TopUp,
+    UpdateProject,
     UpdateTenant,
+    UsageReport,
 )
 from ._policy import ModelPrice
 from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
 from ._stats import LedgerStats, low_credit
-from ._store import EXPORT_COLUMNS, LedgerStore
+from ._store import LedgerStore
 
 __all__ = ["LedgerCore", "LedgerLockedError"]
+
+
+def _page(items: dict[str, Any], after: str | None, limit: int, view: Callable[[Any], Any]) -> Page[Any]:
+    """Keys in order after ``after``, at most ``limit`` of them (``sorted`` of ids: 5,000
+    organizations or one organization's projects sort in a millisecond)."""
+    ids = sorted(i for i in items if after is None or i > after)
+    data = [view(items[i]) for i in ids[:limit]]
+    more = len(ids) > limit
+    return Page(data=data, has_more=more, next_after=ids[limit - 1] if more and limit > 0 else None)
+
 
 _UNAVAILABLE_WAIT_S = 2.0
 """How long a write waits for the state to be rebuilt after a failed commit before it is refused."""
@@ -282,7 +306,8 @@ class LedgerCore:
                 wrote = wrote or changed
                 if changed and isinstance(op, AddKey | RevokeKey):
                     k = self._state.keys_by_id[op.key_id]
-                    keys.append((k.key_hash, k.tenant_id if k.revoked_at is None else None))
+                    usable = k.revoked_at is None and k.role == "member"
+                    keys.append((k.key_hash, k.tenant_id if usable else None))
             if not wrote:
                 return results
             self._state.batch.num_ops += len(ops)
@@ -296,8 +321,13 @@ class LedgerCore:
             return results
 
     def key_snapshot(self) -> list[KeyEntry]:
-        """Every usable key as ``(key_hash, tenant_id)``."""
-        return [(h, k.tenant_id) for h, k in self._state.keys_by_hash.items() if k.revoked_at is None]
+        """Every key usable for inference as ``(key_hash, tenant_id)`` (organization admin keys are
+        not: the gateway refuses them before reading a body)."""
+        return [
+            (h, k.tenant_id)
+            for h, k in self._state.keys_by_hash.items()
+            if k.revoked_at is None and k.role == "member"
+        ]
 
     def subscribe_keys(self, listener: Callable[[list[KeyEntry]], None]) -> Callable[[], None]:
         """Call ``listener`` with the keys added or revoked, once each change is durable; returns
@@ -345,6 +375,13 @@ class LedgerCore:
                 return a.update_tenant(op, now, ts), True
             case TopUp():
                 return a.top_up(op, ts), True
+            case CreateProject():
+                return a.create_project(op, now, ts), True
+            case UpdateProject():
+                return a.update_project(op, now, ts), True
+            case CreateGrant():
+                view, new = a.create_grant(op, ts)
+                return view, new
             case AddKey():
                 return a.add_key(op, ts), True
             case RevokeKey():
@@ -355,23 +392,44 @@ class LedgerCore:
     # -- read path ---------------------------------------------------------------------------------
     async def read(self, op: Read) -> Any:
         """The answer to a read; an error (an unknown tenant) is returned, not raised."""
-        st = self._state
+        st, a = self._state, self._admin
+        ts = self._wall()
         try:
             match op:
-                case ListTenants():
-                    return [tenant_view(t) for t in st.tenants.values()]
+                case ListTenants(after, limit):
+                    return _page(st.tenants, after, limit, lambda t: tenant_view(t, ts))
                 case GetTenant(tenant_id):
-                    return tenant_view(self._admin.tenant(tenant_id))
-                case ListKeys(tenant_id):
-                    self._admin.tenant(tenant_id)
-                    return [key_view(k) for k in st.keys_by_id.values() if k.tenant_id == tenant_id]
-                case TenantForKeyHash(key_hash):
+                    return tenant_view(a.tenant(tenant_id), ts)
+                case ListProjects(tenant_id, after, limit):
+                    return _page(a.tenant(tenant_id).projects, after, limit, project_view)
+                case GetProject(tenant_id, project_id):
+                    return project_view(a.project(tenant_id, project_id))
+                case ListKeys(tenant_id, project_id, after, limit):
+                    return await self._list_keys(tenant_id, project_id, after, limit)
+                case ListGrants(tenant_id, active_only):
+                    grants = a.tenant(tenant_id).grants
+                    return [
+                        grant_view(g)
+                        for g in grants
+                        if not active_only or (g.remaining > 0 and not g.expired)
+                    ]
+                case KeyPrincipal(key_hash):
                     k = st.keys_by_hash.get(key_hash)
-                    return None if k is None or k.revoked_at is not None else k.tenant_id
+                    if k is None or k.revoked_at is not None:
+                        return None
+                    return Principal(k.tenant_id, k.project_id, k.role)  # type: ignore[arg-type]
                 case SummarizeUsage():
                     return await self._usage_summary(op)
-                case ExportUsage():
-                    return await self._export_usage(op)
+                case ExportUsage(filters, since_ts, until_ts, after_event_id, limit):
+                    self._check_filters(filters.tenant_id, filters.project_id)
+                    assert self._store is not None
+                    return await self._in_reader(
+                        self._store.export_page, filters.as_dict(), since_ts, until_ts, after_event_id, limit
+                    )
+                case UsageReport():
+                    return await self._usage_report(op)
+                case TenantFigures(tenant_id):
+                    return self._figures(tenant_id)
                 case Stats():
                     return self._snapshot()
                 case Audit():
@@ -382,20 +440,72 @@ class LedgerCore:
         except APIError as e:
             return e
 
+    def _check_filters(self, tenant_id: str | None, project_id: str | None) -> None:
+        if tenant_id is not None:
+            if project_id is not None:
+                self._admin.project(tenant_id, project_id)
+            else:
+                self._admin.tenant(tenant_id)
+
+    async def _list_keys(
+        self, tenant_id: str, project_id: str | None, after: str | None, limit: int
+    ) -> Page[Any]:
+        self._check_filters(tenant_id, project_id)
+        keys = [
+            k
+            for k in self._state.keys_by_id.values()
+            if k.tenant_id == tenant_id and (project_id is None or k.project_id == project_id)
+            and (after is None or k.key_id > after)
+        ]  # fmt: skip
+        keys.sort(key=lambda k: k.key_id)
+        data = [key_view(k) for k in keys[:limit]]
+        more = len(keys) > limit
+        return Page(data=data, has_more=more, next_after=data[-1].key_id if more and data else None)
+
     async def _in_reader(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
 
-    async def _usage_summary(self, op: SummarizeUsage) -> UsageSummary:
-        t = self._admin.tenant(op.tenant_id)
+    async def _usage_report(self, op: UsageReport) -> list[tuple[Any, ...]]:
+        self._check_filters(op.filters.tenant_id, op.filters.project_id)
         assert self._store is not None
-        rows = await self._in_reader(self._store.usage_by_day, op.tenant_id, op.since_ts)
-        now = self._clock()
-        rate = {
+        store = self._store
+
+        def page() -> list[tuple[Any, ...]]:
+            return store.report_page(
+                op.group_by, op.filters.as_dict(), op.since_day, op.until_day, op.after, op.limit
+            )
+
+        return await self._in_reader(page)
+
+    def _rates(self, level: Any, now: float) -> dict[str, RateLimitState]:
+        return {
             kind: RateLimitState(limit=b.capacity, remaining=int(b.level(now)), reset_s=b.reset_s(now))
-            for kind, b in (("requests", t.rpm), ("tokens", t.tpm))
+            for kind, b in (("requests", level.rpm), ("tokens", level.tpm))
             if b is not None
         }
-        v = tenant_view(t)
+
+    async def _usage_summary(self, op: SummarizeUsage) -> UsageSummary:
+        t = self._admin.tenant(op.tenant_id)
+        p = None if op.project_id is None else self._admin.project(op.tenant_id, op.project_id)
+        assert self._store is not None
+        rows = await self._in_reader(self._store.usage_by_day, op.tenant_id, op.project_id, op.since_ts)
+        now, ts = self._clock(), self._wall()
+        v = tenant_view(t, ts)
+        project = None
+        if p is not None:
+            p.roll_period(ts)
+            left = p.cap_left()
+            project = ProjectUsage(
+                project_id=p.project_id,
+                credit_cap=None if p.cap_ucredits is None else ucredits_to_credits(p.cap_ucredits),
+                cap_period=p.cap_period,  # type: ignore[arg-type]
+                spent_credits=ucredits_to_credits(p.spent_ucredits),
+                reserved_credits=ucredits_to_credits(p.reserved_ucredits),
+                available_credits=None if left is None else ucredits_to_credits(max(0, left)),
+                in_flight=p.in_flight,
+                limits=p.limits,
+                rate_limits=self._rates(p, now),
+            )
         return UsageSummary(
             tenant_id=t.tenant_id,
             name=t.name,
@@ -404,32 +514,38 @@ class LedgerCore:
             available_credits=v.available_credits,
             in_flight=t.in_flight,
             limits=t.limits,
-            rate_limits=rate,
+            rate_limits=self._rates(t, now),
+            grants=[grant_view(g) for g in t.grants if g.remaining > 0 and not g.expired],
+            project=project,
             usage=[
                 UsageRow(
                     day=d,
+                    project_id=pid,
                     model=m,
                     requests=n,
-                    prompt_tokens=p,
+                    prompt_tokens=pt,
                     completion_tokens=c,
                     credits=ucredits_to_credits(u),
                 )
-                for d, m, n, p, c, u in rows
+                for d, pid, m, n, pt, c, u in rows
             ],
         )
 
-    async def _export_usage(self, op: ExportUsage) -> str:
-        if op.tenant_id is not None:
-            self._admin.tenant(op.tenant_id)
-        assert self._store is not None
-        rows = await self._in_reader(self._store.export, op.tenant_id, op.since_ts, op.until_ts)
-        if op.fmt == "json":
-            return json.dumps([dict(zip(EXPORT_COLUMNS, r, strict=True)) for r in rows])
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(EXPORT_COLUMNS)
-        w.writerows(rows)
-        return buf.getvalue()
+    def _figures(self, tenant_id: str) -> dict[str, Any]:
+        """Live figures of one organization and its projects (what the metrics budget leaves out
+        for untracked organizations)."""
+        t = self._admin.tenant(tenant_id)
+        st, ts = self._state, self._wall()
+        c = st.counters
+        tokens = {f"{m}/{k}": n for (tid, m, k), n in c.tokens.items() if tid == tenant_id}
+        return {
+            "tenant": tenant_view(t, ts).model_dump(mode="json"),
+            "charged_credits": ucredits_to_credits(c.credits.get(tenant_id, 0)),
+            "written_off_credits": ucredits_to_credits(c.written_off.get(tenant_id, 0)),
+            "tokens": tokens,
+            "refused": {reason: n for (tid, reason), n in c.refused.items() if tid == tenant_id},
+            "projects": [project_view(p).model_dump(mode="json") for p in t.projects.values()],
+        }
 
     def _snapshot(self) -> LedgerStats:
         st, now = self._state, self._clock()

@@ -30,7 +30,15 @@ from serving.errors import (
     ModelNotAllowedError,
     RateLimitExceededError,
 )
-from serving.tenancy import ExportFormat, TenantCreate, TenantUpdate
+from serving.tenancy import (
+    DEFAULT_PROJECT,
+    GrantCreate,
+    KeyRole,
+    ProjectCreate,
+    ProjectUpdate,
+    TenantCreate,
+    TenantUpdate,
+)
 
 from ._policy import headers_from_rate
 
@@ -38,14 +46,21 @@ __all__ = [
     "AddKey",
     "AdminOp",
     "Audit",
+    "CreateGrant",
+    "CreateProject",
     "CreateTenant",
     "ExportUsage",
+    "GetProject",
     "GetTenant",
     "HotOp",
     "HotResult",
+    "KeyPrincipal",
+    "ListGrants",
     "ListKeys",
+    "ListProjects",
     "ListTenants",
     "Op",
+    "Principal",
     "Progress",
     "Read",
     "Refusal",
@@ -56,9 +71,12 @@ __all__ = [
     "Settlement",
     "Stats",
     "SummarizeUsage",
-    "TenantForKeyHash",
+    "TenantFigures",
     "TopUp",
+    "UpdateProject",
     "UpdateTenant",
+    "UsageFilters",
+    "UsageReport",
     "error_for",
 ]
 
@@ -120,6 +138,10 @@ class Reservation(_Msg, frozen=True):
     tenant_weight: float = 1.0
     rate: tuple[tuple[str, int, float, float], ...] = ()
     """Bucket state at reservation: ``(kind, limit, remaining, reset_s)`` for ``requests``/``tokens``."""
+    project_id: str = DEFAULT_PROJECT
+    """The key's project within the organization ``tenant_id``."""
+    project_weight: float = 1.0
+    """The project's share of its organization's part under contention."""
 
     @property
     def headers(self) -> dict[str, str]:
@@ -172,6 +194,26 @@ class TopUp(_Msg, frozen=True):
     note: str = ""
 
 
+class CreateProject(_Msg, frozen=True):
+    tenant_id: str
+    spec: ProjectCreate
+
+
+class UpdateProject(_Msg, frozen=True):
+    tenant_id: str
+    project_id: str
+    update: ProjectUpdate
+
+
+class CreateGrant(_Msg, frozen=True):
+    """Add a credit grant; idempotent by ``spec.grant_id`` within the organization."""
+
+    tenant_id: str
+    spec: GrantCreate
+    actor: str = "admin"
+    """Who granted it (kept in the grant's audit event)."""
+
+
 class AddKey(_Msg, frozen=True):
     """Register a key minted by the client (only its hash reaches the ledger)."""
 
@@ -180,45 +222,115 @@ class AddKey(_Msg, frozen=True):
     key_hash: str
     display_prefix: str
     name: str = ""
+    project_id: str = DEFAULT_PROJECT
+    role: KeyRole = "member"
 
 
 class RevokeKey(_Msg, frozen=True):
     key_id: str
+    tenant_id: str | None = None
+    """Only a key of this organization (an organization admin's call); None: any key."""
 
 
-AdminOp = CreateTenant | UpdateTenant | TopUp | AddKey | RevokeKey
+AdminOp = (
+    CreateTenant | UpdateTenant | TopUp | CreateProject | UpdateProject | CreateGrant | AddKey | RevokeKey
+)
 Op = HotOp | AdminOp
 
 
 # -- reads ----------------------------------------------------------------------------------------
 class ListTenants(_Msg, frozen=True):
-    pass
+    """A page of organizations in id order, after ``after``."""
+
+    after: str | None = None
+    limit: int = 100
 
 
 class GetTenant(_Msg, frozen=True):
     tenant_id: str
 
 
-class ListKeys(_Msg, frozen=True):
+class ListProjects(_Msg, frozen=True):
     tenant_id: str
+    after: str | None = None
+    limit: int = 100
 
 
-class TenantForKeyHash(_Msg, frozen=True):
-    """The tenant of a live key (None for an unknown or revoked one)."""
+class GetProject(_Msg, frozen=True):
+    tenant_id: str
+    project_id: str
+
+
+class ListKeys(_Msg, frozen=True):
+    """A page of an organization's keys (of one project if given), in key id order."""
+
+    tenant_id: str
+    project_id: str | None = None
+    after: str | None = None
+    limit: int = 100
+
+
+class ListGrants(_Msg, frozen=True):
+    """An organization's grants, soonest expiry first (``active_only``: those not used up or expired)."""
+
+    tenant_id: str
+    active_only: bool = False
+
+
+class KeyPrincipal(_Msg, frozen=True):
+    """Who a live key is (None for an unknown or revoked one)."""
 
     key_hash: str
 
 
+class Principal(_Msg, frozen=True):
+    tenant_id: str
+    project_id: str
+    role: KeyRole
+
+
 class SummarizeUsage(_Msg, frozen=True):
     tenant_id: str
+    project_id: str | None = None
     since_ts: float | None = None
 
 
+class UsageFilters(_Msg, frozen=True):
+    tenant_id: str | None = None
+    project_id: str | None = None
+    model: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in (
+                ("tenant_id", self.tenant_id),
+                ("project_id", self.project_id),
+                ("model", self.model),
+            )
+            if v is not None
+        }
+
+
 class ExportUsage(_Msg, frozen=True):
-    tenant_id: str | None
+    """A page of usage events (``after_event_id`` keyset)."""
+
+    filters: UsageFilters
     since_ts: float | None
     until_ts: float | None
-    fmt: ExportFormat
+    after_event_id: int = 0
+    limit: int = 5000
+
+
+class UsageReport(_Msg, frozen=True):
+    """A page of sums from the daily roll-up grouped by ``group_by``, after the group ``after``."""
+
+    group_by: tuple[str, ...]
+    filters: UsageFilters
+    since_day: str | None = None
+    until_day: str | None = None
+    after: tuple[str, ...] | None = None
+    limit: int = 5000
 
 
 class Stats(_Msg, frozen=True):
@@ -229,7 +341,27 @@ class Audit(_Msg, frozen=True):
     """Ledger invariant violations; none when balances match grants minus charges."""
 
 
-Read = ListTenants | GetTenant | ListKeys | TenantForKeyHash | SummarizeUsage | ExportUsage | Stats | Audit
+class TenantFigures(_Msg, frozen=True):
+    """One organization's live figures (and its projects'), for any organization at any scale."""
+
+    tenant_id: str
+
+
+Read = (
+    ListTenants
+    | GetTenant
+    | ListProjects
+    | GetProject
+    | ListKeys
+    | ListGrants
+    | KeyPrincipal
+    | SummarizeUsage
+    | ExportUsage
+    | UsageReport
+    | TenantFigures
+    | Stats
+    | Audit
+)
 
 
 # -- refusals as client-visible errors ------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 __all__ = [
     "ModelPrice",
@@ -14,7 +15,9 @@ __all__ = [
     "bucket_rate",
     "format_reset",
     "headers_from_rate",
+    "period_start",
     "rate_limit_headers",
+    "utc_day",
 ]
 
 
@@ -143,3 +146,20 @@ def retry_headers(retry_after_s: float) -> dict[str, str]:
         "retry-after": str(max(1, math.ceil(retry_after_s))),
         "retry-after-ms": str(max(1, math.ceil(retry_after_s * 1000))),
     }
+
+
+def period_start(ts: float, period: str) -> float:
+    """Start (unix time, UTC) of the cap period that contains ``ts``: ``lifetime`` never resets
+    (0.0), ``daily`` at 00:00 UTC, ``monthly`` on the 1st at 00:00 UTC (LiteLLM's
+    ``budget_duration`` of ``1d`` / ``1mo``)."""
+    if period == "daily":
+        return float(int(ts // 86400) * 86400)
+    if period == "monthly":
+        d = datetime.fromtimestamp(ts, tz=UTC)
+        return datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+    return 0.0
+
+
+def utc_day(ts: float) -> str:
+    """The UTC date of ``ts`` as ``YYYY-MM-DD`` (the usage roll-up's day)."""
+    return datetime.fromtimestamp(ts, tz=UTC).date().isoformat()

@@ -5,6 +5,7 @@ Persistence and enforcement live in :mod:`serving.metering` (the ledger), which 
 """
 
 from ._backend import ExportFormat, TenancyBackend
+from ._export import MEDIA_TYPES, render_rows
 from ._http import make_tenancy_router
 from ._http_client import AdminHttpBackend
 from ._keys import (
@@ -16,17 +17,29 @@ from ._keys import (
     looks_like_api_key,
 )
 from ._model import (
+    DEFAULT_PROJECT,
     MAX_CREDITS,
     UCREDITS_PER_CREDIT,
     ApiKeyView,
+    CapPeriod,
     CreatedApiKey,
+    GrantCreate,
+    GrantView,
     KeyCreate,
+    KeyOwner,
+    KeyRole,
+    Page,
+    ProjectCreate,
+    ProjectUpdate,
+    ProjectUsage,
+    ProjectView,
     RateLimitState,
     TenantCreate,
     TenantLimits,
     TenantUpdate,
     TenantView,
     TopUp,
+    UsageQuery,
     UsageRow,
     UsageSummary,
     credits_to_ucredits,
@@ -36,14 +49,26 @@ from ._ops import ensure_demo_tenant
 
 __all__ = [
     "API_KEY_PREFIX",
+    "DEFAULT_PROJECT",
     "MAX_CREDITS",
+    "MEDIA_TYPES",
     "UCREDITS_PER_CREDIT",
     "AdminHttpBackend",
     "ApiKeyView",
+    "CapPeriod",
     "CreatedApiKey",
     "ExportFormat",
     "GeneratedKey",
+    "GrantCreate",
+    "GrantView",
     "KeyCreate",
+    "KeyOwner",
+    "KeyRole",
+    "Page",
+    "ProjectCreate",
+    "ProjectUpdate",
+    "ProjectUsage",
+    "ProjectView",
     "RateLimitState",
     "TenancyBackend",
     "TenantCreate",
@@ -51,6 +76,7 @@ __all__ = [
     "TenantUpdate",
     "TenantView",
     "TopUp",
+    "UsageQuery",
     "UsageRow",
     "UsageSummary",
     "constant_time_equals",
@@ -60,5 +86,6 @@ __all__ = [
     "hash_api_key",
     "looks_like_api_key",
     "make_tenancy_router",
+    "render_rows",
     "ucredits_to_credits",
 ]

@@ -1,4 +1,10 @@
-"""Tenants, their limits and keys as the admin API and the ledger exchange them.
+"""Organizations, their projects, keys and credit grants as the admin API and the ledger exchange them.
+
+Two levels: a *tenant* is an **organization** (a business or an institution: weight, allowed models,
+limits, the credit balance its grants make up); its **projects** (a developer or a team) hold the
+keys, and each may have its own credit cap, limits and allowed models within the organization's.
+Every organization has a project ``default``. Credits arrive as **grants** (amount, program,
+start, expiry); a charge consumes the grant that expires first.
 
 Credits cross this boundary as floats (``credits``); the ledger keeps integer micro-credits
 (``1 credit = 1_000_000 ucredits``) so that charges add up exactly.
@@ -7,21 +13,34 @@ Credits cross this boundary as floats (``credits``); the ledger keeps integer mi
 from __future__ import annotations
 
 import re
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "DEFAULT_PROJECT",
     "MAX_CREDITS",
     "UCREDITS_PER_CREDIT",
     "ApiKeyView",
+    "CapPeriod",
     "CreatedApiKey",
+    "GrantCreate",
+    "GrantView",
     "KeyCreate",
+    "KeyOwner",
+    "KeyRole",
+    "Page",
+    "ProjectCreate",
+    "ProjectUpdate",
+    "ProjectUsage",
+    "ProjectView",
     "RateLimitState",
     "TenantCreate",
     "TenantLimits",
     "TenantUpdate",
     "TenantView",
     "TopUp",
+    "UsageQuery",
     "UsageRow",
     "UsageSummary",
     "credits_to_ucredits",
@@ -30,6 +49,15 @@ __all__ = [
 
 UCREDITS_PER_CREDIT = 1_000_000
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_GRANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+DEFAULT_PROJECT = "default"
+"""The project every organization has (keys made without a project, and migrated tenants' keys)."""
+CapPeriod = Literal["lifetime", "daily", "monthly"]
+"""How a project's credit cap resets: never, at 00:00 UTC, or on the 1st of the month (UTC)."""
+KeyRole = Literal["member", "admin"]
+"""``member``: makes inference requests for its project. ``admin``: an organization admin key, for
+the admin API on its own organization only (never accepted for inference)."""
+T = TypeVar("T")
 MAX_CREDITS = 1e12
 """The largest balance a tenant may hold, and so the largest grant (its micro-credits fit SQLite's
 64-bit integers with room to spare)."""
@@ -119,8 +147,169 @@ class KeyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = ""
+    name: str = Field(default="", max_length=200)
     """A label for the key (shown in listings)."""
+    project_id: str = DEFAULT_PROJECT
+    """The project whose requests the key makes (and whose cap and limits apply)."""
+    role: KeyRole = "member"
+    """``admin`` mints an organization admin key instead (no inference; admin API on its own
+    organization)."""
+
+    @field_validator("project_id")
+    @classmethod
+    def _check_project(cls, value: str) -> str:
+        return _check_slug("project_id", value)
+
+
+def _check_slug(name: str, value: str) -> str:
+    if not _TENANT_ID.match(value):
+        raise ValueError(f"{name} {value!r} must match {_TENANT_ID.pattern}")
+    return value
+
+
+class ProjectCreate(BaseModel):
+    """Body of ``POST /admin/v1/tenants/{id}/projects``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_id: str
+    """Lower-case id, unique within the organization."""
+    name: str = Field(default="", max_length=200)
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Share of the organization's capacity under contention (fair queue within the organization)."""
+    allowed_models: list[str] | None = None
+    """Models within the organization's; ``None``: every model the organization may use."""
+    credit_cap: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
+    """Most credits the project may spend per ``cap_period``; ``None``: only the organization's
+    balance limits it."""
+    cap_period: CapPeriod = "lifetime"
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+    """The project's own RPM/TPM/concurrency/size limits (the organization's apply as well)."""
+
+    @field_validator("project_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return _check_slug("project_id", value)
+
+
+class ProjectUpdate(BaseModel):
+    """Body of ``PATCH /admin/v1/tenants/{id}/projects/{project}``: only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    weight: float | None = Field(default=None, gt=0, le=1000)
+    allowed_models: list[str] | None = None
+    allow_all_models: bool = False
+    """Set to true to clear the project's allow-list (the organization's applies)."""
+    credit_cap: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
+    remove_credit_cap: bool = False
+    """Set to true to remove the cap."""
+    cap_period: CapPeriod | None = None
+    limits: TenantLimits | None = None
+
+
+class ProjectView(BaseModel):
+    """A project as the admin API shows it."""
+
+    tenant_id: str
+    project_id: str
+    name: str
+    weight: float
+    allowed_models: list[str] | None
+    credit_cap: float | None
+    cap_period: CapPeriod
+    spent_credits: float
+    """Charged in the current cap period (since creation for ``lifetime``)."""
+    period_start: float
+    reserved_credits: float
+    in_flight: int
+    limits: TenantLimits
+    created_at: float
+
+
+class GrantCreate(BaseModel):
+    """Body of ``POST /admin/v1/tenants/{id}/grants`` (the platform admin only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grant_id: str
+    """Chosen by the caller: a retry with the same id and body returns the first grant (idempotent);
+    the same id with another body is 409."""
+    credits: float = Field(gt=0, le=MAX_CREDITS)
+    program: str = Field(min_length=1, max_length=200)
+    """The credit program (``innovation-lab``, ``university-partnership``, ``paid-plan``...)."""
+    starts_at: float | None = Field(default=None, ge=0, le=1e11)
+    """Unix time from which the credits may be used (default: now)."""
+    expires_at: float | None = Field(default=None, ge=0, le=1e11)
+    """Unix time at which the unused remainder is written off (default: never)."""
+    note: str = Field(default="", max_length=500)
+
+    @field_validator("grant_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _GRANT_ID.match(value):
+            raise ValueError(f"grant_id {value!r} must match {_GRANT_ID.pattern}")
+        return value
+
+
+class GrantView(BaseModel):
+    """A grant and what is left of it."""
+
+    grant_id: str
+    tenant_id: str
+    program: str
+    credits: float
+    remaining_credits: float
+    reserved_credits: float
+    """Held by requests in flight (a part of ``remaining_credits``)."""
+    written_off_credits: float
+    starts_at: float
+    expires_at: float | None
+    expired: bool
+    note: str
+    granted_at: float
+
+
+class KeyOwner(BaseModel):
+    """Who a live key belongs to."""
+
+    tenant_id: str
+    project_id: str
+    role: KeyRole
+
+
+USAGE_DIMENSIONS = ("tenant_id", "project_id", "model", "day")
+
+
+class UsageQuery(BaseModel):
+    """Filters of a usage export or report (``GET /admin/v1/usage``, ``/admin/v1/usage/report``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant_id: str | None = None
+    project_id: str | None = None
+    model: str | None = Field(default=None, max_length=200)
+    since: float | None = None
+    """Unix seconds (events settled at or after; for a report, from that UTC day)."""
+    until: float | None = None
+    """Unix seconds (events settled before; for a report, up to that UTC day)."""
+    group_by: tuple[Literal["tenant_id", "project_id", "model", "day"], ...] = (
+        "tenant_id",
+        "project_id",
+        "model",
+        "day",
+    )
+    """Report only: the dimensions to sum over (in this order)."""
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a listing: pass ``next_after`` as ``after`` for the next one."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    next_after: str | None
 
 
 class TenantView(BaseModel):
@@ -148,6 +337,8 @@ class ApiKeyView(BaseModel):
 
     key_id: str
     tenant_id: str
+    project_id: str = DEFAULT_PROJECT
+    role: KeyRole = "member"
     name: str
     display_prefix: str
     created_at: float
@@ -170,9 +361,10 @@ class RateLimitState(BaseModel):
 
 
 class UsageRow(BaseModel):
-    """Usage of one model on one UTC day."""
+    """Usage of one model on one UTC day (of one project, or of an organization's projects)."""
 
     day: str
+    project_id: str | None = None
     model: str
     requests: int
     prompt_tokens: int
@@ -180,8 +372,24 @@ class UsageRow(BaseModel):
     credits: float
 
 
+class ProjectUsage(BaseModel):
+    """The calling key's project in ``GET /v1/usage``."""
+
+    project_id: str
+    credit_cap: float | None
+    cap_period: CapPeriod
+    spent_credits: float
+    reserved_credits: float
+    available_credits: float | None
+    """What the cap leaves (``None``: no cap); a request also needs the organization's credits."""
+    in_flight: int
+    limits: TenantLimits
+    rate_limits: dict[str, RateLimitState]
+
+
 class UsageSummary(BaseModel):
-    """``GET /v1/usage``: a tenant's own balance, limits, live rate state and usage."""
+    """``GET /v1/usage``: a key's organization (balance, grants, limits, live rate state), its
+    project, and the project's usage by day and model."""
 
     tenant_id: str
     name: str
@@ -192,4 +400,7 @@ class UsageSummary(BaseModel):
     limits: TenantLimits
     rate_limits: dict[str, RateLimitState]
     """``"requests"`` and/or ``"tokens"`` when those limits are set."""
+    grants: list[GrantView] = []
+    """The organization's grants that are not used up, soonest expiry first."""
+    project: ProjectUsage | None = None
     usage: list[UsageRow]

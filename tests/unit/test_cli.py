@@ -120,7 +120,7 @@ def test_tenancy_round_trip_on_the_ledger_file(
     updated = _json(capsys)
     assert updated["limits"]["tpm"] == 9000 and updated["allowed_models"] == ["tiny-llama"]
     assert tokenweir(["tenants", "list", *c]) == 0
-    assert [t["tenant_id"] for t in _json(capsys)] == ["acme"]
+    assert [t["tenant_id"] for t in _json(capsys)["data"]] == ["acme"]
 
     assert tokenweir(["keys", "create", "acme", "--name", "ci", *c]) == 0
     out, err = capsys.readouterr()
@@ -130,7 +130,7 @@ def test_tenancy_round_trip_on_the_ledger_file(
     bare = capsys.readouterr().out.strip()
     assert bare.startswith("tw-") and bare != key["api_key"]
     assert tokenweir(["keys", "list", "acme", *c]) == 0
-    assert len(_json(capsys)) == 2
+    assert len(_json(capsys)["data"]) == 2
     assert tokenweir(["keys", "revoke", key["key_id"], *c]) == 0
     assert _json(capsys)["key_id"] == key["key_id"]
 
