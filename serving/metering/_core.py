@@ -381,7 +381,7 @@ class LedgerCore:
                 return a.update_project(op, now, ts), True
             case CreateGrant():
                 view, new = a.create_grant(op, ts)
-                return view, new
+                return (view, new), new
             case AddKey():
                 return a.add_key(op, ts), True
             case RevokeKey():

@@ -42,6 +42,7 @@ __all__ = ["GrantRecord", "LedgerState", "OpenReservation", "ProjectRecord", "Te
 RECENT_SETTLED = 200_000
 _EWMA_ALPHA = 0.1
 _NEVER = math.inf
+_PERIOD_NAMES = {"daily": "day", "monthly": "month"}
 
 Slices = tuple[tuple[str, int], ...]
 """``(grant_id, ucredits)`` held by one reservation, in the order they are charged."""
@@ -390,7 +391,7 @@ class LedgerState:
                 "insufficient_quota",
                 f"You exceeded your current quota: this request needs {cost / 1e6:g} credits,"
                 f" {max(0, cap_left) / 1e6:g} are left of the credit cap of {p.label}"
-                + ("" if p.cap_period == "lifetime" else f" this {p.cap_period[:-2]}")
+                + ("" if p.cap_period == "lifetime" else f" this {_PERIOD_NAMES[p.cap_period]}")
                 + ".",
                 t.tenant_id,
             )
