@@ -3,7 +3,7 @@
 Fields (absent when not known, e.g. no pool for a request refused before dispatch):
 ``ts`` (unix seconds, at the end), ``request_id`` (ours), ``client_request_id`` (the caller's
 ``x-request-id``, as sent), ``traceparent`` (W3C, as sent; also passed to the pool's engine),
-``tenant`` (never a key), ``model``, ``kind``, ``stream``, ``pool``, ``gpu``, ``status`` (HTTP),
+``tenant`` (the organization; never a key), ``project``, ``model``, ``kind``, ``stream``, ``pool``, ``gpu``, ``status`` (HTTP),
 ``error`` (the OpenAI error code), ``outcome`` (how the generation ended), ``prompt_tokens``,
 ``completion_tokens``, ``credits`` (charged), ``ttft_s``, ``duration_s``.
 
@@ -42,6 +42,7 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
     client_request_id: str | None = None
     traceparent: str | None = None
     tenant: str | None = None
+    project: str | None = None
     model: str | None = None
     kind: str | None = None
     stream: bool | None = None

@@ -291,6 +291,7 @@ class Gateway:
             rec.model, rec.stream = p.entry.name, p.stream
             if p.reservation is not None and self.meter.enabled:
                 rec.tenant = p.reservation.tenant_id
+                rec.project = p.reservation.project_id
             o = p.outcome
             if o is not None:
                 rec.pool, rec.gpu, rec.outcome = o.pool or None, o.accelerator or None, o.status
@@ -397,10 +398,12 @@ class Gateway:
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:
             """Prometheus exposition, complete across gateway replicas, pool replicas and the ledger."""
-            collectors: list[Any] = [BoardCollector(await self.board.read.remote(), self.cfg.pools)]
+            collectors: list[Any] = []
+            tenants = None
             if self.meter.enabled:
-                await self.meter.refresh_metrics()
+                tenants = (await self.meter.refresh_metrics()).labelled_tenants
                 collectors.append(self.meter.collector)
+            collectors.insert(0, BoardCollector(await self.board.read.remote(), self.cfg.pools, tenants))
             return Response(render(collectors), media_type="text/plain; version=0.0.4; charset=utf-8")
 
         @app.get("/internal/pools")

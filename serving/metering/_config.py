@@ -64,6 +64,17 @@ class MeteringConfig(BaseModel):
     rule this long after (within 5 s more), unless it settles them first."""
     restart_grace_s: float = Field(default=60.0, ge=0)
     """After a ledger restart, open reservations wait this long for their gateway to settle them."""
+    tracked_tenants: list[str] | None = None
+    """Organizations whose metrics carry their own ``tenant`` label; the others are summed under
+    ``tenant="_other"`` (their live figures: ``GET /admin/v1/tenants/{id}/figures``). None: every
+    organization, within ``metrics_series_budget``."""
+    metrics_series_budget: int = Field(default=10_000, ge=0, le=10_000_000)
+    """Most per-organization series the ledger's metrics carry; organizations past it (in id
+    order) are summed under ``tenant="_other"`` as well."""
+    usage_event_retention_days: float | None = Field(default=400.0, gt=0, le=36_500)
+    """Usage events older than this are deleted (a little at a time); their sums stay in the daily
+    roll-up by organization, project and model, which reports and ``GET /v1/usage`` read and which
+    is never pruned. ``null``: keep every event."""
     busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
     """How long a commit waits for a lock held by another process on the ledger file before it
     fails (its operations then get 503 ``ledger_unavailable``)."""

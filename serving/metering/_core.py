@@ -90,7 +90,7 @@ from ._ops import (
 from ._policy import ModelPrice
 from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
-from ._stats import LedgerStats, low_credit
+from ._stats import LedgerStats, fold_tenants, low_credit
 from ._store import LedgerStore
 
 __all__ = ["LedgerCore", "LedgerLockedError"]
@@ -105,6 +105,8 @@ def _page(items: dict[str, Any], after: str | None, limit: int, view: Callable[[
     return Page(data=data, has_more=more, next_after=ids[limit - 1] if more and limit > 0 else None)
 
 
+_RETENTION_PERIOD_S = 3600.0
+"""How often usage events past their retention are deleted."""
 _UNAVAILABLE_WAIT_S = 2.0
 """How long a write waits for the state to be rebuilt after a failed commit before it is refused."""
 
@@ -174,6 +176,8 @@ class LedgerCore:
         )
         await self._load(self.config.restart_grace_s)
         self._tasks = [asyncio.create_task(self._committer()), asyncio.create_task(self._expirer())]
+        if self.config.usage_event_retention_days is not None:
+            self._tasks.append(asyncio.create_task(self._retention()))
 
     async def _load(self, grace_s: float) -> None:
         """(Re)build the state from the file. ``grace_s`` bounds the expiry of reservations found
@@ -274,6 +278,28 @@ class LedgerCore:
                 continue
             with contextlib.suppress(LedgerUnavailableError, _RolledBack):  # resolved again next time
                 await self.expire_due()
+
+    async def _retention(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a failure here is retried at the next period
+                await self.prune_usage_events()
+            await asyncio.sleep(_RETENTION_PERIOD_S)  # a periodic timer, not a wait for a condition
+
+    async def prune_usage_events(self, step: int = 10_000) -> int:
+        """Delete usage events past the retention, ``step`` rows per transaction between commits (on
+        the writer's thread, so never inside one); returns how many."""
+        days = self.config.usage_event_retention_days
+        if days is None or self._store is None:
+            return 0
+        store, cutoff = self._store, self._wall() - days * 86_400
+        loop, total = asyncio.get_running_loop(), 0
+        while (n := await loop.run_in_executor(self._wexec, store.prune_events, cutoff, step)) > 0:
+            total += n
+            if n < step:
+                break
+        if total:
+            log.info("ledger retention: deleted %d usage events settled before %.0f", total, cutoff)
+        return total
 
     async def expire_due(self) -> int:
         """Resolve expired reservations by the crash rule now; return how many (runs periodically)."""
@@ -573,7 +599,9 @@ class LedgerCore:
         charged = st.counters.credits
         snap.credits_charged = {t: ucredits_to_credits(charged.get(t, 0)) for t in st.tenants}
         snap.low_credit, snap.tenants_below_ratio = low_credit(snap.credits_remaining, snap.credits_granted)
-        return snap
+        c = self.config
+        tracked = None if c.tracked_tenants is None else frozenset(c.tracked_tenants)
+        return fold_tenants(snap, tracked, c.metrics_series_budget)
 
     def price(self, model: str) -> ModelPrice:
         return self._state.price(model)

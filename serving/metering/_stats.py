@@ -10,9 +10,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from serving.tenancy import OTHER_TENANTS
 
 __all__ = [
     "COMMIT_LATENCY_BOUNDS_S",
@@ -21,6 +24,7 @@ __all__ = [
     "LatencyHistogram",
     "LedgerCollector",
     "LedgerStats",
+    "fold_tenants",
     "low_credit",
 ]
 
@@ -72,6 +76,11 @@ class LedgerStats:
     commit_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     commits_total: int = 0
     ops_total: int = 0
+    labelled_tenants: frozenset[str] | None = None
+    """Organizations with their own ``tenant`` label; the others are summed under
+    :data:`OTHER_TENANTS` (None: every one is labelled)."""
+    aggregated_tenants: int = 0
+    """How many organizations are summed under :data:`OTHER_TENANTS`."""
 
 
 def low_credit(
@@ -83,6 +92,66 @@ def low_credit(
     ratios = sorted((max(0.0, remaining.get(t, 0.0)) / g, t) for t, g in granted.items() if g > 0)
     below = {r: bisect.bisect_left(ratios, (r, "")) for r in LOW_CREDIT_RATIOS}
     return [(t, ratio) for ratio, t in ratios[:n]], below
+
+
+def fold_tenants(s: LedgerStats, tracked: frozenset[str] | None, budget: int) -> LedgerStats:
+    """``s`` with per-organization series only for ``tracked`` organizations (None: every one) and
+    at most ``budget`` per-organization series in all: organizations are labelled in id order while
+    their series fit; the rest are summed under :data:`OTHER_TENANTS` (counters and balances add up;
+    rate-limit utilisation, a per-limit ratio, is not exported for them). Pure; bounded output
+    whatever the number of organizations."""
+    per: dict[str, int] = {}
+    for tenant, *_ in s.tokens_charged:
+        per[tenant] = per.get(tenant, 0) + 1
+    for tenant, _ in s.refused:
+        per[tenant] = per.get(tenant, 0) + 1
+    for tenant, _ in s.rate_limit_utilisation:
+        per[tenant] = per.get(tenant, 0) + 1
+    for tenant in s.credits_remaining:
+        per[tenant] = per.get(tenant, 0) + 5  # remaining, reserved, granted, charged, in flight
+    labelled: set[str] = {""}  # unknown keys' refusals
+    used = 0
+    for tenant in sorted(t for t in per if t and (tracked is None or t in tracked)):
+        if used + per[tenant] > budget:
+            break
+        labelled.add(tenant)
+        used += per[tenant]
+    if len(labelled) == len(per) + ("" not in per):
+        return s
+
+    def lbl(t: str) -> str:
+        return t if t in labelled else OTHER_TENANTS
+
+    def fold1(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out[lbl(k)] = out.get(lbl(k), 0) + v
+        return out
+
+    def fold_first(d: dict[tuple[str, ...], int]) -> dict[tuple[str, ...], int]:
+        out: dict[tuple[str, ...], int] = {}
+        for k, v in d.items():
+            kk = (lbl(k[0]), *k[1:])
+            out[kk] = out.get(kk, 0) + v
+        return out
+
+    return LedgerStats(
+        tokens_charged=fold_first(s.tokens_charged),  # type: ignore[arg-type]
+        refused=fold_first(s.refused),  # type: ignore[arg-type]
+        credits_remaining=fold1(s.credits_remaining),
+        credits_reserved=fold1(s.credits_reserved),
+        in_flight=fold1(s.in_flight),
+        rate_limit_utilisation={k: v for k, v in s.rate_limit_utilisation.items() if k[0] in labelled},
+        credits_granted=fold1(s.credits_granted),
+        credits_charged=fold1(s.credits_charged),
+        low_credit=s.low_credit,
+        tenants_below_ratio=s.tenants_below_ratio,
+        commit_latency=s.commit_latency,
+        commits_total=s.commits_total,
+        ops_total=s.ops_total,
+        labelled_tenants=frozenset(labelled - {""}),
+        aggregated_tenants=sum(1 for t in s.credits_remaining if t not in labelled),
+    )
 
 
 class LedgerCollector(Collector):
@@ -159,5 +228,10 @@ class LedgerCollector(Collector):
         )
         commits = CounterMetricFamily(f"{p}_ledger_commits", "Ledger group commits.", value=s.commits_total)
         ops = CounterMetricFamily(f"{p}_ledger_operations", "Ledger operations applied.", value=s.ops_total)
-        yield from (tokens, refused, remaining, reserved, granted, charged, lowest, below, util)
+        aggregated = GaugeMetricFamily(
+            f"{p}_metrics_tenants_aggregated",
+            f'Organizations without their own tenant label (summed under tenant="{OTHER_TENANTS}").',
+            value=s.aggregated_tenants,
+        )
+        yield from (tokens, refused, remaining, reserved, granted, charged, lowest, below, util, aggregated)
         yield from (latency, commits, ops)

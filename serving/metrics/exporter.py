@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from serving.admission import RefusalReason
 from serving.config.resolved import ResolvedPool
+from serving.tenancy import OTHER_TENANTS
 
 P = "tokenweir"
 _REFUSAL_REASONS = tuple(r.value for r in RefusalReason)
@@ -63,16 +64,21 @@ class BoardCollector(Collector):
     deployment's pools, what each pool should be (replicas, SLO targets, price)."""
 
     def __init__(
-        self, entries: Iterable[tuple[str, str, float, Any]], pools: Sequence[ResolvedPool] = ()
+        self,
+        entries: Iterable[tuple[str, str, float, Any]],
+        pools: Sequence[ResolvedPool] = (),
+        tenants: frozenset[str] | None = None,
     ) -> None:
         self.entries = list(entries)
         self.pools = tuple(pools)
+        self.tenants = tenants
+        """Organizations labelled on their own (the ledger's metrics budget); None: every one."""
 
     def collect(self) -> Iterator[Metric]:
         pools = [(k, p) for kind, k, _a, p in self.entries if kind == "pool"]
         gateways = [(k, p) for kind, k, _a, p in self.entries if kind == "gateway"]
         yield from _deployment_families(self.pools, [p for _k, p in pools])
-        yield from _pool_families(pools)
+        yield from _pool_families(pools, self.tenants)
         yield from _engine_families(pools)
         yield from _gateway_families(gateways)
 
@@ -118,7 +124,9 @@ def _deployment_families(pools: Sequence[ResolvedPool], live: list[dict[str, Any
     yield from (info, desired, ready, ttft, tpot, target, cost)
 
 
-def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+def _pool_families(
+    pools: list[tuple[str, dict[str, Any]]], tenants: frozenset[str] | None = None
+) -> Iterator[Metric]:
     lbl = ["pool", "replica", "gpu"]
     gauges = {
         "queue_depth": GaugeMetricFamily(
@@ -191,7 +199,8 @@ def _pool_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
         # value after a burst of refusals would show no increase to rate()
         for reason in _REFUSAL_REASONS:
             refused.add_metric([*labels, reason], float(st.refused_total.get(reason, 0)))
-        for tenant, ts in st.tenants.items():
+        for tid, ts in st.tenants.items():
+            tenant = tid if tenants is None or tid in tenants else OTHER_TENANTS
             tenant_queued[(p["pool"], tenant)] += ts.queued_tokens
             tenant_served[(p["pool"], tenant, "prompt")] += ts.served_prompt_tokens
             tenant_served[(p["pool"], tenant, "completion")] += ts.served_completion_tokens

@@ -19,6 +19,7 @@ from ._keys import (
 from ._model import (
     DEFAULT_PROJECT,
     MAX_CREDITS,
+    OTHER_TENANTS,
     UCREDITS_PER_CREDIT,
     ApiKeyView,
     CapPeriod,
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_PROJECT",
     "MAX_CREDITS",
     "MEDIA_TYPES",
+    "OTHER_TENANTS",
     "UCREDITS_PER_CREDIT",
     "AdminHttpBackend",
     "ApiKeyView",

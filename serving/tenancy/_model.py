@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "DEFAULT_PROJECT",
     "MAX_CREDITS",
+    "OTHER_TENANTS",
     "UCREDITS_PER_CREDIT",
     "ApiKeyView",
     "CapPeriod",
@@ -50,6 +51,9 @@ __all__ = [
 UCREDITS_PER_CREDIT = 1_000_000
 _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _GRANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+OTHER_TENANTS = "_other"
+"""The ``tenant`` metrics label of every organization the metrics budget does not label on its own
+(not a valid tenant id, so it cannot collide with one)."""
 DEFAULT_PROJECT = "default"
 """The project every organization has (keys made without a project, and migrated tenants' keys)."""
 CapPeriod = Literal["lifetime", "daily", "monthly"]

@@ -367,9 +367,10 @@ async def test_export_streams_in_pages_and_the_rollup_outlives_retention(
         [c async for c in client.usage_report(UsageQuery(tenant_id="acme", group_by=("project_id",)), "csv")]
     )
     assert report.splitlines()[1:] == ["default,20,60,80,140000000", "lab,5,15,20,35000000"]
-    assert core._store is not None
-    pruned = core._store.prune_events(clock.wall - 86_400 * 2)
+    core.config = core.config.model_copy(update={"usage_event_retention_days": 2.0})
+    pruned = await core.prune_usage_events(step=3)
     assert 0 < pruned < 25
+    assert q(tmp_path, "SELECT count(*) FROM usage_events") == [(25 - pruned,)]
     report2 = "".join(
         [c async for c in client.usage_report(UsageQuery(tenant_id="acme", group_by=("project_id",)), "csv")]
     )
@@ -386,3 +387,40 @@ async def test_reserve_for_a_project_key_is_refused_after_its_revocation(client:
     await client.revoke_key(created.key_id, tenant_id="acme")
     res = await client.submit(Reserve("z", hash_api_key(key), "priced", 1, 1))
     assert getattr(res, "kind", None) == "invalid_api_key"
+
+
+async def test_metrics_budget_labels_tracked_organizations_and_sums_the_rest(
+    tmp_path: Path, clock: Clock
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metering._stats import LedgerCollector
+    from serving.metrics import render
+
+    core = make_core(tmp_path, clock, tracked_tenants=["org-03", "org-07"], metrics_series_budget=20)
+    await core.start()
+    try:
+        client = LedgerClient(LocalTransport(core))
+        meter = Meter(client)
+        for i in range(40):
+            await org(client, f"org-{i:02d}", 100)
+            key = await project_key(client, f"org-{i:02d}", "default")
+            r = await reserve(client, key, f"m{i}", 2, 3)
+            await meter.settle(r, 2, 3, "completed", "p", "sim")
+        stats = await client.stats()
+        assert stats.labelled_tenants == frozenset({"org-03", "org-07"}) and stats.aggregated_tenants == 38
+        assert stats.credits_charged["_other"] == 38 * 5 and stats.credits_charged["org-03"] == 5
+        assert round(stats.credits_remaining["_other"]) == 38 * 95
+        collector = LedgerCollector()
+        collector.update(stats)
+        tenants = {
+            s.labels["tenant"]
+            for fam in text_string_to_metric_families(render([collector]).decode())
+            for s in fam.samples
+            if "tenant" in s.labels and fam.name != "tokenweir_credits_low_remaining_ratio"
+        }
+        assert tenants == {"org-03", "org-07", "_other"}
+        figures = await client.tenant_figures("org-21")  # any organization's live figures
+        assert figures["charged_credits"] == 5 and figures["projects"][0]["project_id"] == "default"
+    finally:
+        await core.close()
