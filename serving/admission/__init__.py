@@ -1,7 +1,8 @@
-"""The admission core of a pool replica: tenant-fair queue (VTC), adaptive in-flight limit (a
-smoothed gradient on measured TTFT/TPOT vs the pool's SLOs) and back-pressure that refuses on
-arrival what would outwait the queue deadline; pure and clock-free, with a thin asyncio shell. See
-:class:`AdmissionPolicy` for the contract."""
+"""The admission core of a pool replica: fair queue (hierarchical VTC: organizations by weight,
+then their projects by weight), adaptive in-flight limit (a smoothed gradient on measured TTFT/TPOT
+vs the pool's SLOs) and back-pressure that refuses on arrival what would outwait the queue
+deadline; pure and clock-free, with a thin asyncio shell. See :class:`AdmissionPolicy` for the
+contract."""
 
 from serving.admission._config import AdmissionConfig, AdmissionSettings
 from serving.admission._core import AdmissionCore

@@ -23,13 +23,26 @@ Nothing queues without bound, and the excess is refused on arrival:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 from serving.admission._config import AdmissionConfig
-from serving.admission._fair_queue import FairQueue, TenantState
+from serving.admission._fair_queue import FairQueue, ProjectState, QueuedRequest, TenantState
 from serving.admission._limit import AdaptiveLimit
 from serving.admission._meters import DrainMeter
 from serving.admission._types import RefusalReason, Refused
 from serving.admission._wait import sure_releases, work_ahead_tokens
+
+
+class _Left:
+    """What a project would keep queued in a dry run of pushing its newest requests out."""
+
+    __slots__ = ("newest_first", "project", "requests", "tokens")
+
+    def __init__(self, project: ProjectState) -> None:
+        self.project = project
+        self.tokens = project.queued_tokens
+        self.requests = project.queued_requests
+        self.newest_first: Iterator[QueuedRequest] = reversed(project.queue)
 
 
 class BackPressure:
@@ -49,7 +62,14 @@ class BackPressure:
         return 429 if t.queued_tokens > share * 1.0001 else 503
 
     def check_wait(
-        self, req_id: str, t: TenantState, cost: int, in_flight_seqs: int, in_flight_tokens: int
+        self,
+        req_id: str,
+        t: TenantState,
+        cost: int,
+        in_flight_seqs: int,
+        in_flight_tokens: int,
+        project_id: str | None = None,
+        project_weight: float = 1.0,
     ) -> Refused | None:
         """The refusal of a request that may wait past the queue deadline (None: it may queue)."""
         cfg = self.config
@@ -57,10 +77,11 @@ class BackPressure:
         counter = q.lifted_counter(t)
         rate = self._drain.rate_tokens_per_s()
         per = self._drain.mean_cost_tokens() or float(cost)
-        ahead = work_ahead_tokens(t, counter, cost, q.backlogged_tenants())
+        inner = q.ahead_in_tenant(t, project_id, project_weight)
+        ahead = work_ahead_tokens(t, counter, cost, q.backlogged_tenants(), inner)
         deadline_s = cfg.queue_deadline_s
         expected = rate * deadline_s / per
-        own = t.queued_tokens + cost
+        own = inner + cost
         # Owed service: behind another active tenant, and no backlogged one before it in fair order.
         # Keeping such a tenant backlogged is what makes the queue fair (with the queue as short as
         # the rule below keeps it, a tenant not backlogged when a slot opens loses its turn), so it
@@ -106,10 +127,16 @@ class BackPressure:
         )
 
     def make_room(
-        self, req_id: str, t: TenantState, cost: int
+        self,
+        req_id: str,
+        t: TenantState,
+        cost: int,
+        project_id: str | None = None,
+        project_weight: float = 1.0,
     ) -> tuple[Refused | None, list[tuple[str, Refused]]]:
         """Room in the queue bounds for a request: its refusal (None: it fits), and the queued
-        requests of tenants over their shares pushed out to make the room."""
+        requests of tenants (or of its tenant's other projects) over their shares pushed out to
+        make the room."""
         cfg = self.config
         displaced: list[tuple[str, Refused]] = []
         q = self._queue
@@ -122,22 +149,37 @@ class BackPressure:
         rate = self._drain.rate_tokens_per_s()
         fill = self._fill(t, t, cost, 1)
         if fill > 1.0:
-            return self.refusal(
-                req_id,
-                RefusalReason.TENANT_QUEUE_FULL,
-                429,
-                (1.0 - 1.0 / fill)
-                * (t.queued_tokens + cost)
-                / (rate * t.weight / q.backlogged_weight(extra=t)),
-                f"tenant {t.tenant_id!r} holds {t.queued_tokens} queued tokens in {t.queued_requests} "
-                f"requests: its weighted share of the queue bounds ({cfg.max_queued_tokens} tokens, "
-                f"{cfg.max_queued_requests} requests)",
-            ), displaced
+            # Over the tenant's share: room only from its own projects over their shares of it.
+            plan = self._within_tenant(t, project_id, project_weight, cost)
+            if plan is None:
+                return self.refusal(
+                    req_id,
+                    RefusalReason.TENANT_QUEUE_FULL,
+                    429,
+                    (1.0 - 1.0 / fill)
+                    * (t.queued_tokens + cost)
+                    / (rate * t.weight / q.backlogged_weight(extra=t)),
+                    f"tenant {t.tenant_id!r} holds {t.queued_tokens} queued tokens in "
+                    f"{t.queued_requests} requests: its weighted share of the queue bounds "
+                    f"({cfg.max_queued_tokens} tokens, {cfg.max_queued_requests} requests)",
+                ), displaced
+            for gone in plan:
+                q.remove(gone.req_id)
+                refusal = self.refusal(
+                    gone.req_id,
+                    RefusalReason.DISPLACED,
+                    429,
+                    gone.cost_tokens / rate,
+                    f"displaced from a full queue: project {gone.project_id!r} exceeds its share of "
+                    f"tenant {t.tenant_id!r}",
+                )
+                displaced.append((gone.req_id, refusal))
+            return None, displaced
         # Push out the newest requests of the tenants most over their shares.
         while over():
             victim = max(
                 (u for u in q.backlogged_tenants() if u is not t),
-                key=lambda u: self._fill(u, t),
+                key=lambda u: (self._fill(u, t), -u.order),
                 default=None,
             )
             if victim is None or self._fill(victim, t) <= 1.0:
@@ -164,6 +206,51 @@ class BackPressure:
             f"the pool's queue is full ({q.queued_tokens} of {cfg.max_queued_tokens} tokens, "
             f"{len(q)} of {cfg.max_queued_requests} requests)",
         ), displaced
+
+    def _within_tenant(
+        self, t: TenantState, project_id: str | None, project_weight: float, cost: int
+    ) -> list[QueuedRequest] | None:
+        """The rule one level down: requests of the tenant's other projects to push out (newest of
+        the project most over its weighted share of the tenant's share of the bounds first) so that
+        a request of a project within its share fits the queue; None when that cannot make room
+        (the project is over its share, or the others are not over theirs)."""
+        cfg = self.config
+        q = self._queue
+        org = t.weight / q.backlogged_weight(extra=t)
+        p = t.projects.get(project_id)
+        weights = sum(u.weight for u in t.projects.values() if u.backlogged and u is not p)
+        weights += project_weight
+
+        def fill(tokens: int, requests: int, weight: float) -> float:
+            frac = org * weight / weights
+            return max(tokens / (cfg.max_queued_tokens * frac), requests / (cfg.max_queued_requests * frac))
+
+        own_tokens = (p.queued_tokens if p is not None else 0) + cost
+        own_requests = (p.queued_requests if p is not None else 0) + 1
+        if fill(own_tokens, own_requests, project_weight) > 1.0:
+            return None
+        # Dry run on copies of the others' counts, so nothing is pushed out unless it makes room.
+        others = [_Left(u) for u in t.projects.values() if u.backlogged and u is not p]
+        over_tokens = q.queued_tokens + cost - cfg.max_queued_tokens
+        over_requests = len(q) + 1 - cfg.max_queued_requests
+        plan: list[QueuedRequest] = []
+        while over_tokens > 0 or over_requests > 0:
+            best = max(
+                others,
+                key=lambda o: (fill(o.tokens, o.requests, o.project.weight), -o.project.order),
+                default=None,
+            )
+            if best is None or fill(best.tokens, best.requests, best.project.weight) <= 1.0:
+                return None
+            item = next((i for i in best.newest_first if i.alive), None)
+            if item is None:
+                return None
+            plan.append(item)
+            best.tokens -= item.cost_tokens
+            best.requests -= 1
+            over_tokens -= item.cost_tokens
+            over_requests -= 1
+        return plan
 
     def refusal(
         self, req_id: str, reason: RefusalReason, status: int, retry_after_s: float, message: str

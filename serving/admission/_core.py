@@ -1,4 +1,5 @@
-"""The admission core of one pool replica: VTC fair queue + adaptive in-flight limit + back-pressure.
+"""The admission core of one pool replica: fair queue (hierarchical VTC: organization, then project)
++ adaptive in-flight limit + back-pressure.
 
 A request starts at once when nothing is queued and the in-flight limit (``_limit``) has room;
 otherwise the back-pressure rules (``_backpressure``) queue it in fair order (``_fair_queue``) or
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from serving.admission._backpressure import BackPressure
 from serving.admission._config import AdmissionConfig
-from serving.admission._fair_queue import FairQueue, QueuedRequest, TenantState
+from serving.admission._fair_queue import FairQueue, QueuedRequest
 from serving.admission._interface import AdmissionPolicy
 from serving.admission._limit import AdaptiveLimit
 from serving.admission._meters import DrainMeter, FinishedSample, LatencyWindow
@@ -33,6 +34,7 @@ from serving.admission._types import (
 @dataclass(slots=True)
 class _Running:
     tenant_id: str
+    project_id: str | None
     prompt_tokens: int
     submitted_at_s: float
     released_at_s: float
@@ -96,23 +98,29 @@ class AdmissionCore(AdmissionPolicy):
         prompt_tokens: int,
         max_tokens: int,
         now: float,
+        project_id: str | None = None,
+        project_weight: float = 1.0,
     ) -> Decision:
         if req_id in self._running or req_id in self._queue:
             raise ValueError(f"request {req_id!r} is already live")
         if prompt_tokens < 0 or max_tokens < 0:
             raise ValueError(f"token counts must be >= 0 (prompt={prompt_tokens}, max={max_tokens})")
+        if not project_weight > 0:
+            raise ValueError(f"project {project_id!r}: weight must be > 0, got {project_weight}")
         self._meter(now)
         t = self._queue.tenant(tenant_id, weight)
         cost = prompt_tokens + max_tokens
         if len(self._queue) == 0 and self._fits(prompt_tokens):
-            self._queue.activate(t)
-            self._start(req_id, t, prompt_tokens, cost, now, now)
+            self._queue.start(t, project_id, project_weight)
+            self._start(req_id, t.tenant_id, project_id, prompt_tokens, cost, now, now)
             self._meter(now)
             self._stats.admitted_total += 1
             return Admitted(req_id)
-        refusal = self._bp.check_wait(req_id, t, cost, len(self._running), self._in_flight_tokens)
+        refusal = self._bp.check_wait(
+            req_id, t, cost, len(self._running), self._in_flight_tokens, project_id, project_weight
+        )
         if refusal is None:
-            refusal, displaced = self._bp.make_room(req_id, t, cost)
+            refusal, displaced = self._bp.make_room(req_id, t, cost, project_id, project_weight)
             for rid, r in displaced:
                 self._count_refusal(r)
                 self._refused.append((rid, r))
@@ -120,7 +128,11 @@ class AdmissionCore(AdmissionPolicy):
             self._count_refusal(refusal)
             return refusal
         deadline = now + self.config.queue_deadline_s
-        self._queue.push(QueuedRequest(req_id, tenant_id, prompt_tokens, max_tokens, now, deadline), weight)
+        self._queue.push(
+            QueuedRequest(req_id, tenant_id, prompt_tokens, max_tokens, now, deadline, project_id),
+            weight,
+            project_weight,
+        )
         self._seq += 1
         heapq.heappush(self._deadlines, (deadline, self._seq, req_id))
         self._meter(now)
@@ -148,15 +160,28 @@ class AdmissionCore(AdmissionPolicy):
         self._drain.advance(now, self._saturated())
 
     def _start(
-        self, req_id: str, t: TenantState, prompt_tokens: int, cost_tokens: int, submitted: float, now: float
+        self,
+        req_id: str,
+        tenant_id: str,
+        project_id: str | None,
+        prompt_tokens: int,
+        cost_tokens: int,
+        submitted: float,
+        now: float,
     ) -> None:
+        """Book a request the fair queue already counts as in flight."""
         self._drain.on_start(prompt_tokens, cost_tokens)
         self._in_flight_tokens += prompt_tokens
         self._running[req_id] = _Running(
-            t.tenant_id, prompt_tokens, submitted, now, len(self._running) + 1, self._in_flight_tokens
+            tenant_id,
+            project_id,
+            prompt_tokens,
+            submitted,
+            now,
+            len(self._running) + 1,
+            self._in_flight_tokens,
         )
-        t.in_flight += 1
-        self._queue.charge(t.tenant_id, prompt_tokens=prompt_tokens)
+        self._queue.charge(tenant_id, prompt_tokens=prompt_tokens, project_id=project_id)
 
     def release(self, now: float) -> list[str]:
         self._meter(now)
@@ -165,11 +190,12 @@ class AdmissionCore(AdmissionPolicy):
             item = self._queue.peek()
             if item is None or not self._fits(item.prompt_tokens):
                 break
-            self._queue.remove(item.req_id)
+            self._queue.release(item.req_id)
             self._drain.on_release()
             self._start(
                 item.req_id,
-                self._queue.tenant(item.tenant_id),
+                item.tenant_id,
+                item.project_id,
                 item.prompt_tokens,
                 item.cost_tokens,
                 item.submitted_at_s,
@@ -201,7 +227,7 @@ class AdmissionCore(AdmissionPolicy):
             self.on_first_token(req_id, now)
         r.generated += n
         self._in_flight_tokens += n
-        self._queue.charge(r.tenant_id, completion_tokens=n)
+        self._queue.charge(r.tenant_id, completion_tokens=n, project_id=r.project_id)
         saturated = self._saturated()
         if not first:
             self._tpot_sample(r, n, now, saturated)
@@ -224,6 +250,7 @@ class AdmissionCore(AdmissionPolicy):
             r.tenant_id,
             prompt_tokens=prompt_tokens - r.prompt_tokens,
             completion_tokens=completion_tokens - r.generated,
+            project_id=r.project_id,
         )
         reported = r.generated
         if completion_tokens > 0 and r.first_token_at_s is None:
@@ -233,7 +260,7 @@ class AdmissionCore(AdmissionPolicy):
             self._tpot_sample(r, completion_tokens - reported, now, self._saturated())
         del self._running[req_id]
         self._in_flight_tokens -= r.prompt_tokens + r.generated
-        self._queue.tenant(r.tenant_id).in_flight -= 1
+        self._queue.finish(r.tenant_id, r.project_id)
         self._meter(now)
         if r.first_token_at_s is None:
             return

@@ -23,7 +23,8 @@ from serving.admission._types import AdmissionStats, Decision, LoadSnapshot, Ref
 
 
 class AdmissionPolicy(abc.ABC):
-    """Fair queueing, an in-flight limit and back-pressure for one engine."""
+    """Fair queueing (by organization, then project), an in-flight limit and back-pressure for one
+    engine."""
 
     @abc.abstractmethod
     def submit(
@@ -34,8 +35,14 @@ class AdmissionPolicy(abc.ABC):
         prompt_tokens: int,
         max_tokens: int,
         now: float,
+        project_id: str | None = None,
+        project_weight: float = 1.0,
     ) -> Decision:
-        """Admit, queue or refuse a new request. ``req_id`` must be unique among live requests."""
+        """Admit, queue or refuse a new request. ``req_id`` must be unique among live requests.
+
+        ``tenant_id``/``weight`` are the organization and its weight, ``project_id``/
+        ``project_weight`` the project within it and its weight there (None: the organization's
+        one implicit project; fair order is then flat over organizations)."""
 
     @abc.abstractmethod
     def release(self, now: float) -> list[str]:

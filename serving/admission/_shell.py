@@ -61,14 +61,23 @@ class AsyncAdmission:
         return self.loop.time()
 
     async def acquire(
-        self, req_id: str, tenant_id: str, weight: float, prompt_tokens: int, max_tokens: int
+        self,
+        req_id: str,
+        tenant_id: str,
+        weight: float,
+        prompt_tokens: int,
+        max_tokens: int,
+        project_id: str | None = None,
+        project_weight: float = 1.0,
     ) -> None:
         """Return once the request may start; raise :class:`AdmissionRefused` if it may not.
 
         Cancelling the waiting task removes the request from the queue (or gives back its slot if it
         was released at the same moment).
         """
-        decision = self.core.submit(req_id, tenant_id, weight, prompt_tokens, max_tokens, self.now())
+        decision = self.core.submit(
+            req_id, tenant_id, weight, prompt_tokens, max_tokens, self.now(), project_id, project_weight
+        )
         if isinstance(decision, Admitted):
             return
         if isinstance(decision, Refused):

@@ -45,20 +45,27 @@ def sure_releases(expected: float, miss_probability: float) -> int:
 
 
 def work_ahead_tokens(
-    t: TenantState, counter: float, cost_tokens: int, backlogged: Iterable[TenantState]
+    t: TenantState,
+    counter: float,
+    cost_tokens: int,
+    backlogged: Iterable[TenantState],
+    own_ahead_tokens: float | None = None,
 ) -> float:
     """The queue tokens that must be released for a new request of tenant ``t`` to be released,
-    its own included: its tenant's queue, the request, and what fair order serves of the other
-    tenants before it.
+    its own included: what its tenant serves before it, the request, and what fair order serves of
+    the other tenants before it.
 
     VTC releases the backlogged tenant with the smallest counter. ``t`` reaches the request once
-    its counter has grown by its queued work; by then every other tenant ``u`` has been served up to
-    that counter level, ``(level - counter_u) * weight_u`` (bounded by ``u``'s queue). ``counter``
-    is ``t``'s counter once active (lifted if it is idle). Counters price served tokens while the
-    queue counts prompt + max_tokens, so this is an estimate.
+    its counter has grown by the work it serves first, ``own_ahead_tokens`` (its project's queue
+    and what its other projects are served meanwhile, :meth:`FairQueue.ahead_in_tenant`; None: the
+    tenant's whole queue); by then every other tenant ``u`` has been served up to that counter
+    level, ``(level - counter_u) * weight_u`` (bounded by ``u``'s queue). ``counter`` is ``t``'s
+    counter once active (lifted if it is idle). Counters price served tokens while the queue counts
+    prompt + max_tokens, so this is an estimate.
     """
-    level = counter + t.queued_tokens / t.weight
-    ahead = float(t.queued_tokens + cost_tokens)
+    own = float(t.queued_tokens) if own_ahead_tokens is None else own_ahead_tokens
+    level = counter + own / t.weight
+    ahead = own + cost_tokens
     for u in backlogged:
         if u is not t:
             ahead += min(float(u.queued_tokens), max(0.0, (level - u.counter) * u.weight))

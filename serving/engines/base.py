@@ -58,8 +58,12 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     tenant_id: str = "default"
-    """Who pays; the pool's fair queue uses it."""
+    """Who pays (the organization); the pool's fair queue uses it."""
     tenant_weight: float = 1.0
+    project_id: str | None = None
+    """The project within the organization (None: its one implicit project); the fair queue shares
+    the organization's part among its projects by their weights."""
+    project_weight: float = 1.0
     traceparent: str | None = None
     """W3C trace context from the client, handed to the engine (vLLM's ``trace_headers``)."""
 

@@ -166,7 +166,14 @@ class GatewayService:
     def _engine_request(self, p: Prepared) -> EngineRequest:
         tenant = p.reservation.tenant_id if p.reservation else "default"
         weight = p.reservation.tenant_weight if p.reservation else 1.0
-        return EngineRequest(p.request_id, p.prompt_ids, p.sampling, tenant, weight, p.traceparent)
+        return EngineRequest(
+            p.request_id,
+            p.prompt_ids,
+            p.sampling,
+            tenant_id=tenant,
+            tenant_weight=weight,
+            traceparent=p.traceparent,
+        )
 
     async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
         request = self._engine_request(p)

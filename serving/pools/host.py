@@ -103,6 +103,8 @@ class ReplicaHost:
                 request.tenant_weight,
                 len(request.prompt_token_ids),
                 request.sampling.max_tokens * request.sampling.n,
+                request.project_id,
+                request.project_weight,
             )
         except AdmissionRefused as e:
             conn.fail(Failure(rid, str(e), refusal=e.refusal))
