@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from models.catalog import ModelEntry
-from serving.engines.base import SamplingSpec
+from serving.engines.base import EngineRequest, SamplingSpec
 from serving.metering import Reservation, TokenBudget
 
 __all__ = ["Outcome", "Prepared"]
@@ -40,6 +40,25 @@ class Prepared:
     """What the dispatch produced (set once it starts)."""
     charged_ucredits: int | None = None
     """What settlement charged (set once settled)."""
+
+    def engine_request(self) -> EngineRequest:
+        """What goes to the pool: the tokens, the sampling, and who the reservation says pays (the
+        organization and project, with the weights the pool's fair queue shares it by)."""
+        res = self.reservation
+        if res is None:
+            return EngineRequest(
+                self.request_id, self.prompt_ids, self.sampling, traceparent=self.traceparent
+            )
+        return EngineRequest(
+            self.request_id,
+            self.prompt_ids,
+            self.sampling,
+            tenant_id=res.tenant_id,
+            tenant_weight=res.tenant_weight,
+            project_id=res.project_id,
+            project_weight=res.project_weight,
+            traceparent=self.traceparent,
+        )
 
 
 @dataclass

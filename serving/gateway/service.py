@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from models.catalog import ModelEntry
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, unsupported_field
 from serving.api.render import DONE_EVENT, Renderer, sse_event
-from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec, TokenLogprob
+from serving.engines.base import EngineChunk, SamplingSpec, TokenLogprob
 from serving.errors import InvalidRequestError, NotFoundError, validation_message
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
@@ -163,20 +163,8 @@ class GatewayService:
             )
 
     # ----------------------------------------------------------------- dispatch
-    def _engine_request(self, p: Prepared) -> EngineRequest:
-        tenant = p.reservation.tenant_id if p.reservation else "default"
-        weight = p.reservation.tenant_weight if p.reservation else 1.0
-        return EngineRequest(
-            p.request_id,
-            p.prompt_ids,
-            p.sampling,
-            tenant_id=tenant,
-            tenant_weight=weight,
-            traceparent=p.traceparent,
-        )
-
     async def _open(self, p: Prepared, outcome: Outcome) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
-        request = self._engine_request(p)
+        request = p.engine_request()
         return await open_stream(self.pools, self.first_token_timeout_s, request, p, outcome)
 
     async def _open_or_settle(

@@ -10,11 +10,14 @@ from collections.abc import Callable
 
 import pytest
 
+from models.catalog import ModelEntry
 from serving.admission import AdmissionCore, AdmissionSettings, AsyncAdmission
 from serving.engines.base import EngineRequest, SamplingSpec
 from serving.engines.sim import SimEngine
+from serving.gateway.request import Prepared
 from serving.gateway.transport import ChannelTransport, TokenStream
 from serving.hardware import EngineSettings, ModelArch, get_gpu
+from serving.metering import Reservation, TokenBudget
 from serving.pools.host import ReplicaHost
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,3 +94,28 @@ async def test_orgs_share_the_replica_equally_and_projects_split_their_part_by_w
         await transport.close()
         await host.close()
         await engine.shutdown()
+
+
+def test_the_gateway_sends_the_reservations_organization_and_project() -> None:
+    """What the pool queues by comes from the ledger's reservation, never from the request."""
+    res = Reservation(
+        "r-1", "acme", "key_1", "m", 5, 8, 13, tenant_weight=2.0, project_id="lab", project_weight=3.0
+    )
+    p = Prepared(
+        "r-1",
+        "chat",
+        ModelEntry.model_construct(name="m"),
+        [1, 2, 3, 4, 5],
+        SamplingSpec(8),
+        False,
+        False,
+        None,
+        TokenBudget(5, 8),
+        reservation=res,
+        traceparent="00-ab-cd-01",
+    )
+    req = p.engine_request()
+    assert (req.tenant_id, req.tenant_weight, req.project_id, req.project_weight) == ("acme", 2.0, "lab", 3.0)
+    assert (req.request_id, req.prompt_token_ids, req.traceparent) == ("r-1", [1, 2, 3, 4, 5], "00-ab-cd-01")
+    p.reservation = None  # metering off: everyone in one organization, flat
+    assert (p.engine_request().tenant_id, p.engine_request().project_id) == ("default", None)
