@@ -148,6 +148,63 @@ def test_tenancy_round_trip_on_the_ledger_file(
     assert "weight" in capsys.readouterr().err
 
 
+def test_projects_grants_and_reports_from_the_command_line(
+    ledger_config: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = ledger_config
+    assert tokenweir(["tenants", "create", "Uni", "--id", "uni", *c]) == 0
+    capsys.readouterr()
+    cmd = [
+        "projects",
+        "create",
+        "uni",
+        "alice",
+        "--credit-cap",
+        "50",
+        "--cap-period",
+        "monthly",
+        "--rpm",
+        "60",
+    ]
+    assert tokenweir([*cmd, "--weight", "3", *c]) == 0
+    p = _json(capsys)
+    assert (p["credit_cap"], p["cap_period"], p["weight"], p["limits"]["rpm"]) == (50, "monthly", 3, 60)
+    cmd = [
+        "grants",
+        "create",
+        "uni",
+        "lab-2026",
+        "200",
+        "--program",
+        "innovation-lab",
+        "--expires",
+        "2099-12-31",
+    ]
+    assert tokenweir([*cmd, *c]) == 0
+    g = _json(capsys)
+    assert g["program"] == "innovation-lab" and g["remaining_credits"] == 200 and g["expires_at"] > 4e9
+    assert tokenweir([*cmd, *c]) == 0  # a retry of the same grant id is a no-op
+    assert _json(capsys)["grant_id"] == "lab-2026"
+    assert tokenweir(["grants", "list", "uni", *c]) == 0
+    assert [x["grant_id"] for x in _json(capsys)] == ["lab-2026"]
+    assert tokenweir(["keys", "create", "uni", "--project", "alice", *c]) == 0
+    k = json.loads(capsys.readouterr().out)
+    assert k["project_id"] == "alice" and k["role"] == "member"
+    assert tokenweir(["keys", "create", "uni", "--org-admin", *c]) == 0
+    assert json.loads(capsys.readouterr().out)["role"] == "admin"
+    assert tokenweir(["keys", "list", "uni", "--project", "alice", *c]) == 0
+    assert [x["key_id"] for x in _json(capsys)["data"]] == [k["key_id"]]
+    assert tokenweir(["projects", "update", "uni", "alice", "--no-cap", *c]) == 0
+    assert _json(capsys)["credit_cap"] is None
+    assert tokenweir(["projects", "list", "uni", "--limit", "1", *c]) == 0
+    page = _json(capsys)
+    assert page["has_more"] and [x["project_id"] for x in page["data"]] == ["alice"]
+    assert tokenweir(["usage", "report", "--group-by", "tenant_id,model", *c]) == 0
+    assert capsys.readouterr().out.startswith("tenant_id,model,requests")
+    assert tokenweir(["tenants", "figures", "uni", *c]) == 0
+    assert _json(capsys)["tenant"]["credits"] == 200
+
+
 def test_load_without_the_harness_says_how_to_get_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
