@@ -115,7 +115,7 @@ def _books(state_dir: str, tenant: str) -> tuple[int, int, int, int]:
             "SELECT balance_ucredits FROM tenants WHERE tenant_id = ?", (tenant,)
         ).fetchone()
         (granted,) = db.execute(
-            "SELECT coalesce(sum(ucredits), 0) FROM credit_grants WHERE tenant_id = ?", (tenant,)
+            "SELECT coalesce(sum(ucredits), 0) FROM grants WHERE tenant_id = ?", (tenant,)
         ).fetchone()
         (charged,) = db.execute(
             "SELECT coalesce(sum(ucredits), 0) FROM usage_events WHERE tenant_id = ?", (tenant,)
