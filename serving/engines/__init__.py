@@ -1,5 +1,6 @@
 """Engines a pool replica can drive: vLLM (``vllm_engine``) and the simulated engine (``sim``)."""
 
+from serving.engines._metrics import EngineMetrics, HistogramSnapshot
 from serving.engines.base import (
     ChoiceDelta,
     Engine,
@@ -19,7 +20,9 @@ __all__ = [
     "EngineChunk",
     "EngineDeadError",
     "EngineError",
+    "EngineMetrics",
     "EngineRequest",
+    "HistogramSnapshot",
     "SamplingSpec",
     "TokenLogprob",
 ]

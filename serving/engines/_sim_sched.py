@@ -60,6 +60,10 @@ class SimSeq:
     """Prompt tokens found in the prefix cache at first admission."""
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    arrival_s: float = 0.0
+    last_token_s: float = 0.0
+    """When the sequence arrived and sampled its last token, on the engine's clock: the engine's
+    latency metrics (this scheduler keeps no time)."""
 
     @property
     def total_len(self) -> int:
@@ -138,6 +142,11 @@ class SimScheduler:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.num_blocks * self.block_tokens
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of blocks not free, as vLLM's ``kv_cache_usage_perc`` (an unused cached block is free)."""
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serving.kvcache import PrefixCacheStats
+from serving.engines._metrics import EngineMetrics
 
 log = logging.getLogger("tokenweir.engine")
 
@@ -200,8 +200,9 @@ class Engine(abc.ABC):
     def capacity(self) -> EngineCapacity:
         """Batch and KV-cache bounds of the started engine."""
 
-    def prefix_cache_stats(self) -> PrefixCacheStats | None:
-        """A copy of the engine's prefix-cache counters (plain data), or None when it keeps none."""
+    def engine_metrics(self) -> EngineMetrics | None:
+        """The engine's own figures under vLLM's names (plain data, safe to ship), or None before
+        it started."""
         return None
 
     @abc.abstractmethod

@@ -14,6 +14,11 @@ prefix and prefills only the rest, and cached blocks are evicted LRU within the 
 (:class:`~serving.kvcache.BlockPool`). ``stats.prefix_cache`` counts queried and hit prompt
 tokens, exported as ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``.
 
+:meth:`SimEngine.engine_metrics` gives vLLM's engine metrics (:mod:`serving.engines._metrics`)
+from the scheduler (running, waiting, KV usage, preemptions, prefix cache) and from the steps as
+they end: prompt and generation tokens, TTFT, inter-token and end-to-end latency per sequence, in
+seconds on the engine's clock (wall time; with ``speedup`` the hardware's times divided by it).
+
 ``speedup`` divides every step time (a test fleet can run 100x faster than the hardware it models).
 ``record_lag`` keeps, per delivered token, how late the consumer got it against the model's
 timeline (``stats.lag_s``), which ``loadtests/bench_sim_schedule.py`` reports. For a submitted
@@ -29,6 +34,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from serving.engines._metrics import EngineMetrics, EngineMetricsRecorder
 from serving.engines._sim_clock import Clock, FakeClock, LoopClock
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.engines._sim_stream import SimStream, seq_hash
@@ -118,6 +124,7 @@ class SimEngine(Engine):
             enable_prefix_caching=enable_prefix_caching,
         )
         self.stats.prefix_cache = self._sched.prefix_cache_stats
+        self._metrics = EngineMetricsRecorder()
         self._hasher = BlockHasher(block_tokens) if enable_prefix_caching else None
         self._streams: dict[str, SimStream] = {}
         self._task: asyncio.Task[None] | None = None
@@ -133,6 +140,18 @@ class SimEngine(Engine):
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return dataclasses.replace(self.stats.prefix_cache) if self._hasher is not None else None
+
+    def engine_metrics(self) -> EngineMetrics:
+        sched = self._sched
+        pc = sched.prefix_cache_stats
+        return self._metrics.snapshot(
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            kv_cache_usage=sched.kv_cache_usage,
+            preemptions=sched.num_preemptions,
+            prefix_cache_queries=pc.queries,
+            prefix_cache_hits=pc.hits,
+        )
 
     # ---- Engine interface -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -237,6 +256,7 @@ class SimEngine(Engine):
         if request.request_id in self._streams:
             raise EngineError(f"duplicate request id {request.request_id!r}")
         hashes = [seq_hash(request, i) for i in range(sp.n)]
+        now = self.clock.now()
         blocks = self._hasher.block_hashes(request.prompt_token_ids) if self._hasher is not None else []
         seqs = []
         for i, h in enumerate(hashes):
@@ -251,6 +271,7 @@ class SimEngine(Engine):
                     max_tokens=sp.max_tokens,
                     eos_after=eos,
                     block_hashes=blocks,
+                    arrival_s=now,
                 )
             )
         stream = SimStream(request, seqs, hashes, self._record_lag)
@@ -313,6 +334,7 @@ class SimEngine(Engine):
             # so that at the step's end only the (cheap) publication is left.
             produced = sched.postprocess(batch)
             staged: dict[int, SimStream] = {}
+            metrics = self._metrics
             for seq in produced:
                 stream: SimStream = seq.owner
                 staged[id(stream)] = stream
@@ -321,6 +343,13 @@ class SimEngine(Engine):
                         seq.finish_reason = "stop"
                     else:
                         sched.finish(seq, "stop")
+                if seq.num_output == 1:
+                    metrics.first_token(t_end - seq.arrival_s, seq.prompt_len)
+                else:
+                    metrics.next_token(t_end - seq.last_token_s)
+                seq.last_token_s = t_end
+                if seq.status is SeqStatus.FINISHED:
+                    metrics.finished(t_end - seq.arrival_s)
             # Pushed streams' chunks are built now too; at the step's end they are only handed over.
             ready = [self._prepare_push(s) for s in staged.values() if s.sink is not None and not s.done]
             if t_end > now:

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from serving.engines._metrics import VLLM_SAMPLE_NAMES, EngineMetrics, from_prometheus
 from serving.engines.base import (
     Abort,
     ChoiceDelta,
@@ -93,6 +94,7 @@ class VllmEngine(Engine):
         self._args = dict(engine_args)
         self._llm: Any = None
         self._dispatch: _Dispatch | None = None
+        self._registry: Any = None
 
     async def start(self) -> None:
         args = dict(self._args)
@@ -108,6 +110,7 @@ class VllmEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         uniproc = self._cpu_uniproc and _cpu_uniproc_applies(args)
         if uniproc:
@@ -117,15 +120,20 @@ class VllmEngine(Engine):
             args["distributed_executor_backend"] = UniProcExecutor
         engine_args = AsyncEngineArgs(model=self._model_path, served_model_name=[self._served_name], **args)
         usage = UsageContext.OPENAI_API_SERVER
+        # vLLM's Prometheus logger alone (no periodic log lines): engine_metrics() reads its
+        # registry in this process, where the front end records every step's stats.
+        loggers: list[Any] = [PrometheusStatLogger]
 
         def build() -> tuple[Any, frozenset[int] | None]:
             if not uniproc:
-                return AsyncLLM.from_engine_args(engine_args, usage_context=usage), None
+                llm = AsyncLLM.from_engine_args(engine_args, usage_context=usage, stat_loggers=loggers)
+                return llm, None
             config = engine_args.create_engine_config(usage)
             with _cpu_uniproc(config) as cores:
                 return AsyncLLM.from_vllm_config(
                     config,
                     usage_context=usage,
+                    stat_loggers=loggers,
                     enable_log_requests=engine_args.enable_log_requests,
                     disable_log_stats=engine_args.disable_log_stats,
                 ), cores
@@ -212,6 +220,16 @@ class VllmEngine(Engine):
             per_token *= mc.get_head_size() * mc.dtype.itemsize
             kv_tokens = int(gib * 2**30 // per_token)
         return EngineCapacity(int(cfg.scheduler_config.max_num_seqs), kv_tokens)
+
+    def engine_metrics(self) -> EngineMetrics | None:
+        """vLLM's own figures, from its Prometheus logger's registry in this process."""
+        if self._llm is None or self._llm.logger_manager is None:
+            return None
+        if self._registry is None:
+            from prometheus_client import REGISTRY  # where vLLM's logger registers (not multiprocess)
+
+            self._registry = REGISTRY.restricted_registry(VLLM_SAMPLE_NAMES)
+        return from_prometheus(self._registry.collect())
 
     def num_unfinished(self) -> int:
         if self._llm is None:

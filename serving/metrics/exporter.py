@@ -20,11 +20,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from serving.admission import RefusalReason
 from serving.config.resolved import ResolvedPool
+from serving.engines import EngineMetrics, HistogramSnapshot
 from serving.tenancy import OTHER_TENANTS
 
 P = "tokenweir"
@@ -215,23 +223,69 @@ def _pool_families(
     yield t_served
 
 
+_ENGINE_LABELS = ["model_name", "pool", "replica", "gpu"]
+_ENGINE_GAUGES = (
+    ("vllm:num_requests_running", "num_requests_running", "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", "num_requests_waiting", "Number of requests waiting to be processed."),
+    ("vllm:kv_cache_usage_perc", "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+)
+_ENGINE_COUNTERS = (
+    (
+        "vllm:prefix_cache_queries",
+        "prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+    ),
+    (
+        "vllm:prefix_cache_hits",
+        "prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+    ),
+    ("vllm:num_preemptions", "num_preemptions", "Cumulative number of preemption from the engine."),
+    ("vllm:prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
+    ("vllm:generation_tokens", "generation_tokens", "Number of generation tokens processed."),
+)
+_ENGINE_HISTOGRAMS = (
+    (
+        "vllm:time_to_first_token_seconds",
+        "time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+    ),
+    (
+        "vllm:inter_token_latency_seconds",
+        "inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+    ),
+    (
+        "vllm:e2e_request_latency_seconds",
+        "e2e_request_latency_seconds",
+        "Histogram of e2e request latency in seconds.",
+    ),
+)
+
+
 def _engine_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
-    """The engines' own counters under vLLM's names (``vllm:*``), one series per pool replica."""
-    lbl = ["model_name", "pool", "replica", "gpu"]
-    queries = CounterMetricFamily(
-        "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels=lbl
-    )
-    hits = CounterMetricFamily(
-        "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=lbl
-    )
+    """Each pool replica's engine metrics (:class:`~serving.engines.EngineMetrics`) under vLLM's
+    names, help and bucket bounds, as vLLM's Prometheus logger exposes them, relabelled: vLLM's
+    ``model_name`` kept, its ``engine`` index (summed in the replica) replaced by ``pool``,
+    ``replica`` and ``gpu``. Replicas are bounded by the deployment."""
+    gauges = [(GaugeMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_GAUGES]
+    counters = [(CounterMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_COUNTERS]
+    hists = [(HistogramMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_HISTOGRAMS]
     for key, p in pools:
-        pc = p.get("prefix_cache")
-        if pc is None:
+        em: EngineMetrics | None = p.get("engine_metrics")
+        if em is None:
             continue
         labels = [p.get("model", ""), p["pool"], key.split("/", 1)[-1], p["accelerator"]]
-        queries.add_metric(labels, float(pc.queries))
-        hits.add_metric(labels, float(pc.hits))
-    yield from (queries, hits)
+        for g, f in gauges:
+            g.add_metric(labels, float(getattr(em, f)))
+        for c, f in counters:
+            c.add_metric(labels, float(getattr(em, f)))
+        for hfam, f in hists:
+            h: HistogramSnapshot = getattr(em, f)
+            buckets = [(floatToGoString(b), float(n)) for b, n in zip(h.bounds, h.counts, strict=True)]
+            hfam.add_metric(labels, [*buckets, ("+Inf", float(h.count))], h.sum)
+    for fam, _f in (*gauges, *counters, *hists):
+        yield fam
 
 
 def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metric]:

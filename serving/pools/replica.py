@@ -126,7 +126,7 @@ class PoolReplica:
             "snapshot": snap,
             "admission": core.stats(),
             "model": self.pool.model,
-            "prefix_cache": self._engine.prefix_cache_stats(),
+            "engine_metrics": self._engine.engine_metrics(),
             "engine_unfinished": self._engine.num_unfinished(),
             "replica": self._id,
             "channel": self._channel_addr,

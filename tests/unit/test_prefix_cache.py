@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from serving.admission import AdmissionStats
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.engines.base import EngineRequest, SamplingSpec
 from serving.engines.sim import FakeClock, SimEngine
@@ -16,7 +14,6 @@ from serving.hardware.catalog import get_gpu
 from serving.hardware.perfmodel import ModelArch, PerfModel
 from serving.hardware.plan import EngineSettings
 from serving.kvcache import BlockHasher, BlockPool, PrefixCacheStats, vllm_none_hash_seed
-from serving.metrics import BoardCollector, render
 
 # Computed with vLLM 0.32.0: init_none_hash(sha256); hash_block_tokens(sha256, parent, tokens, extra).
 NONE_HASH = "066b1e8987e027138e98701c46128929378935f9b6cd1549105ae6b4f0d71198"
@@ -183,25 +180,3 @@ async def test_engine_ttft_counts_only_uncached_tokens_and_reports_its_counters(
     off = SimEngine(LLAMA8B, H100, EngineSettings(8, 1024, 0.9), clock=clock, enable_prefix_caching=False)
     assert off.prefix_cache_stats() is None
     await engine.shutdown()
-
-
-def test_prefix_cache_counters_are_exported_under_vllms_names() -> None:
-    payload = {
-        "pool": "h",
-        "accelerator": "H100",
-        "model": "m",
-        "admission": AdmissionStats(),
-        "prefix_cache": PrefixCacheStats(requests=3, queries=300, hits=120),
-    }
-    no_cache = {**payload, "prefix_cache": None}
-    text = render([BoardCollector([("pool", "h/r1", 0.1, payload), ("pool", "h/r2", 0.1, no_cache)])])
-    got = {
-        (s.name, s.labels["replica"]): s.value
-        for fam in text_string_to_metric_families(text.decode())
-        for s in fam.samples
-        if s.name.startswith("vllm:")
-    }
-    assert got == {
-        ("vllm:prefix_cache_queries_total", "r1"): 300,
-        ("vllm:prefix_cache_hits_total", "r1"): 120,
-    }
