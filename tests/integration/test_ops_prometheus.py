@@ -348,6 +348,10 @@ def test_one_target_for_the_fleet_and_series_per_gateway_replica(prometheus: Pro
     assert prometheus.value("count(count by (gateway) (tokenweir_requests_total))") == 2
     assert prometheus.value('count(tokenweir_pool_info{engine="sim"})') == 3
     assert prometheus.value('tokenweir_pool_replicas_ready{pool="sim-l40s"}') == 1
+    # every pool replica's engine metrics, once: the vLLM pool's and the simulated ones'
+    assert prometheus.value("count(vllm:num_requests_running)") == 4
+    gpus = {r["metric"]["gpu"] for r in prometheus.query("vllm:kv_cache_usage_perc")}
+    assert gpus == {"CPU", "H100", "A10", "L40S"}
 
 
 def test_recording_rules_produce_series_and_every_rule_is_healthy(prometheus: Prom, load: Load) -> None:
