@@ -3,15 +3,19 @@
 Nothing queues without bound, and the excess is refused on arrival:
 
 * A request that may wait longer than the queue deadline is refused at once (``PREDICTED_WAIT``):
-  it needs as many releases as the work ahead of it in fair order (its own included, plus the
-  finishes that open nothing while the load is above a limit that came down) takes, and the queue,
-  releasing at its measured drain rate, must surely (``1 - deadline_miss_probability``) make that
+  it needs as many releases as the work ahead of it in fair order (its own included, and of its
+  tenant's queue only what the project order serves first, plus the finishes that open nothing
+  while the load is above a limit that came down) takes, and the queue, releasing at its measured
+  drain rate, must surely (``1 - deadline_miss_probability``) make that
   many within the deadline: Poisson, widened by the measured dispersion of the releases (see
   ``_wait``). A tenant owed service may queue on the mean instead (``min_queued_per_tenant``).
 * The queue holds at most ``max_queued_tokens`` (prompt + max_tokens) and ``max_queued_requests``.
   When a request does not fit, a tenant over its weighted share of the bound is refused (429); a
   tenant within its share pushes out the newest requests of the tenants most over theirs (they are
-  refused, 429, through ``expire``); if that cannot make room the pool is full (503).
+  refused, 429, through ``expire``); if that cannot make room the pool is full (503). One level
+  down the same: in a tenant over its share, a project within its weighted share of the tenant's
+  part pushes out the newest requests of the sibling projects most over theirs, when that makes
+  room (else the 429 stands); a victim tenant loses its most-over project's newest request first.
 * A queued request not released by its deadline is refused (``QUEUE_DEADLINE``, through
   ``expire``); the first rule keeps this rare.
 * A refusal for a wait (predicted or actual) is 429 when the tenant already holds more than its

@@ -10,7 +10,8 @@ class RefusalReason(StrEnum):
     """Why a request was refused (a bounded set: safe as a metric label)."""
 
     TENANT_QUEUE_FULL = "tenant_queue_full"
-    """The tenant already holds its weighted share of the queue (429)."""
+    """The tenant (organization) already holds its weighted share of the queue, and the request's
+    project cannot make room from its siblings (429)."""
     POOL_QUEUE_FULL = "pool_queue_full"
     """The queue's token or request bound is reached by tenants within their shares (503)."""
     PREDICTED_WAIT = "predicted_wait"
@@ -19,7 +20,8 @@ class RefusalReason(StrEnum):
     QUEUE_DEADLINE = "queue_deadline"
     """The request waited its whole queue deadline without being released."""
     DISPLACED = "displaced"
-    """Pushed out of a full queue by a tenant within its share (the victim's tenant was over its)."""
+    """Pushed out of a full queue by a tenant within its share (the victim's tenant was over its),
+    or by a project within its share of its organization's part (the victim's project was over)."""
 
 
 @dataclass(frozen=True, slots=True)
