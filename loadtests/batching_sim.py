@@ -46,6 +46,8 @@ class Req:
         "generated",
         "max_tokens",
         "out_len",
+        "project",
+        "project_weight",
         "prompt",
         "refused",
         "refused_t",
@@ -59,6 +61,8 @@ class Req:
         self, rid: str, tenant: str, weight: float, arrival: float, prompt: int, out_len: int
     ) -> None:
         self.rid, self.tenant, self.weight, self.arrival = rid, tenant, weight, arrival
+        self.project: str | None = None
+        self.project_weight = 1.0
         self.prompt, self.out_len, self.max_tokens = prompt, out_len, 1024
         self.generated = self.reported = 0
         self.first_t: float | None = None
@@ -87,7 +91,10 @@ def workload(
     weights: dict[str, float] | None = None,
     seed: int = 1,
     arrive_s: float = ARRIVE_S,
+    project_weights: dict[str, float] | None = None,
 ) -> list[Req]:
+    """Requests per sender of ``rates`` (requests/s): a tenant, or ``"org/project"`` for a project
+    of an organization; ``weights`` by tenant (organization), ``project_weights`` by sender."""
     rng = random.Random(seed)
     out: list[Req] = []
     for tenant in sorted(rates):
@@ -98,7 +105,11 @@ def workload(
                 break
             p = int(min(4096, max(16, rng.lognormvariate(math.log(256), 0.8))))
             o = int(min(1024, max(8, rng.lognormvariate(math.log(192), 0.8))))
-            out.append(Req(f"{tenant}-{i}", tenant, (weights or {}).get(tenant, 1.0), t, p, o))
+            org, _, project = tenant.partition("/")
+            r = Req(f"{tenant}-{i}", org, (weights or {}).get(org, 1.0), t, p, o)
+            if project:
+                r.project, r.project_weight = project, (project_weights or {}).get(tenant, 1.0)
+            out.append(r)
             i += 1
     out.sort(key=lambda r: r.arrival)
     return out
@@ -212,7 +223,9 @@ def simulate(
                 start(rep, r)
             else:
                 t0 = time.perf_counter_ns()
-                d = rep.core.submit(r.rid, r.tenant, r.weight, r.prompt, r.max_tokens, now)
+                d = rep.core.submit(
+                    r.rid, r.tenant, r.weight, r.prompt, r.max_tokens, now, r.project, r.project_weight
+                )
                 if isinstance(d, Refused):
                     rep.refuse_ns.append(time.perf_counter_ns() - t0)
                     r.refused, r.refused_t = d, now

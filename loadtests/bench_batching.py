@@ -13,7 +13,8 @@ and TPOT 60 ms. Goodput is DistServe's: requests per second that meet both SLOs.
 
 Rows: goodput of the adaptive limit against the best of a sweep of fixed limits and against no
 limit (1.5x saturation); TPOT p99 of admitted requests and how quickly the excess is refused (the
-share of refusals decided within 50 ms of arrival) at 2x; fairness between tenants on one L20; and
+share of refusals decided within 50 ms of arrival) at 2x; fairness between tenants on one L20 (flat,
+and between organizations and their projects); and
 routing on 1 H100 + 3 L20 against round-robin across the pools, at loads both serve within the
 SLOs (cost per million tokens at equal attainment) and above (attainment).
 
@@ -129,6 +130,37 @@ def run_fairness(
     }
     refused = [r for r in reqs if r.refused is not None]
     return served, ttft, fast_refusals(refused) / len(refused) if refused else 1.0
+
+
+def run_hierarchical(
+    gpu: str, rates_x: dict[str, float], project_weights: dict[str, float]
+) -> tuple[dict[str, int], dict[str, int], float]:
+    """Hierarchical fairness: served tokens per organization (the admission core's counts) and per
+    ``org/project`` sender (prompt of each started request plus its reported output) over 60 s,
+    and the share of refusals decided within ``FAST_REFUSAL_S`` of arrival."""
+    plan = plan_for(gpu)
+    sat_rps, _ = saturation(gpu, plan)
+    rep = make_replica(gpu, plan, "adaptive")
+    reqs = workload({t: x * sat_rps for t, x in rates_x.items()}, seed=7, project_weights=project_weights)
+    orgs: dict[str, int] = {}
+    projects: dict[str, int] = {}
+
+    def tick(now: float) -> None:
+        if abs(now - ARRIVE_S) < 0.5 and rep.core is not None:
+            orgs.update(
+                {
+                    t: s.served_prompt_tokens + s.served_completion_tokens
+                    for t, s in rep.core.stats().tenants.items()
+                }
+            )
+            for r in reqs:
+                if r.first_t is not None:
+                    key = f"{r.tenant}/{r.project}"
+                    projects[key] = projects.get(key, 0) + r.prompt + r.reported
+
+    simulate([rep], reqs, lambda r, now: rep, on_tick=tick)
+    refused = [r for r in reqs if r.refused is not None]
+    return orgs, projects, fast_refusals(refused) / len(refused) if refused else 1.0
 
 
 # ---- routing on a two-type fleet -------------------------------------------------------------------------
@@ -274,6 +306,27 @@ def main() -> None:
     rows.append(
         (
             f"fairness weights 3:1: served ratio (refusals within 50 ms: {fast:.3f})",
+            f"{ratio:.2f}",
+            "3 +/- 0.3",
+            abs(ratio - 3) <= 0.3,
+        )
+    )
+    # Two organizations of equal weight, each sending 2x what the replica serves: A through two
+    # projects weighted 3:1 that send alike, B through one.
+    orgs, projects, fast = run_hierarchical(gpu, {"A/a1": 1.0, "A/a2": 1.0, "B/b": 2.0}, {"A/a1": 3.0})
+    ratio = orgs["A"] / orgs["B"]
+    rows.append(
+        (
+            f"fairness org A (2 projects) / org B (1), equal weights: served ratio (refusals within 50 ms: {fast:.3f})",
+            f"{ratio:.2f}",
+            "1 +/- 0.1",
+            abs(ratio - 1) <= 0.1,
+        )
+    )
+    ratio = projects["A/a1"] / projects["A/a2"]
+    rows.append(
+        (
+            "fairness projects 3:1 within org A: served ratio",
             f"{ratio:.2f}",
             "3 +/- 0.3",
             abs(ratio - 3) <= 0.3,

@@ -90,10 +90,19 @@ class BackPressure:
         # Keeping such a tenant backlogged is what makes the queue fair (with the queue as short as
         # the rule below keeps it, a tenant not backlogged when a slot opens loses its turn), so it
         # may queue on the releases expected within the deadline, not the sure ones, and at least
-        # min_queued_per_tenant.
-        owed = ahead == own and any(c > counter for c in q.active_counters(exclude=t))
-        if owed and (
-            t.queued_requests < cfg.min_queued_per_tenant or math.ceil(own / per - 1e-9) <= expected
+        # min_queued_per_tenant. One level down the same: a project first in its tenant's fair
+        # order and behind another of its active projects is owed its turns in its tenant's part,
+        # so it may queue on the releases expected to cover all the work ahead of it (the other
+        # tenants' included), and at least min_queued_per_tenant.
+        if (
+            ahead == own
+            and any(c > counter for c in q.active_counters(exclude=t))
+            and (t.queued_requests < cfg.min_queued_per_tenant or math.ceil(own / per - 1e-9) <= expected)
+        ):
+            return None
+        owed_queued = q.owed_in_tenant(t, project_id, inner)
+        if owed_queued is not None and (
+            owed_queued < cfg.min_queued_per_tenant or math.ceil(ahead / per - 1e-9) <= expected
         ):
             return None
         needed = max(1, math.ceil(ahead / per - 1e-9)) + self._deficit(in_flight_seqs, in_flight_tokens)

@@ -210,6 +210,20 @@ class FairQueue:
                 own += min(float(q.queued_tokens), max(0.0, (level - q.counter) * q.weight))
         return own
 
+    def owed_in_tenant(self, t: TenantState, project_id: str | None, ahead_in_tenant: float) -> int | None:
+        """If a new request of this project is owed service within its organization (no other
+        project's work before it in the organization's fair order, ``ahead_in_tenant`` being what
+        :meth:`ahead_in_tenant` says, and another active project with a larger counter): the
+        project's queued requests. None otherwise, and always with one project."""
+        p = t.projects.get(project_id)
+        if p is None:
+            counter, own, queued = min((q.counter for q in t.projects.values()), default=0.0), 0, 0
+        else:
+            counter, own, queued = p.counter, p.queued_tokens, p.queued_requests
+        if ahead_in_tenant > own or not any(q.counter > counter for q in t.projects.values() if q is not p):
+            return None
+        return queued
+
     # ---- the queue ------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._by_id)
