@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from models.catalog import ModelEntry
+from serving.admission import AdmissionRefused
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest, unsupported_field
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, SamplingSpec, TokenLogprob
@@ -172,14 +173,22 @@ class GatewayService:
     ) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
         """``_open``, releasing the reservation when nothing was produced.
 
-        The release is not awaited: a refusal by a pool (or any failure before the first token)
-        is answered at once, and its release joins the ledger's next group commit (no commit of its
-        own, and no wait for one on the refusal's path); if this gateway died first, its lease
-        resolves it the same way."""
+        A failure before the first token (a refusal by the pool's admission, a replica lost twice,
+        no first token in time, the client gone) charges nothing: the client got no token, so the
+        settlement carries no prompt tokens either, and the ledger treats it as a release (it joins
+        the next group commit instead of having one of its own, :class:`LedgerCore`). The release
+        is not awaited: the refusal is answered at once; if this gateway died first, its lease
+        resolves the reservation the same way (released, nothing charged)."""
         try:
             return await self._open(p, outcome)
         except BaseException as e:
-            outcome.status = "disconnected" if isinstance(e, asyncio.CancelledError) else "engine_error"
+            if isinstance(e, asyncio.CancelledError):
+                outcome.status = "disconnected"
+            elif isinstance(e, AdmissionRefused):
+                outcome.status = "refused"
+            else:
+                outcome.status = "engine_error"
+            outcome.prompt_tokens = outcome.completion_tokens = 0
             self._settle_soon(p, outcome)
             raise
 
@@ -324,4 +333,9 @@ class GatewayService:
             log.exception("settling %s failed", p.request_id)
 
 
-_SETTLE_OUTCOME = {"ok": "completed", "engine_error": "error", "disconnected": "aborted"}
+_SETTLE_OUTCOME = {
+    "ok": "completed",
+    "engine_error": "error",
+    "disconnected": "aborted",
+    "refused": "refused",
+}

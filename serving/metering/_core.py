@@ -9,6 +9,14 @@ transaction and one fsync, then resolves the waiters of that batch. Operations t
 commit is running join the next batch, so durability costs one fsync per batch, not per request.
 A result is never returned before its batch is durable; refusals change nothing and return at once.
 
+One exception, a *release*: a settlement of a request that produced nothing (no tokens, no
+progress record; a refusal by a pool's admission, a failure before the first token) is applied and
+answered at once, and its rows ride on the next group commit, so a pool refusal costs the ledger no
+commit of its own. Losing it changes no balance: the crash rule resolves the reservation the same
+way (released, nothing charged). When nothing else writes, one commit takes every release pending
+after at most :data:`_RELEASE_COMMIT_S`; a commit that fails takes its releases with it, and they
+are applied again to the rebuilt state.
+
 Crash rule (what happens to reservations whose settlement never comes):
 
 * Reservations are rows in the ``reservations`` table, written in the same commit that
@@ -109,6 +117,9 @@ _RETENTION_PERIOD_S = 3600.0
 """How often usage events past their retention are deleted."""
 _UNAVAILABLE_WAIT_S = 2.0
 """How long a write waits for the state to be rebuilt after a failed commit before it is refused."""
+_RELEASE_COMMIT_S = 1.0
+"""Longest a release waits for another write's commit before one commit of its own takes it (and
+every other release pending)."""
 
 
 class _RolledBack(Exception):
@@ -116,6 +127,15 @@ class _RolledBack(Exception):
 
 
 log = logging.getLogger("tokenweir.ledger")
+
+
+_KINDS: dict[type, str] = {Reserve: "reserve", Settle: "settle", Progress: "progress"}
+"""Write kinds counted in ``LedgerStats.writes_total`` (the rest are admin operations)."""
+
+
+def _ignore_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a failed commit is logged (and its releases re-applied) by the committer
 
 
 class LedgerLockedError(RuntimeError):
@@ -149,6 +169,11 @@ class LedgerCore:
         self._writable = asyncio.Event()
         """Clear while the state is rebuilt from the file after a failed commit."""
         self._writable.set()
+        self._releases: list[Settle] = []
+        """Releases applied since the batch being committed was taken (not yet durable)."""
+        self._releases_committing: list[Settle] = []
+        """Releases in the batch being committed."""
+        self._release_timer: asyncio.TimerHandle | None = None
 
     def _new_state(self) -> LedgerState:
         c = self.config
@@ -197,6 +222,9 @@ class LedgerCore:
 
     async def close(self) -> None:
         """Commit what is pending, then close the file."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if self._state.batch and self._tasks:
             await self._durable()
         for t in self._tasks:
@@ -228,6 +256,7 @@ class LedgerCore:
             self._wake.clear()
             fut, self._next = self._next, None
             batch = self._state.take_batch()
+            self._releases_committing, self._releases = self._releases, []
             if fut is None:
                 continue
             if not batch:
@@ -248,11 +277,53 @@ class LedgerCore:
                 nxt, self._next = self._next, None
                 if nxt is not None:
                     nxt.set_exception(_RolledBack())
+                lost, self._releases_committing, self._releases = (
+                    self._releases_committing + self._releases,
+                    [],
+                    [],
+                )
                 await self._rebuild()
+                self._release_again(lost)  # before any waiting write runs: no await in between
                 continue
             self._stats.commit_latency.observe(time.perf_counter() - t0)
             self._stats.commits_total += 1
             fut.set_result(None)
+
+    def _is_release(self, op: Op) -> bool:
+        """A settlement that charges nothing and that the crash rule would resolve the same way:
+        no tokens, and no progress record on its open reservation."""
+        if not isinstance(op, Settle) or op.prompt_tokens or op.completion_tokens:
+            return False
+        r = self._state.open.get(op.request_id)
+        return r is not None and r.progress_tokens is None
+
+    def _defer(self, releases: list[Settle]) -> None:
+        """Releases applied without waiting for a commit: the next one takes them, at the latest
+        :data:`_RELEASE_COMMIT_S` from now."""
+        self._releases.extend(releases)
+        if self._release_timer is None:
+            self._release_timer = asyncio.get_running_loop().call_later(
+                _RELEASE_COMMIT_S, self._commit_releases
+            )
+
+    def _commit_releases(self) -> None:
+        self._release_timer = None
+        if self._state.batch and self._writable.is_set():
+            self._durable().add_done_callback(_ignore_failure)  # a failure re-applies them
+        elif self._releases:
+            self._release_timer = asyncio.get_running_loop().call_later(
+                _RELEASE_COMMIT_S, self._commit_releases
+            )
+
+    def _release_again(self, releases: list[Settle]) -> None:
+        """Apply releases that a failed commit lost to the rebuilt state (no caller waits on them)."""
+        now, ts = self._clock(), self._wall()
+        again = [op for op in releases if self._is_release(op)]
+        for op in again:
+            self._apply_one(op, now, ts, None)
+        if again:
+            self._state.batch.num_ops += len(again)
+            self._defer(again)
 
     async def _rebuild(self) -> None:
         """Reload the state from the file until that works, then let writes in again."""
@@ -321,15 +392,24 @@ class LedgerCore:
         while True:
             await self._until_writable()
             now, ts = self._clock(), self._wall()
-            results, wrote = [], False
+            results, wrote, durable = [], False, False
             keys: list[KeyEntry] = []
+            releases: list[Settle] = []
             for op in ops:
+                release = self._is_release(op)
                 try:
                     res, changed = self._apply_one(op, now, ts, lease)
                 except APIError as e:
                     res, changed = e, False
                 results.append(res)
-                wrote = wrote or changed
+                if changed:
+                    wrote = True
+                    kind = "release" if release else _KINDS.get(type(op), "admin")
+                    self._stats.writes_total[kind] = self._stats.writes_total.get(kind, 0) + 1
+                    if release:
+                        releases.append(op)  # type: ignore[arg-type]  # _is_release: a Settle
+                    else:
+                        durable = True
                 if changed and isinstance(op, AddKey | RevokeKey):
                     k = self._state.keys_by_id[op.key_id]
                     usable = k.revoked_at is None and k.role == "member"
@@ -337,6 +417,10 @@ class LedgerCore:
             if not wrote:
                 return results
             self._state.batch.num_ops += len(ops)
+            if releases:
+                self._defer(releases)
+            if not durable:
+                return results  # only releases: they ride on the next commit
             try:
                 await self._durable()
             except _RolledBack:
@@ -582,6 +666,7 @@ class LedgerCore:
             commit_latency=s.commit_latency,
             commits_total=s.commits_total,
             ops_total=s.ops_total,
+            writes_total=dict(s.writes_total),
         )
         for t in st.tenants.values():
             snap.credits_remaining[t.tenant_id] = ucredits_to_credits(t.balance_ucredits)

@@ -76,6 +76,10 @@ class LedgerStats:
     commit_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     commits_total: int = 0
     ops_total: int = 0
+    writes_total: dict[str, int] = field(default_factory=dict)
+    """Operations that changed the ledger, by kind (``reserve``, ``settle``, ``progress``,
+    ``admin``, ``release``): a ``release`` (a settlement that charged nothing, e.g. a pool's
+    refusal) rides on the next commit; the others are answered once durable."""
     labelled_tenants: frozenset[str] | None = None
     """Organizations with their own ``tenant`` label; the others are summed under
     :data:`OTHER_TENANTS` (None: every one is labelled)."""
@@ -149,6 +153,7 @@ def fold_tenants(s: LedgerStats, tracked: frozenset[str] | None, budget: int) ->
         commit_latency=s.commit_latency,
         commits_total=s.commits_total,
         ops_total=s.ops_total,
+        writes_total=s.writes_total,
         labelled_tenants=frozenset(labelled - {""}),
         aggregated_tenants=sum(1 for t in s.credits_remaining if t not in labelled),
     )
@@ -228,10 +233,18 @@ class LedgerCollector(Collector):
         )
         commits = CounterMetricFamily(f"{p}_ledger_commits", "Ledger group commits.", value=s.commits_total)
         ops = CounterMetricFamily(f"{p}_ledger_operations", "Ledger operations applied.", value=s.ops_total)
+        writes = CounterMetricFamily(
+            f"{p}_ledger_writes",
+            "Ledger operations that changed it, by kind; a release (a settlement that charged nothing,"
+            " e.g. a pool refusal) rides on the next commit, the others are answered once durable.",
+            labels=["kind"],
+        )
+        for kind in ("reserve", "settle", "progress", "admin", "release"):
+            writes.add_metric([kind], s.writes_total.get(kind, 0))
         aggregated = GaugeMetricFamily(
             f"{p}_metrics_tenants_aggregated",
             f'Organizations without their own tenant label (summed under tenant="{OTHER_TENANTS}").',
             value=s.aggregated_tenants,
         )
         yield from (tokens, refused, remaining, reserved, granted, charged, lowest, below, util, aggregated)
-        yield from (latency, commits, ops)
+        yield from (latency, commits, ops, writes)
