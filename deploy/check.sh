@@ -12,7 +12,9 @@ if [ $# -gt 0 ]; then
   .venv/bin/python -m pytest "$@"
 else
   # The multi-node tier starts Ray clusters of its own (tests/multinode): a session of its own, so
-  # the rest's live deployment is gone by then instead of sharing the two cores with it.
-  .venv/bin/python -m pytest -m "not multinode"
+  # the rest's live deployment is gone by then instead of sharing the two cores with it. The
+  # PostgreSQL tier (the ledger's tests on a server that session starts) is a session of its own too.
+  .venv/bin/python -m pytest -m "not multinode and not postgres"
+  .venv/bin/python -m pytest -m postgres
   .venv/bin/python -m pytest -m multinode
 fi

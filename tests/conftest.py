@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,3 +129,33 @@ def internal_url(live: dict) -> str:
 @pytest.fixture(scope="session")
 def api_key(live: dict) -> str:
     return str(live["api_key"])
+
+
+# -- the ledger's stores ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server of this session's own (tests/_ledger_stores.py), removed at its end."""
+    from _ledger_stores import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any) -> str:
+    """A fresh, empty database on the session's server."""
+    return str(postgres_server.create_database())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def ledger_target(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The store a ledger test runs on, each test once per store: a SQLite file in ``tmp_path``, or
+    a fresh database on the session's PostgreSQL server (marker ``postgres``)."""
+    from _ledger_stores import LedgerTarget
+
+    if request.param == "postgres":
+        return LedgerTarget("postgres", tmp_path, request.getfixturevalue("postgres_dsn"))
+    return LedgerTarget("sqlite", tmp_path)

@@ -1,5 +1,6 @@
 """The ``tokenweir`` command: ``serve``, ``status``, ``plan``, ``models build-tiny``, the tenancy
-commands (``serving.cli._tenancy``), ``deploy render`` (``serving.cli._deploy``) and ``load``.
+commands (``serving.cli._tenancy``), ``deploy render`` (``serving.cli._deploy``), ``ledger
+migrate-to-postgres`` (``serving.cli._ledger``) and ``load``.
 
 Built on typer; tables are rich tables. Commands import what they need when they run, so
 ``tokenweir --help`` and the tenancy commands do not pay for Ray Serve or vLLM.
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.cli._deploy import deploy_app
+from serving.cli._ledger import ledger_app
 from serving.cli._tenancy import ConfigOpt, UrlOpt, grants_app, keys_app, projects_app, tenants_app, usage_app
 from serving.config import ConfigError, load_config
 
@@ -44,6 +46,7 @@ app.add_typer(grants_app, name="grants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(usage_app, name="usage")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(ledger_app, name="ledger")
 
 PLUGIN_GROUP = "tokenweir.commands"
 """Entry-point group of commands that live outside the gateway (the load-test harness's ``load``)."""
@@ -142,6 +145,10 @@ def ledger_line(ledger: dict[str, Any] | None, state_dir: str) -> str:
         return "ledger: unknown (Ray not reachable)"
     where = f"on node {ledger['node_id'][:16]} ({ledger['node_ip']})" if ledger["node_id"] else "on no node"
     pid = f", pid {ledger['pid']}" if ledger["pid"] else ""
+    if ledger["node_resource"] is None:  # metering.store: postgres
+        return (
+            f"ledger: {ledger['state']} {where}{pid}, restarts {ledger['restarts']}; on PostgreSQL (any node)"
+        )
     return (
         f"ledger: {ledger['state']} {where}{pid}, restarts {ledger['restarts']}; pinned by "
         f"{ledger['node_resource']}; file under {state_dir} there"

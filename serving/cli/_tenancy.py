@@ -90,8 +90,8 @@ async def _backend(config: str | None, url: str | None) -> AsyncIterator[Tenancy
             yield http
         finally:
             await http.aclose()
-    else:
-        async with local_ledger(mcfg) as client:
+    else:  # a PostgreSQL ledger held by a live writer is refused at once, not waited for
+        async with local_ledger(mcfg.model_copy(update={"postgres_lock_wait_s": 0.0})) as client:
             yield client
 
 

@@ -121,10 +121,10 @@ def check_cluster_config(cfg: TokenweirConfig, target: str) -> None:
 
 def ledger_resources(cfg: TokenweirConfig, target: str) -> dict[str, int]:
     """What the head advertises so that the ledger runs there, beside its volume: nothing for Ray's
-    own head resource (the default ``metering.ledger_node_resource``), else one unit of the custom
-    resource the config pins the ledger to."""
-    res = cfg.metering.ledger_node_resource
-    if res == HEAD_NODE_RESOURCE:
+    own head resource (the default ``metering.ledger_node_resource``) or for a PostgreSQL ledger
+    (which may run on any node), else one unit of the custom resource the config pins the ledger to."""
+    res = cfg.metering.ledger_pin_resource
+    if res is None or res == HEAD_NODE_RESOURCE:
         return {}
     if res.startswith("node:"):
         raise ConfigError(

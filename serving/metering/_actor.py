@@ -1,11 +1,13 @@
 """The ledger as a named Ray actor shared by every gateway replica, and how a client reaches it.
 
 The actor is detached and restartable (``max_restarts=-1``): if its process dies, Ray starts it
-again on the same file, and the crash rule in :mod:`._core` applies. It lives on the node that holds
-that file (``metering.ledger_node_resource``, the head by default): after its node dies, Ray keeps it
-pending until a node with that resource is back, instead of starting it elsewhere on an empty file,
-and meanwhile its callers get :class:`LedgerUnavailableError` (503), never a request served
-unmetered. :func:`ledger_home` says where it runs, from Ray's actor table. Calls do not retry inside Ray
+again on the same store, and the crash rule in :mod:`._core` applies. On SQLite it lives on the node
+that holds the file (``metering.ledger_node_resource``, the head by default): after its node dies,
+Ray keeps it pending until a node with that resource is back, instead of starting it elsewhere on an
+empty file, and meanwhile its callers get :class:`LedgerUnavailableError` (503), never a request
+served unmetered. On PostgreSQL (``metering.store: postgres``) it is not pinned: Ray restarts it on
+any live node and it reloads its state from the database (two writers are fenced there, see
+:mod:`._pg_store`). :func:`ledger_home` says where it runs, from Ray's actor table. Calls do not retry inside Ray
 (``max_task_retries=0``); :class:`ActorTransport` resends hot batches itself until the ledger is
 back or a deadline passes. Both ends of the ledger socket live in :mod:`._socket`, which knows
 nothing of Ray; this module serves it from the actor and opens it from the address the actor gives.
@@ -52,7 +54,12 @@ class LedgerActor:
         self._socket: LedgerSocketServer | None = None
 
     async def _ready(self) -> LedgerCore:
-        if self._started is None:
+        failed = (
+            self._started is not None
+            and self._started.done()
+            and (self._started.cancelled() or self._started.exception() is not None)
+        )
+        if self._started is None or failed:  # a start that failed (store locked, unreachable) is retried
             self._started = asyncio.get_running_loop().create_task(self._core.start())
         await asyncio.shield(self._started)
         return self._core
@@ -96,6 +103,7 @@ def _node_ip() -> str:
 def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "tokenweir") -> Any:
     """The named, detached ledger actor (created once per cluster; every replica gets the same one)."""
     cls = ray.remote(LedgerActor)
+    pin = config.ledger_pin_resource
     return cls.options(  # type: ignore[attr-defined]
         name=config.ledger_actor_name,
         namespace=namespace,
@@ -105,7 +113,7 @@ def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "toke
         max_task_retries=0,
         max_concurrency=1000,
         num_cpus=0,
-        resources={config.ledger_node_resource: 0.001},  # its home node, the one with its file
+        resources={} if pin is None else {pin: 0.001},  # SQLite: its home node, the one with its file
     ).remote(config.for_actors().model_dump_json())
 
 
@@ -116,8 +124,8 @@ class LedgerHome:
     state: str
     """Ray's actor state (``ALIVE``, ``RESTARTING``, ``PENDING_CREATION``, ``DEAD``), or ``ABSENT``
     when no ledger actor of that name exists."""
-    node_resource: str
-    """The resource that pins it (``metering.ledger_node_resource``)."""
+    node_resource: str | None
+    """The resource that pins it (``metering.ledger_node_resource``); None on PostgreSQL (any node)."""
     node_id: str | None = None
     """Hex id of the Ray node it runs (or last ran) on."""
     node_ip: str | None = None
@@ -135,13 +143,13 @@ def ledger_home(config: MeteringConfig, *, namespace: str = "tokenweir") -> Ledg
     try:
         handle = ray.get_actor(config.ledger_actor_name, namespace=namespace)
     except ValueError:
-        return LedgerHome("ABSENT", config.ledger_node_resource)
+        return LedgerHome("ABSENT", config.ledger_pin_resource)
     row = actors(handle._actor_id.hex())
     address = row.get("Address") or {}
     running = row.get("State") == "ALIVE"
     return LedgerHome(
         state=str(row.get("State") or "ABSENT"),
-        node_resource=config.ledger_node_resource,
+        node_resource=config.ledger_pin_resource,
         node_id=address.get("NodeID") or None,
         node_ip=address.get("IPAddress") or None,
         pid=int(row["Pid"]) if running and row.get("Pid") else None,

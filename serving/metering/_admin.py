@@ -37,7 +37,7 @@ from ._ops import (
 )
 from ._policy import period_start
 from ._state import GrantRecord, KeyRecord, LedgerState, OpenReservation, ProjectRecord, TenantRecord
-from ._store import LoadedRows, dumps_models, dumps_slices
+from ._storage import LoadedRows, dumps_models, dumps_slices
 
 __all__ = ["AdminOps", "grant_view", "key_view", "load_state", "project_view", "tenant_view"]
 
@@ -140,20 +140,16 @@ class AdminOps:
         t = TenantRecord(tenant_id, spec.name, spec.weight, _models(spec.allowed_models), 0, spec.limits, ts)
         t.apply_limits(spec.limits, now, self.s.default_limits)
         self.s.tenants[tenant_id] = t
-        self.s.batch.statements.append(
-            (
-                "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    tenant_id,
-                    spec.name,
-                    spec.weight,
-                    dumps_models(spec.allowed_models),
-                    0,
-                    spec.limits.model_dump_json(),
-                    ts,
-                    ts,
-                ),
-            )
+        self.s.batch.insert_row(
+            "tenants",
+            tenant_id=tenant_id,
+            name=spec.name,
+            weight=spec.weight,
+            allowed_models=dumps_models(spec.allowed_models),
+            balance_ucredits=0,
+            limits=spec.limits.model_dump_json(),
+            created_at=ts,
+            updated_at=ts,
         )
         self._new_project(
             t, DEFAULT_PROJECT, "Default project", 1.0, None, TenantLimits(), None, "lifetime", now, ts
@@ -193,12 +189,18 @@ class AdminOps:
         self.s.add_grant(t, g)
         t.balance_ucredits += ucredits
         t.granted_ucredits += ucredits
-        self.s.batch.statements.append(
-            (
-                "INSERT INTO grants (tenant_id, grant_id, program, ucredits, remaining_ucredits, starts_at,"
-                " expires_at, note, granted_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (t.tenant_id, g.grant_id, g.program, ucredits, ucredits, starts, g.expires_at, g.note, ts),
-            )
+        self.s.batch.insert_row(
+            "grants",
+            tenant_id=t.tenant_id,
+            grant_id=g.grant_id,
+            program=g.program,
+            ucredits=ucredits,
+            remaining_ucredits=ucredits,
+            written_off_ucredits=0,
+            starts_at=starts,
+            expires_at=g.expires_at,
+            note=g.note,
+            granted_at=ts,
         )
         self.s.batch.grant_event(g, "granted", ucredits, ts, None, actor)
         self.s.batch.set_balance(t.tenant_id, t.balance_ucredits)
@@ -257,11 +259,14 @@ class AdminOps:
         if u.limits is not None:
             t.apply_limits(u.limits, now, self.s.default_limits)
         models = None if t.allowed_models is None else sorted(t.allowed_models)
-        self.s.batch.statements.append(
-            (
-                "UPDATE tenants SET name=?, weight=?, allowed_models=?, limits=?, updated_at=? WHERE tenant_id=?",
-                (t.name, t.weight, dumps_models(models), t.limits.model_dump_json(), ts, tenant_id),
-            )
+        self.s.batch.update_row(
+            "tenants",
+            {"tenant_id": tenant_id},
+            name=t.name,
+            weight=t.weight,
+            allowed_models=dumps_models(models),
+            limits=t.limits.model_dump_json(),
+            updated_at=ts,
         )
         return tenant_view(t, ts)
 
@@ -285,24 +290,20 @@ class AdminOps:
         )  # fmt: skip
         p.apply_limits(limits, now, TenantLimits())
         t.projects[project_id] = p
-        self.s.batch.statements.append(
-            (
-                "INSERT INTO projects VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    t.tenant_id,
-                    project_id,
-                    name,
-                    weight,
-                    dumps_models(models),
-                    limits.model_dump_json(),
-                    cap,
-                    period,
-                    0,
-                    p.period_start,
-                    ts,
-                    ts,
-                ),
-            )
+        self.s.batch.insert_row(
+            "projects",
+            tenant_id=t.tenant_id,
+            project_id=project_id,
+            name=name,
+            weight=weight,
+            allowed_models=dumps_models(models),
+            limits=limits.model_dump_json(),
+            cap_ucredits=cap,
+            cap_period=period,
+            spent_ucredits=0,
+            period_start=p.period_start,
+            created_at=ts,
+            updated_at=ts,
         )
         return p
 
@@ -360,24 +361,18 @@ class AdminOps:
         if u.limits is not None:
             p.apply_limits(u.limits, now, TenantLimits())
         models = None if p.allowed_models is None else sorted(p.allowed_models)
-        self.s.batch.statements.append(
-            (
-                "UPDATE projects SET name=?, weight=?, allowed_models=?, limits=?, cap_ucredits=?, cap_period=?,"
-                " spent_ucredits=?, period_start=?, updated_at=? WHERE tenant_id=? AND project_id=?",
-                (
-                    p.name,
-                    p.weight,
-                    dumps_models(models),
-                    p.limits.model_dump_json(),
-                    p.cap_ucredits,
-                    p.cap_period,
-                    p.spent_ucredits,
-                    p.period_start,
-                    ts,
-                    p.tenant_id,
-                    p.project_id,
-                ),
-            )
+        self.s.batch.update_row(
+            "projects",
+            {"tenant_id": p.tenant_id, "project_id": p.project_id},
+            name=p.name,
+            weight=p.weight,
+            allowed_models=dumps_models(models),
+            limits=p.limits.model_dump_json(),
+            cap_ucredits=p.cap_ucredits,
+            cap_period=p.cap_period,
+            spent_ucredits=p.spent_ucredits,
+            period_start=p.period_start,
+            updated_at=ts,
         )
         return project_view(p)
 
@@ -391,8 +386,18 @@ class AdminOps:
         )
         self.s.keys_by_hash[k.key_hash] = k
         self.s.keys_by_id[k.key_id] = k
-        row = (k.key_id, k.tenant_id, k.key_hash, k.display_prefix, k.name, ts, None, k.project_id, k.role)
-        self.s.batch.statements.append(("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?,?)", row))
+        self.s.batch.insert_row(
+            "api_keys",
+            key_id=k.key_id,
+            tenant_id=k.tenant_id,
+            key_hash=k.key_hash,
+            display_prefix=k.display_prefix,
+            name=k.name,
+            created_at=ts,
+            revoked_at=None,
+            project_id=k.project_id,
+            role=k.role,
+        )
         return key_view(k)
 
     def revoke_key(self, op: RevokeKey, ts: float) -> ApiKeyView:
@@ -402,7 +407,7 @@ class AdminOps:
             raise NotFoundError(f"No key {key_id!r}.", param="key_id")
         if k.revoked_at is None:
             k.revoked_at = ts
-            self.s.batch.statements.append(("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (ts, key_id)))
+            self.s.batch.update_row("api_keys", {"key_id": key_id}, revoked_at=ts)
         return key_view(k)
 
 
@@ -464,6 +469,4 @@ def load_state(state: LedgerState, rows: LoadedRows, now: float, ts: float, rest
     for o in unsliced:  # schema 1: any grant, in charge order (all usable: they never expire)
         t = state.tenants[o.tenant_id]
         o.slices = t.take_slices(min(o.reserved_ucredits, t.available(o.created_at)), o.created_at)
-        state.batch.statements.append(
-            ("UPDATE reservations SET slices=? WHERE request_id=?", (dumps_slices(o.slices), o.request_id))
-        )
+        state.batch.update_row("reservations", {"request_id": o.request_id}, slices=dumps_slices(o.slices))

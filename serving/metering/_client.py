@@ -77,7 +77,7 @@ from ._ops import (
 )
 from ._policy import utc_day
 from ._stats import LedgerStats
-from ._store import EXPORT_COLUMNS
+from ._storage import EXPORT_COLUMNS
 
 __all__ = ["LedgerClient", "LedgerTransport", "LocalTransport", "connect", "local_ledger"]
 
@@ -141,17 +141,18 @@ def connect(config: MeteringConfig, *, namespace: str) -> LedgerClient:
     hot operations on the ledger's socket, admin operations and reads as Ray actor calls."""
     actor = get_or_create_ledger_actor(config, namespace=namespace)
     transport = ActorTransport(
-        actor, call_timeout_s=config.call_timeout_s, node_resource=config.ledger_node_resource
+        actor, call_timeout_s=config.call_timeout_s, node_resource=config.ledger_pin_resource
     )
     return LedgerClient(transport, max_batch_ops=config.max_batch_ops)
 
 
 @asynccontextmanager
 async def local_ledger(config: MeteringConfig) -> AsyncIterator[LedgerClient]:
-    """A :class:`LedgerClient` over a ledger started here on ``config.ledger_path``.
+    """A :class:`LedgerClient` over a ledger started here on the configured store (the file at
+    ``config.ledger_path``, or the PostgreSQL database).
 
     Raises :class:`LedgerLockedError` while another process (a running gateway's ledger actor) holds
-    the file: use the admin HTTP API then.
+    the store: use the admin HTTP API then.
     """
     core = LedgerCore(config)
     await core.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +42,22 @@ class MeteringConfig(BaseModel):
 
     enabled: bool = True
     """Off: no keys are checked and nothing is charged (for benchmarks only)."""
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    """Where the ledger keeps its state: ``sqlite``, a file under ``state_dir`` on the ledger's node
+    (the embedded default; the ledger actor is pinned to that node by ``ledger_node_resource``), or
+    ``postgres``, a PostgreSQL database (``postgres_dsn``), from which the ledger actor may restart
+    on any node."""
+    postgres_dsn: str | None = Field(default=None, min_length=1)
+    """libpq connection string or URI of the ledger's database (``store: postgres``), without a
+    password: it is shipped to Ray actors. Unset: the environment variable ``postgres_dsn_env`` of
+    the ledger's process holds the whole string (password included). A password may also come from
+    libpq's ``PGPASSWORD`` or ``~/.pgpass`` on the ledger's nodes."""
+    postgres_dsn_env: str = Field(default="TOKENWEIR_LEDGER_DSN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Environment variable holding the DSN when ``postgres_dsn`` is unset."""
+    postgres_lock_wait_s: float = Field(default=60.0, ge=0, le=3600)
+    """How long a starting PostgreSQL ledger waits for the writer's advisory lock: a writer whose
+    node died holds it until the server drops its connection (the ledger sets TCP keepalives so that
+    takes about 30 s). Then the start fails with ``LedgerLockedError``."""
     state_dir: Path | None = None
     """Directory of the ledger file (``ledger.sqlite3``); None: the top-level ``state_dir``."""
     ledger_file: str = "ledger.sqlite3"
@@ -106,7 +123,38 @@ class MeteringConfig(BaseModel):
     def _check(self) -> MeteringConfig:
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError(f"admin_key must be at least 16 characters (got {len(self.admin_key)})")
+        if self.store == "postgres" and self.postgres_dsn is not None:
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                params = conninfo_to_dict(self.postgres_dsn)
+            except Exception as e:
+                raise ValueError(f"postgres_dsn is not a libpq connection string or URI: {e}") from e
+            if params.get("password"):
+                raise ValueError(
+                    "postgres_dsn carries a password, and the config is shipped to Ray actors: put the"
+                    f" whole DSN in ${self.postgres_dsn_env} instead, or the password in PGPASSWORD or"
+                    " ~/.pgpass on the ledger's nodes"
+                )
         return self
+
+    def postgres_conninfo(self) -> str:
+        """The ledger database's DSN, resolved here once, in the ledger's own process:
+        ``postgres_dsn``, else the variable ``postgres_dsn_env`` (so a password never travels in
+        the config). Raises ``ValueError`` naming both when neither is set."""
+        dsn = self.postgres_dsn or os.environ.get(self.postgres_dsn_env)
+        if not dsn:
+            raise ValueError(
+                f"metering.store is postgres but neither metering.postgres_dsn nor ${self.postgres_dsn_env}"
+                " is set in the ledger's process"
+            )
+        return dsn
+
+    @property
+    def ledger_pin_resource(self) -> str | None:
+        """The Ray resource the ledger actor asks for: its file's node (``ledger_node_resource``)
+        with SQLite; None with PostgreSQL, whose ledger may run, and restart, on any node."""
+        return None if self.store == "postgres" else self.ledger_node_resource
 
     def for_actors(self) -> MeteringConfig:
         """This config as Ray actors get it (constructor arguments are stored by Ray and readable

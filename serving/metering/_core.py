@@ -1,4 +1,5 @@
-"""The ledger: one writer over SQLite with group commit. Runs in-process or inside the Ray actor.
+"""The ledger: one writer over its store (SQLite, or PostgreSQL) with group commit. Runs in-process
+or inside the Ray actor.
 
 Write path: :meth:`LedgerCore.apply` takes a list of operations (the structs of :mod:`._ops`, from
 one gateway replica's batch; each dispatched by ``match`` on its type),
@@ -43,9 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +98,8 @@ from ._policy import ModelPrice
 from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
 from ._stats import LedgerStats, fold_tenants, low_credit
-from ._store import LedgerStore
+from ._storage import LedgerLockedError, LedgerStore
+from ._store import SqliteStore
 
 __all__ = ["LedgerCore", "LedgerLockedError"]
 
@@ -138,10 +138,6 @@ def _ignore_failure(fut: asyncio.Future[None]) -> None:
         fut.exception()  # retrieved: a failed commit is logged (and its releases re-applied) by the committer
 
 
-class LedgerLockedError(RuntimeError):
-    """Another process holds the ledger file (the gateway is running: use the admin API)."""
-
-
 class LedgerCore:
     """The single writer. Create, ``await start()``, then call :meth:`apply` and :meth:`read`."""
 
@@ -163,7 +159,6 @@ class LedgerCore:
         self._wake = asyncio.Event()
         self._next: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._lock_fd: int | None = None
         self._stats = LedgerStats()
         self._key_listeners: list[Callable[[list[KeyEntry]], None]] = []
         self._writable = asyncio.Event()
@@ -185,21 +180,29 @@ class LedgerCore:
             TenantLimits(rpm=c.default_rpm, tpm=c.default_tpm),
         )
 
+    def _open_store(self) -> LedgerStore:
+        """The configured store, its writer lock taken (raises :class:`LedgerLockedError`)."""
+        c = self.config
+        if c.store == "postgres":
+            from ._pg_store import PostgresStore  # psycopg is imported only where it is configured
+
+            return PostgresStore(
+                c.postgres_conninfo(), lock_wait_s=c.postgres_lock_wait_s, lock_timeout_ms=c.busy_timeout_ms
+            )
+        return SqliteStore(c.ledger_path, busy_timeout_ms=c.busy_timeout_ms)
+
     async def start(self) -> None:
-        path = self.config.ledger_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(fd)
-            raise LedgerLockedError(f"{path} is in use by another ledger process") from e
-        self._lock_fd = fd
+        """Open the store, load the state from it and start committing. After a failure (the store
+        locked or unreachable) nothing is left open and ``start`` may be called again."""
         loop = asyncio.get_running_loop()
-        self._store = await loop.run_in_executor(
-            self._wexec, lambda: LedgerStore(path, busy_timeout_ms=self.config.busy_timeout_ms)
-        )
-        await self._load(self.config.restart_grace_s)
+        store = await loop.run_in_executor(self._wexec, self._open_store)
+        self._store = store
+        try:
+            await self._load(self.config.restart_grace_s)
+        except BaseException:
+            self._store = None
+            await loop.run_in_executor(self._wexec, store.close)
+            raise
         self._tasks = [asyncio.create_task(self._committer()), asyncio.create_task(self._expirer())]
         if self.config.usage_event_retention_days is not None:
             self._tasks.append(asyncio.create_task(self._retention()))
@@ -237,9 +240,6 @@ class LedgerCore:
             self._store = None
         self._wexec.shutdown()
         self._rexec.shutdown()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     # -- write path --------------------------------------------------------------------------------
     def _durable(self) -> asyncio.Future[None]:
@@ -265,7 +265,7 @@ class LedgerCore:
             t0 = time.perf_counter()
             try:
                 await loop.run_in_executor(self._wexec, self._store.commit, batch)
-            except Exception as e:  # disk full, I/O error, locked: memory is ahead of the file
+            except Exception as e:  # disk full, I/O error, locked, fenced: memory is ahead of the store
                 self._writable.clear()  # before anything else runs: no write lands on this state
                 log.error("ledger commit of %d operation(s) failed: %s", batch.num_ops, e)
                 fut.set_exception(
@@ -326,7 +326,8 @@ class LedgerCore:
             self._defer(again)
 
     async def _rebuild(self) -> None:
-        """Reload the state from the file until that works, then let writes in again."""
+        """Reload the state from the store until that works, then let writes in again (a fenced
+        PostgreSQL writer never does: another writer took the ledger over)."""
         delay_s = 0.05
         while True:
             try:

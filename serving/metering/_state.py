@@ -1,7 +1,7 @@
 """The ledger's in-memory state and its enforcement: exact because one writer owns it.
 
 Every operation is applied here synchronously, in arrival order, and appends its row changes to the
-current :class:`~._store.WriteBatch`. Operations arrive as the structs of :mod:`._ops`, as the
+current :class:`~._storage.WriteBatch`. Operations arrive as the structs of :mod:`._ops`, as the
 gateway built them. Clock-free: callers pass ``now`` (monotonic, for buckets) and ``ts``
 (wall clock, for records, grant validity and cap periods).
 
@@ -35,7 +35,7 @@ from ._policy import (
     retry_headers,
     utc_day,
 )
-from ._store import WriteBatch
+from ._storage import WriteBatch
 
 __all__ = ["GrantRecord", "LedgerState", "OpenReservation", "ProjectRecord", "TenantRecord"]
 

@@ -1,28 +1,43 @@
-"""The ledger's SQLite file: versioned schema, loading, group commits and reads.
+"""The ledger's SQLite file (the embedded store): versioned schema, loading, group commits, reads.
 
 One connection writes (owned by the ledger's commit thread); a second, read-only one serves
 exports and usage queries. WAL journal with ``synchronous=FULL``: a commit returns only after the
-WAL is fsynced, so every acknowledged operation survives ``kill -9`` and power loss.
+WAL is fsynced, so every acknowledged operation survives ``kill -9`` and power loss. One process
+at a time: opening the store takes an exclusive lock on ``<file>.lock``.
 
-What one commit writes is a :class:`WriteBatch`, coalesced in memory first: the ledger applies each
-operation to its state at once and records the resulting row changes there. A reservation opened
-and settled within the same batch never touches the ``reservations`` table; balances are written
-once per tenant per batch with their final value.
+What one commit writes is a :class:`~._storage.WriteBatch` (see :mod:`._storage` for the interface
+both stores implement).
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._state import GrantRecord, OpenReservation
+from ._storage import (
+    AUDIT_GRANTS_SQL,
+    AUDIT_TENANTS_SQL,
+    GRANT_EVENT_COLUMNS,
+    INSERT_EVENT_COLUMNS,
+    INSERT_RES_COLUMNS,
+    SCHEMA_VERSION,
+    LedgerLockedError,
+    LoadedRows,
+    WriteBatch,
+    audit_problems,
+    export_query,
+    grant_row,
+    render_row_op,
+    report_query,
+    reservation_row,
+    usage_by_day_query,
+)
 
-__all__ = ["EXPORT_COLUMNS", "REPORT_DIMENSIONS", "SCHEMA_VERSION", "LedgerStore", "LoadedRows", "WriteBatch"]
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 Migration = list[str | Callable[[sqlite3.Connection], None]]
 """A schema step: SQL statements and functions of the connection, run in order in one transaction."""
@@ -131,41 +146,33 @@ _MIGRATIONS: list[Migration] = [
         "CREATE INDEX usage_events_project_time ON usage_events(tenant_id, project_id, settled_at)",
     ],
 ]
-SCHEMA_VERSION = len(_MIGRATIONS)
+assert len(_MIGRATIONS) == SCHEMA_VERSION, "a schema step is missing here or in _storage.SCHEMA_VERSION"
 
 _INSERT_RES = (
-    "INSERT INTO reservations (request_id, tenant_id, key_id, model, prompt_tokens, max_tokens,"
-    " reserved_ucredits, reserved_tokens, created_at, expires_at, project_id, slices)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO reservations ({', '.join(INSERT_RES_COLUMNS)})"
+    f" VALUES ({','.join('?' * len(INSERT_RES_COLUMNS))})"
 )
 _PROGRESS = "UPDATE reservations SET progress_tokens = ? WHERE request_id = ?"
 _DELETE_RES = "DELETE FROM reservations WHERE request_id = ?"
 _INSERT_EVENT = (
-    "INSERT INTO usage_events (request_id, tenant_id, key_id, model, pool, gpu_type, prompt_tokens,"
-    " completion_tokens, prompt_ucredits, completion_ucredits, ucredits, reserved_at, settled_at, outcome,"
-    " project_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO usage_events ({', '.join(INSERT_EVENT_COLUMNS)})"
+    f" VALUES ({','.join('?' * len(INSERT_EVENT_COLUMNS))})"
 )
 _BALANCE = "UPDATE tenants SET balance_ucredits = ? WHERE tenant_id = ?"
 _GRANT = (
     "UPDATE grants SET remaining_ucredits = ?, written_off_ucredits = ?, expired_at = ?"
     " WHERE tenant_id = ? AND grant_id = ?"
 )
-_GRANT_EVENT = "INSERT INTO grant_events (tenant_id, grant_id, kind, ucredits, ts, request_id, actor) VALUES (?,?,?,?,?,?,?)"
+_GRANT_EVENT = f"INSERT INTO grant_events ({', '.join(GRANT_EVENT_COLUMNS)}) VALUES (?,?,?,?,?,?,?)"
 _PROJECT = "UPDATE projects SET spent_ucredits = ?, period_start = ? WHERE tenant_id = ? AND project_id = ?"
 _DAILY = (
-    "INSERT INTO usage_daily VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, project_id, day, model)"
+    "INSERT INTO usage_daily (day, tenant_id, project_id, model, requests, prompt_tokens,"
+    " completion_tokens, ucredits) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, project_id, day, model)"
     " DO UPDATE SET requests = requests + excluded.requests,"
     " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
     " ucredits = ucredits + excluded.ucredits"
 )
-EXPORT_COLUMNS = (
-    "event_id", "request_id", "tenant_id", "project_id", "key_id", "model", "pool", "gpu_type",
-    "prompt_tokens", "completion_tokens", "prompt_ucredits", "completion_ucredits", "ucredits",
-    "reserved_at", "settled_at", "outcome",
-)  # fmt: skip
-REPORT_DIMENSIONS = ("tenant_id", "project_id", "model", "day")
-"""What a usage report may group by (its rows come from the daily roll-up)."""
 
 
 def _connect(path: Path, readonly: bool, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -191,114 +198,36 @@ def _private(path: Path) -> None:
         os.close(fd)
 
 
-EventRow = tuple[str, str, str, str, str, str, int, int, int, int, int, float, float, str, str]
-"""request_id, tenant_id, key_id, model, pool, gpu_type, prompt_tokens, completion_tokens,
-prompt_ucredits, completion_ucredits, ucredits, reserved_at, settled_at, outcome, project_id."""
+def _lock_file(path: Path) -> int:
+    """Take ``<path>.lock`` exclusively (released when the descriptor closes, or the process dies)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise LedgerLockedError(f"{path} is in use by another ledger process") from e
+    return fd
 
 
-def dumps_slices(slices: tuple[tuple[str, int], ...]) -> str:
-    return json.dumps(slices, separators=(",", ":"))
-
-
-class WriteBatch:
-    """Row changes pending for the next commit, in an order that replays correctly."""
-
-    __slots__ = (
-        "balances", "daily", "deletes", "events", "grant_events", "grants", "inserts", "num_ops",
-        "progress", "projects", "statements",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.statements: list[tuple[str, tuple[Any, ...]]] = []
-        """Admin statements, executed first and in order."""
-        self.inserts: dict[str, OpenReservation] = {}
-        self.progress: dict[str, int] = {}
-        self.deletes: set[str] = set()
-        self.events: list[EventRow] = []
-        self.balances: dict[str, int] = {}
-        self.grants: dict[tuple[str, str], GrantRecord] = {}
-        self.grant_events: list[tuple[str, str, str, int, float, str | None, str]] = []
-        self.projects: dict[tuple[str, str], tuple[int, float]] = {}
-        self.daily: dict[tuple[str, str, str, str], list[int]] = {}
-        """(day, tenant, project, model) -> [requests, prompt tokens, completion tokens, ucredits]."""
-        self.num_ops = 0
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.statements
-            or self.inserts
-            or self.progress
-            or self.deletes
-            or self.events
-            or self.balances
-            or self.grants
-            or self.grant_events
-            or self.projects
-        )
-
-    def open_reservation(self, r: OpenReservation) -> None:
-        self.inserts[r.request_id] = r
-
-    def record_progress(self, request_id: str, completion_tokens: int) -> None:
-        self.progress[request_id] = completion_tokens
-
-    def close_reservation(
-        self, request_id: str, event: EventRow, day: str, tenant_id: str, balance_ucredits: int
-    ) -> None:
-        self.progress.pop(request_id, None)
-        if self.inserts.pop(request_id, None) is None:
-            self.deletes.add(request_id)
-        self.events.append(event)
-        self.balances[tenant_id] = balance_ucredits
-        k = (day, tenant_id, event[14], event[3])
-        d = self.daily.get(k)
-        if d is None:
-            self.daily[k] = [1, event[6], event[7], event[10]]
-        else:
-            d[0] += 1
-            d[1] += event[6]
-            d[2] += event[7]
-            d[3] += event[10]
-
-    def set_balance(self, tenant_id: str, balance_ucredits: int) -> None:
-        self.balances[tenant_id] = balance_ucredits
-
-    def set_grant(self, g: GrantRecord) -> None:
-        """Write the grant's remaining credits (its final value in this batch)."""
-        self.grants[(g.tenant_id, g.grant_id)] = g
-
-    def grant_event(
-        self,
-        g: GrantRecord,
-        kind: str,
-        ucredits: int,
-        ts: float,
-        request_id: str | None,
-        actor: str = "ledger",
-    ) -> None:
-        self.grant_events.append((g.tenant_id, g.grant_id, kind, ucredits, ts, request_id, actor))
-
-    def set_project(self, tenant_id: str, project_id: str, spent_ucredits: int, period_start: float) -> None:
-        self.projects[(tenant_id, project_id)] = (spent_ucredits, period_start)
-
-
-LoadedRows = dict[str, list[sqlite3.Row]]
-"""Table name -> rows: ``tenants``, ``projects``, ``grants``, ``api_keys``, ``reservations``."""
-
-
-class LedgerStore:
-    """SQLite persistence. Call :meth:`commit` from one thread at a time; reads from another."""
+class SqliteStore:
+    """SQLite persistence (a :class:`~._storage.LedgerStore`). Call :meth:`commit` from one thread
+    at a time; reads from another."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _private(self.path)
-        self._w = _connect(self.path, readonly=False, busy_timeout_ms=busy_timeout_ms)
-        self._migrate()
-        for suffix in ("-wal", "-shm"):  # SQLite gives them the file's mode; older files: tighten
-            if (side := Path(f"{self.path}{suffix}")).exists():
-                side.chmod(0o600)
-        self._r = _connect(self.path, readonly=True, busy_timeout_ms=busy_timeout_ms)
+        self._lock_fd = _lock_file(self.path)
+        try:
+            _private(self.path)
+            self._w = _connect(self.path, readonly=False, busy_timeout_ms=busy_timeout_ms)
+            self._migrate()
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the file's mode; older files: tighten
+                if (side := Path(f"{self.path}{suffix}")).exists():
+                    side.chmod(0o600)
+            self._r = _connect(self.path, readonly=True, busy_timeout_ms=busy_timeout_ms)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def _migrate(self) -> None:
         version = self._w.execute("PRAGMA user_version").fetchone()[0]
@@ -324,6 +253,7 @@ class LedgerStore:
     def close(self) -> None:
         self._r.close()
         self._w.close()
+        os.close(self._lock_fd)
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> LoadedRows:
@@ -349,29 +279,10 @@ class LedgerStore:
         w = self._w
         w.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in batch.statements:
-                w.execute(sql, params)
+            for op in batch.statements:
+                w.execute(*render_row_op(op, "?"))
             if batch.inserts:
-                w.executemany(
-                    _INSERT_RES,
-                    (
-                        (
-                            r.request_id,
-                            r.tenant_id,
-                            r.key_id,
-                            r.model,
-                            r.prompt_tokens,
-                            r.max_tokens,
-                            r.reserved_ucredits,
-                            r.reserved_tokens,
-                            r.created_at,
-                            r.expires_at,
-                            r.project_id,
-                            dumps_slices(r.slices),
-                        )
-                        for r in batch.inserts.values()
-                    ),
-                )
+                w.executemany(_INSERT_RES, (reservation_row(r) for r in batch.inserts.values()))
             if batch.progress:
                 w.executemany(_PROGRESS, ((v, k) for k, v in batch.progress.items()))
             if batch.deletes:
@@ -383,13 +294,7 @@ class LedgerStore:
             if batch.balances:
                 w.executemany(_BALANCE, ((v, k) for k, v in batch.balances.items()))
             if batch.grants:
-                w.executemany(
-                    _GRANT,
-                    (
-                        (g.remaining, g.written_off, g.expires_at if g.expired else None, t, gid)
-                        for (t, gid), g in batch.grants.items()
-                    ),
-                )
+                w.executemany(_GRANT, (grant_row(k, g) for k, g in batch.grants.items()))
             if batch.grant_events:
                 w.executemany(_GRANT_EVENT, batch.grant_events)
             if batch.projects:
@@ -428,15 +333,7 @@ class LedgerStore:
         self, tenant_id: str, project_id: str | None, since_ts: float | None
     ) -> list[tuple[Any, ...]]:
         """``(day, project, model, requests, prompt, completion, ucredits)`` from the roll-up."""
-        sql = (
-            "SELECT day, project_id, model, requests, prompt_tokens, completion_tokens, ucredits"
-            " FROM usage_daily WHERE tenant_id = ? AND day >= date(?, 'unixepoch')"
-        )
-        params: list[Any] = [tenant_id, since_ts if since_ts is not None else 0.0]
-        if project_id is not None:
-            sql += " AND project_id = ?"
-            params.append(project_id)
-        return self._r.execute(sql + " ORDER BY day, project_id, model", params).fetchall()
+        return self._r.execute(*usage_by_day_query(tenant_id, project_id, since_ts, "?")).fetchall()
 
     def export_page(
         self,
@@ -448,20 +345,8 @@ class LedgerStore:
     ) -> list[tuple[Any, ...]]:
         """Up to ``limit`` events after ``after_event_id`` (keyset paging: each page is one indexed
         range scan, so an export of millions of events never sits in memory)."""
-        sql = (
-            f"SELECT {', '.join(EXPORT_COLUMNS)} FROM usage_events WHERE event_id > ?"
-            " AND settled_at >= ? AND settled_at < ?"
-        )
-        params: list[Any] = [
-            after_event_id,
-            since_ts if since_ts is not None else 0.0,
-            until_ts if until_ts is not None else 1e18,
-        ]
-        for column, value in sorted(filters.items()):
-            assert column in ("tenant_id", "project_id", "model")
-            sql += f" AND {column} = ?"
-            params.append(value)
-        return self._r.execute(sql + " ORDER BY event_id LIMIT ?", [*params, limit]).fetchall()
+        sql, params = export_query(filters, since_ts, until_ts, after_event_id, limit, "?")
+        return self._r.execute(sql, params).fetchall()
 
     def report_page(
         self,
@@ -472,32 +357,9 @@ class LedgerStore:
         after: tuple[str, ...] | None,
         limit: int,
     ) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` groups after the group ``after``: sums of requests, tokens and credits from
-        the daily roll-up grouped by ``group_by`` (a subset of :data:`REPORT_DIMENSIONS`). Keyset
-        paging on the group key, which leads the roll-up's primary key or its day index."""
-        if (
-            not group_by
-            or not all(g in REPORT_DIMENSIONS for g in group_by)
-            or len(set(group_by)) != len(group_by)
-        ):
-            raise ValueError(f"group_by must be distinct names of {REPORT_DIMENSIONS}")
-        cols = ", ".join(group_by)
-        sql = (
-            f"SELECT {cols}, sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(ucredits)"
-            " FROM usage_daily WHERE day >= ? AND day <= ?"
-        )
-        params: list[Any] = [since_day or "0000-00-00", until_day or "9999-99-99"]
-        for column, value in sorted(filters.items()):
-            assert column in ("tenant_id", "project_id", "model")
-            sql += f" AND {column} = ?"
-            params.append(value)
-        if after is not None:
-            if len(after) != len(group_by):
-                raise ValueError("after must name one value per group_by column")
-            sql += f" AND ({cols}) > ({', '.join('?' * len(after))})"
-            params.extend(after)
-        sql += f" GROUP BY {cols} ORDER BY {cols} LIMIT ?"
-        return self._r.execute(sql, [*params, limit]).fetchall()
+        """Up to ``limit`` groups after the group ``after`` (see :func:`~._storage.report_query`)."""
+        sql, params = report_query(group_by, filters, since_day, until_day, after, limit, "?")
+        return self._r.execute(sql, params).fetchall()
 
     def grant_events(self, tenant_id: str, limit: int = 1000) -> list[tuple[Any, ...]]:
         return self._r.execute(
@@ -507,36 +369,7 @@ class LedgerStore:
         ).fetchall()
 
     def audit(self) -> list[str]:
-        """Invariant violations (empty when consistent): for every organization, ``balance ==
-        sum(remaining of its grants) == sum(grants) - sum(charges) - sum(write-offs)`` (charges from
-        the daily roll-up, which retention never prunes) and ``balance >= 0``; every grant's
-        remainder in ``[0, credits]``."""
-        problems: list[str] = []
-        rows = self._r.execute(
-            "SELECT t.tenant_id, t.balance_ucredits,"
-            " (SELECT coalesce(sum(ucredits), 0) FROM grants g WHERE g.tenant_id = t.tenant_id),"
-            " (SELECT coalesce(sum(remaining_ucredits), 0) FROM grants g WHERE g.tenant_id = t.tenant_id),"
-            " (SELECT coalesce(sum(written_off_ucredits), 0) FROM grants g WHERE g.tenant_id = t.tenant_id),"
-            " (SELECT coalesce(sum(ucredits), 0) FROM usage_daily d WHERE d.tenant_id = t.tenant_id)"
-            " FROM tenants t"
-        ).fetchall()
-        for tenant_id, balance, granted, remaining, written_off, charged in rows:
-            if balance != granted - charged - written_off:
-                problems.append(
-                    f"{tenant_id}: balance {balance} != granted {granted} - charged {charged}"
-                    f" - written off {written_off}"
-                )
-            if balance != remaining:
-                problems.append(f"{tenant_id}: balance {balance} != remaining of its grants {remaining}")
-            if balance < 0:
-                problems.append(f"{tenant_id}: negative balance {balance}")
-        for tenant_id, grant_id, ucredits, remaining in self._r.execute(
-            "SELECT tenant_id, grant_id, ucredits, remaining_ucredits FROM grants"
-            " WHERE remaining_ucredits < 0 OR remaining_ucredits > ucredits"
-        ):
-            problems.append(f"{tenant_id}/{grant_id}: remaining {remaining} outside [0, {ucredits}]")
-        return problems
-
-
-def dumps_models(models: list[str] | None) -> str | None:
-    return None if models is None else json.dumps(sorted(models))
+        """Invariant violations (empty when consistent), see :func:`~._storage.audit_problems`."""
+        return audit_problems(
+            self._r.execute(AUDIT_TENANTS_SQL).fetchall(), self._r.execute(AUDIT_GRANTS_SQL).fetchall()
+        )

@@ -36,6 +36,8 @@ COMMANDS = [
     ["keys", "revoke"],
     ["usage"],
     ["usage", "export"],
+    ["ledger"],
+    ["ledger", "migrate-to-postgres"],
 ]
 
 

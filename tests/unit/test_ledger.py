@@ -1,14 +1,14 @@
-"""The ledger on a real SQLite file: exact enforcement under concurrency, idempotency, restart rule."""
+"""The ledger on each real store (a SQLite file; a PostgreSQL database, marker ``postgres``): exact
+enforcement under concurrency, idempotency, restart rule."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
+from _ledger_stores import LedgerTarget
 
 from serving.errors import (
     AuthenticationError,
@@ -19,7 +19,7 @@ from serving.errors import (
     NotFoundError,
     RateLimitExceededError,
 )
-from serving.metering import LedgerClient, LedgerLockedError, Meter, MeteringConfig, PriceConfig, Reservation
+from serving.metering import LedgerClient, LedgerLockedError, Meter, PriceConfig, Reservation
 from serving.metering._client import LocalTransport
 from serving.metering._core import LedgerCore
 from serving.metering._ops import Audit, GetTenant
@@ -41,9 +41,8 @@ class Clock:
         self.wall += seconds
 
 
-def make_core(path: Path, clock: Clock, **kw: object) -> LedgerCore:
-    cfg = MeteringConfig(state_dir=path, **kw)  # type: ignore[arg-type]
-    return LedgerCore(cfg, clock=lambda: clock.mono, wall=lambda: clock.wall)
+def make_core(target: LedgerTarget, clock: Clock, **kw: object) -> LedgerCore:
+    return LedgerCore(target.config(**kw), clock=lambda: clock.mono, wall=lambda: clock.wall)
 
 
 @pytest.fixture
@@ -52,8 +51,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[LedgerCore]:
-    c = make_core(tmp_path, clock, prices={"priced": PriceConfig(completion_credits_per_1k_tokens=2000)})
+async def core(ledger_target: LedgerTarget, clock: Clock) -> AsyncIterator[LedgerCore]:
+    c = make_core(ledger_target, clock, prices={"priced": PriceConfig(completion_credits_per_1k_tokens=2000)})
     await c.start()
     yield c
     await c.close()
@@ -66,12 +65,9 @@ async def tenant_with_key(client: LedgerClient, tenant_id: str, credits: float, 
     return (await client.create_key(tenant_id)).api_key
 
 
-def rows(path: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(path / "ledger.sqlite3") as db:
-        return db.execute(sql).fetchall()
-
-
-async def test_zero_overspend_300_concurrent_across_two_replicas(core: LedgerCore, tmp_path: Path) -> None:
+async def test_zero_overspend_300_concurrent_across_two_replicas(
+    core: LedgerCore, ledger_target: LedgerTarget
+) -> None:
     replicas = [Meter(LedgerClient(LocalTransport(core))) for _ in range(2)]  # two gateway replicas' clients
     key = await tenant_with_key(replicas[0].client, "acme", credits=10_000)  # type: ignore[arg-type]
     rng = random.Random(7)
@@ -103,8 +99,8 @@ async def test_zero_overspend_300_concurrent_across_two_replicas(core: LedgerCor
     assert tenant.reserved_credits == 0 and tenant.in_flight == 0
     for rid, (p, c) in usage.items():
         assert charged[rid] == (p + c) * U  # exactly its usage at 1 credit per token
-    assert rows(tmp_path, "SELECT count(*), sum(ucredits) FROM usage_events") == [(len(charged), total)]
-    assert rows(tmp_path, "SELECT count(*) FROM reservations") == [(0,)]
+    assert ledger_target.rows("SELECT count(*), sum(ucredits) FROM usage_events") == [(len(charged), total)]
+    assert ledger_target.rows("SELECT count(*) FROM reservations") == [(0,)]
     assert await replicas[1].client.audit() == []  # type: ignore[union-attr]
 
 
@@ -168,8 +164,12 @@ async def test_tpm_and_concurrency_and_balance_clamp(core: LedgerCore, clock: Cl
     assert e3.value.headers["x-ratelimit-remaining-tokens"] == "550"
 
 
-async def test_prices_per_model_and_settle_idempotent_across_restart(tmp_path: Path, clock: Clock) -> None:
-    core = make_core(tmp_path, clock, prices={"priced": PriceConfig(completion_credits_per_1k_tokens=2000)})
+async def test_prices_per_model_and_settle_idempotent_across_restart(
+    ledger_target: LedgerTarget, clock: Clock
+) -> None:
+    core = make_core(
+        ledger_target, clock, prices={"priced": PriceConfig(completion_credits_per_1k_tokens=2000)}
+    )
     await core.start()
     client = LedgerClient(LocalTransport(core))
     meter = Meter(client)
@@ -180,7 +180,7 @@ async def test_prices_per_model_and_settle_idempotent_across_restart(tmp_path: P
     s2 = await meter.settle(r, 10, 4)
     assert s1.charged_ucredits == 18 * U and s2.duplicate and s2.charged_ucredits == s1.charged_ucredits
     await core.close()
-    core2 = make_core(tmp_path, clock)
+    core2 = make_core(ledger_target, clock)
     await core2.start()
     s3 = await Meter(LedgerClient(LocalTransport(core2))).settle(r, 10, 4)
     assert s3.duplicate and s3.charged_ucredits == 18 * U  # found in the durable log
@@ -188,8 +188,8 @@ async def test_prices_per_model_and_settle_idempotent_across_restart(tmp_path: P
     await core2.close()
 
 
-async def test_restart_keeps_reservations_then_expiry_rule(tmp_path: Path, clock: Clock) -> None:
-    core = make_core(tmp_path, clock, restart_grace_s=30)
+async def test_restart_keeps_reservations_then_expiry_rule(ledger_target: LedgerTarget, clock: Clock) -> None:
+    core = make_core(ledger_target, clock, restart_grace_s=30)
     await core.start()
     client = LedgerClient(LocalTransport(core))
     meter = Meter(client)
@@ -198,7 +198,7 @@ async def test_restart_keeps_reservations_then_expiry_rule(tmp_path: Path, clock
     await meter.progress(held[1], 7)
     await core.close()  # the gateway's requests are still "in flight"
 
-    core2 = make_core(tmp_path, clock, restart_grace_s=30)
+    core2 = make_core(ledger_target, clock, restart_grace_s=30)
     await core2.start()
     meter2 = Meter(LedgerClient(LocalTransport(core2)))
     t = await core2.read(GetTenant("t"))
@@ -212,29 +212,29 @@ async def test_restart_keeps_reservations_then_expiry_rule(tmp_path: Path, clock
     assert t.credits == 1000 - 30 - 17  # r1 charged prompt + 7 progressed tokens; r2 released
     late = await meter2.settle(held[2], 10, 50)
     assert late.duplicate and late.charged_ucredits == 0
-    outcomes = dict(rows(tmp_path, "SELECT request_id, outcome FROM usage_events"))
+    outcomes = dict(ledger_target.rows("SELECT request_id, outcome FROM usage_events"))
     assert outcomes == {"r0": "completed", "r1": "expired_charged", "r2": "expired_released"}
     assert await core2.read(Audit()) == []
     await core2.close()
 
 
-async def test_admin_bad_input_changes_nothing(core: LedgerCore, tmp_path: Path) -> None:
+async def test_admin_bad_input_changes_nothing(core: LedgerCore, ledger_target: LedgerTarget) -> None:
     client = LedgerClient(LocalTransport(core))
     await tenant_with_key(client, "t", credits=5)
-    before = rows(tmp_path, "SELECT * FROM tenants")
+    before = ledger_target.rows("SELECT * FROM tenants")
     with pytest.raises(NotFoundError):
         await client.top_up("nope", TopUp(credits=5))
     with pytest.raises(InvalidInputError):
         await client.update_tenant("t", TenantUpdate(allowed_models=["m"], allow_all_models=True, weight=3))
     with pytest.raises(NotFoundError):
         await client.create_key("nope")
-    assert rows(tmp_path, "SELECT * FROM tenants") == before
+    assert ledger_target.rows("SELECT * FROM tenants") == before
     assert (await client.get_tenant("t")).weight == 1.0
-    assert rows(tmp_path, "SELECT count(*) FROM api_keys") == [(1,)]
+    assert ledger_target.rows("SELECT count(*) FROM api_keys") == [(1,)]
 
 
 async def test_revoked_key_refused_and_second_writer_locked_out(
-    core: LedgerCore, tmp_path: Path, clock: Clock
+    core: LedgerCore, ledger_target: LedgerTarget, clock: Clock
 ) -> None:
     client = LedgerClient(LocalTransport(core))
     await tenant_with_key(client, "t", credits=5)
@@ -245,9 +245,9 @@ async def test_revoked_key_refused_and_second_writer_locked_out(
     await client.revoke_key(k2.key_id)
     with pytest.raises(AuthenticationError):
         await meter.authorize(k2.api_key, "m", 1, 1, "b")
-    assert rows(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert ledger_target.schema_version() == SCHEMA_VERSION
     with pytest.raises(LedgerLockedError):
-        await make_core(tmp_path, clock).start()
+        await make_core(ledger_target, clock, postgres_lock_wait_s=0).start()
 
 
 async def test_metering_disabled_checks_nothing() -> None:

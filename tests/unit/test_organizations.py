@@ -1,7 +1,8 @@
-"""Organizations, projects and credit grants on a real ledger file (issue 15's guarantees).
+"""Organizations, projects and credit grants on a real ledger store (issue 15's guarantees).
 
-The ledger runs in this process on SQLite with hand-moved clocks; the gateway side is the real
-:class:`Meter` and :class:`LedgerClient`.
+The ledger runs in this process with hand-moved clocks, each test on a SQLite file and on a
+PostgreSQL database (marker ``postgres``); the gateway side is the real :class:`Meter` and
+:class:`LedgerClient`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from _ledger_stores import LedgerTarget
 
 from serving.errors import (
     AuthenticationError,
@@ -59,14 +61,13 @@ def clock() -> Clock:
     return Clock()
 
 
-def make_core(path: Path, clock: Clock, **kw: object) -> LedgerCore:
-    cfg = MeteringConfig(state_dir=path, prices=PRICED, **kw)  # type: ignore[arg-type]
-    return LedgerCore(cfg, clock=lambda: clock.mono, wall=lambda: clock.wall)
+def make_core(target: LedgerTarget, clock: Clock, **kw: object) -> LedgerCore:
+    return LedgerCore(target.config(prices=PRICED, **kw), clock=lambda: clock.mono, wall=lambda: clock.wall)
 
 
 @pytest.fixture
-async def core(tmp_path: Path, clock: Clock) -> AsyncIterator[LedgerCore]:
-    c = make_core(tmp_path, clock)
+async def core(ledger_target: LedgerTarget, clock: Clock) -> AsyncIterator[LedgerCore]:
+    c = make_core(ledger_target, clock)
     await c.start()
     yield c
     await c.close()
@@ -78,6 +79,7 @@ def client(core: LedgerCore) -> LedgerClient:
 
 
 def q(path: Path, sql: str, *args: object) -> list[tuple]:
+    """Raw SQL against a SQLite ledger file in ``path`` (the migration test's)."""
     with sqlite3.connect(path / "ledger.sqlite3") as db:
         return db.execute(sql, args).fetchall()
 
@@ -153,7 +155,7 @@ async def project_key(client: LedgerClient, tenant_id: str, project_id: str, **s
 
 
 async def test_300_concurrent_over_three_projects_exact_at_both_levels(
-    core: LedgerCore, client: LedgerClient, tmp_path: Path
+    core: LedgerCore, client: LedgerClient, ledger_target: LedgerTarget
 ) -> None:
     """The organization's balance covers a fraction of the load and two projects have caps: no
     project passes its cap, the organization never goes below zero, each served request is charged
@@ -189,12 +191,14 @@ async def test_300_concurrent_over_three_projects_exact_at_both_levels(
         assert view.reserved_credits == 0 and view.in_flight == 0
         if cap is not None:
             assert view.spent_credits <= cap
-        by_events = q(tmp_path, "SELECT coalesce(sum(ucredits), 0) FROM usage_events WHERE project_id = ?", p)
+        by_events = ledger_target.rows(
+            "SELECT coalesce(sum(ucredits), 0) FROM usage_events WHERE project_id = ?", p
+        )
         assert by_events == [(charged[p],)]
     t = await client.get_tenant("acme")
     assert t.credits >= 0 and t.reserved_credits == 0 and t.in_flight == 0
     assert round(t.credits * U) == 20_000 * U - sum(charged.values())
-    assert q(tmp_path, "SELECT count(*) FROM reservations") == [(0,)]
+    assert ledger_target.rows("SELECT count(*) FROM reservations") == [(0,)]
     assert await client.audit() == []
 
 
@@ -243,7 +247,7 @@ async def test_daily_cap_resets_at_midnight_utc(client: LedgerClient, clock: Clo
 
 # -- grants -----------------------------------------------------------------------------------------
 async def test_a_charge_spanning_two_grants_splits_exactly_soonest_expiry_first(
-    client: LedgerClient, clock: Clock, tmp_path: Path
+    client: LedgerClient, clock: Clock, ledger_target: LedgerTarget
 ) -> None:
     await org(client, "uni", 0)
     t0 = clock.wall
@@ -267,14 +271,14 @@ async def test_a_charge_spanning_two_grants_splits_exactly_soonest_expiry_first(
     assert not new and view.remaining_credits == 0  # a retry is a no-op
     with pytest.raises(ConflictError):
         await client.create_grant("uni", GrantCreate(grant_id="lab", credits=31, program="innovation-lab"))
-    assert q(tmp_path, "SELECT count(*) FROM grant_events WHERE kind = 'granted' AND tenant_id = 'uni'") == [
-        (3,)
-    ]
+    assert ledger_target.rows(
+        "SELECT count(*) FROM grant_events WHERE kind = 'granted' AND tenant_id = 'uni'"
+    ) == [(3,)]
     assert await client.audit() == []
 
 
 async def test_expiry_in_the_middle_of_a_load_writes_off_only_what_was_left(
-    core: LedgerCore, client: LedgerClient, clock: Clock, tmp_path: Path
+    core: LedgerCore, client: LedgerClient, clock: Clock, ledger_target: LedgerTarget
 ) -> None:
     """Reservations hold slices of a grant when it expires: only its unreserved remainder is
     written off then; each one still open is charged as reserved when it settles, and the released
@@ -306,7 +310,7 @@ async def test_expiry_in_the_middle_of_a_load_writes_off_only_what_was_left(
     r = await reserve(client, key, "after", 50, 50)  # now served by "paid"
     await meter.settle(r, 50, 50, "completed", "p", "sim")
     assert (await client.get_tenant("uni")).credits == 9_900
-    assert q(tmp_path, "SELECT count(*) FROM grant_events WHERE kind = 'written_off'") == [(7,)]
+    assert ledger_target.rows("SELECT count(*) FROM grant_events WHERE kind = 'written_off'") == [(7,)]
     assert await client.audit() == []
 
 
@@ -346,7 +350,7 @@ async def test_org_admin_keys_cannot_make_requests_and_pages_are_cursor_based(cl
 
 
 async def test_export_streams_in_pages_and_the_rollup_outlives_retention(
-    core: LedgerCore, client: LedgerClient, clock: Clock, tmp_path: Path
+    core: LedgerCore, client: LedgerClient, clock: Clock, ledger_target: LedgerTarget
 ) -> None:
     await org(client, "acme", 10_000)
     keys = {p: await project_key(client, "acme", p) for p in ("default", "lab")}
@@ -370,7 +374,7 @@ async def test_export_streams_in_pages_and_the_rollup_outlives_retention(
     core.config = core.config.model_copy(update={"usage_event_retention_days": 2.0})
     pruned = await core.prune_usage_events(step=3)
     assert 0 < pruned < 25
-    assert q(tmp_path, "SELECT count(*) FROM usage_events") == [(25 - pruned,)]
+    assert ledger_target.rows("SELECT count(*) FROM usage_events") == [(25 - pruned,)]
     report2 = "".join(
         [c async for c in client.usage_report(UsageQuery(tenant_id="acme", group_by=("project_id",)), "csv")]
     )
@@ -390,14 +394,14 @@ async def test_reserve_for_a_project_key_is_refused_after_its_revocation(client:
 
 
 async def test_metrics_budget_labels_tracked_organizations_and_sums_the_rest(
-    tmp_path: Path, clock: Clock
+    ledger_target: LedgerTarget, clock: Clock
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from serving.metering._stats import LedgerCollector
     from serving.metrics import render
 
-    core = make_core(tmp_path, clock, tracked_tenants=["org-03", "org-07"], metrics_series_budget=20)
+    core = make_core(ledger_target, clock, tracked_tenants=["org-03", "org-07"], metrics_series_budget=20)
     await core.start()
     try:
         client = LedgerClient(LocalTransport(core))
