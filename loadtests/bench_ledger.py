@@ -1,9 +1,12 @@
 """Ledger throughput: reserve+settle pairs per second from 4 gateway replicas, every commit durable.
 
 Each replica is a Ray actor with its own :class:`LedgerClient` (as in the gateway) running
-``--concurrency`` request loops against the one ledger actor (SQLite, WAL, ``synchronous=FULL``).
+``--concurrency`` request loops against the one ledger actor (SQLite, WAL, ``synchronous=FULL``;
+or ``--store postgres``: PostgreSQL, ``synchronous_commit=on``, on a throwaway server this starts
+with ``fsync=on`` (loadtests/pg_server.py), or on the database ``--dsn`` names).
 
     python loadtests/bench_ledger.py [--pairs 20000] [--replicas 4] [--concurrency 128] [--transport actor]
+        [--store postgres [--dsn DSN]]
 
 ``--transport socket`` (the gateway's) sends hot batches on the ledger's TCP socket; ``actor`` sends
 them as Ray actor calls, for comparison.
@@ -90,9 +93,21 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=128, help="request loops per replica")
     ap.add_argument("--transport", choices=("socket", "actor"), default="socket")
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--dsn", help="an empty PostgreSQL database (default: a throwaway server, fsync on)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    server = None
+    store: dict[str, Any] = {}
+    if args.store == "postgres":
+        dsn = args.dsn
+        if dsn is None:
+            from loadtests.pg_server import PostgresServer
+
+            server = PostgresServer(fsync=True)
+            dsn = server.create_database()
+        store = {"store": "postgres", "postgres_dsn": dsn}
     ray.init(
         num_cpus=args.replicas + 1,
         include_dashboard=False,
@@ -101,7 +116,7 @@ def main() -> None:
         log_to_driver=False,
     )
     try:
-        cfg = MeteringConfig(state_dir=state_dir, ledger_actor_name="bench-ledger")
+        cfg = MeteringConfig(state_dir=state_dir, ledger_actor_name="bench-ledger", **store)
         ledger = get_or_create_ledger_actor(cfg, namespace="bench-ledger")
         ray.get(ledger.ping.remote())
         keys = asyncio.run(setup(ledger, args.replicas))
@@ -119,12 +134,14 @@ def main() -> None:
         problems = ray.get(ledger.read.remote(Audit()))
         h = stats.commit_latency
         print(
-            f"transport={args.transport} replicas={args.replicas} concurrency={args.concurrency} pairs={total} elapsed_s={elapsed:.2f}"
+            f"store={args.store} transport={args.transport} replicas={args.replicas}"
+            f" concurrency={args.concurrency} pairs={total} elapsed_s={elapsed:.2f}"
         )
         print(f"reserve+settle pairs/s: {total / elapsed:,.0f}")
         print(
             f"commits={stats.commits_total} ops/commit={stats.ops_total / max(1, stats.commits_total):.1f}"
-            f" mean_commit_ms={1000 * h.sum_s / max(1, h.count):.2f} synchronous=FULL audit_problems={len(problems)}"
+            f" mean_commit_ms={1000 * h.sum_s / max(1, h.count):.2f}"
+            f" {'synchronous_commit=on' if store else 'synchronous=FULL'} audit_problems={len(problems)}"
         )
         auth_ms, settle_ms = asyncio.run(idle_latency_ms(ledger, keys[0], args.transport))
         print(
@@ -135,6 +152,8 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(state_dir, ignore_errors=True)
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""kill -9 of the ledger's process in the middle of a load, then a restart on the same file."""
+"""kill -9 of the ledger's process in the middle of a load, then a restart on the same store (a SQLite
+file; a PostgreSQL database, marker ``postgres``)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import sqlite3
 import sys
-from pathlib import Path
 
 import pytest
+from _ledger_stores import LedgerTarget
 
-from serving.metering import LedgerClient, MeteringConfig, local_ledger
+from serving.metering import LedgerClient, local_ledger
 from serving.metering._client import LocalTransport
 from serving.metering._core import LedgerCore
 from serving.metering._ops import Settle, Settlement
@@ -25,11 +25,10 @@ INITIAL = 1_000_000
 # as if its gateway died.
 CHILD = """
 import asyncio, sys
-from pathlib import Path
 from serving.metering import Meter, MeteringConfig, local_ledger
 
-async def main(state_dir, key):
-    async with local_ledger(MeteringConfig(state_dir=Path(state_dir))) as client:
+async def main(config_json, key):
+    async with local_ledger(MeteringConfig.model_validate_json(config_json)) as client:
         meter = Meter(client)
         async def loop(w):
             i = 0
@@ -46,20 +45,22 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-def db_rows(state_dir: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(state_dir / "ledger.sqlite3") as db:
-        return db.execute(sql).fetchall()
-
-
 @pytest.mark.slow
-async def test_sigkill_mid_load_then_restart_is_consistent(tmp_path: Path) -> None:
-    cfg = MeteringConfig(state_dir=tmp_path)
+async def test_sigkill_mid_load_then_restart_is_consistent(ledger_target: LedgerTarget) -> None:
+    target = ledger_target
+    cfg = target.config()
     async with local_ledger(cfg) as client:
         await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=INITIAL))
         key = (await client.create_key("t")).api_key
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD, str(tmp_path), key, stdout=asyncio.subprocess.PIPE, cwd=os.getcwd()
+        sys.executable,
+        "-c",
+        CHILD,
+        cfg.model_dump_json(),
+        key,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=os.getcwd(),
     )
     assert proc.stdout is not None
     settled: dict[str, int] = {}
@@ -81,13 +82,13 @@ async def test_sigkill_mid_load_then_restart_is_consistent(tmp_path: Path) -> No
         take(line)
     assert await proc.wait() == -signal.SIGKILL
 
-    # Restart on the same file, as a gateway that survived would see it.
-    core = LedgerCore(MeteringConfig(state_dir=tmp_path, restart_grace_s=3600))
+    # Restart on the same store, as a gateway that survived would see it.
+    core = LedgerCore(target.config(restart_grace_s=3600))
     await core.start()
     client = LedgerClient(LocalTransport(core))
     assert await client.audit() == []  # balance == grants - charges
-    events = dict(db_rows(tmp_path, "SELECT request_id, ucredits FROM usage_events"))
-    open_ids = {r for (r,) in db_rows(tmp_path, "SELECT request_id FROM reservations")}
+    events = dict(target.rows("SELECT request_id, ucredits FROM usage_events"))
+    open_ids = {r for (r,) in target.rows("SELECT request_id FROM reservations")}
     for rid, charge in settled.items():
         assert events[rid] == charge  # every acknowledged settlement is charged, once
     assert reserved <= set(events) | open_ids  # every acknowledged reservation is durable
@@ -108,14 +109,14 @@ async def test_sigkill_mid_load_then_restart_is_consistent(tmp_path: Path) -> No
     await core.close()
 
     # Restart again with no grace: the rest are resolved by the rule (no progress: release).
-    core = LedgerCore(MeteringConfig(state_dir=tmp_path, restart_grace_s=0))
+    core = LedgerCore(target.config(restart_grace_s=0))
     await core.start()
     await core.expire_due()
     client = LedgerClient(LocalTransport(core))
     tenant = await client.get_tenant("t")
     assert tenant.in_flight == 0 and tenant.reserved_credits == 0
-    outcomes = dict(db_rows(tmp_path, "SELECT request_id, outcome FROM usage_events"))
+    outcomes = dict(target.rows("SELECT request_id, outcome FROM usage_events"))
     assert {outcomes[r] for r in open_ids - set(to_settle)} <= {"expired_released"}
     assert await client.audit() == []
-    assert db_rows(tmp_path, "SELECT count(*) FROM reservations") == [(0,)]
+    assert target.rows("SELECT count(*) FROM reservations") == [(0,)]
     await core.close()

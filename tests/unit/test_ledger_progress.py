@@ -1,14 +1,14 @@
 """Produced tokens are recorded, and a gateway that vanishes is charged what it produced soon after
-its ledger connection drops (a lease), not at the reservation's TTL. Real ledger core on SQLite, real
-ledger socket on loopback."""
+its ledger connection drops (a lease), not at the reservation's TTL. Real ledger core on each store
+(SQLite; PostgreSQL, marker ``postgres``), real ledger socket on loopback."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
 
-from serving.metering import LedgerClient, Meter, MeteringConfig
+from _ledger_stores import LedgerTarget
+
+from serving.metering import LedgerClient, Meter
 from serving.metering._client import LocalTransport
 from serving.metering._core import LedgerCore
 from serving.metering._ops import GetTenant
@@ -39,14 +39,15 @@ class LinkTransport:
         return await self.core.read(op)
 
 
-def outcomes(path: Path) -> dict[str, tuple[str, int]]:
-    with sqlite3.connect(path / "ledger.sqlite3") as db:
-        rows = db.execute("SELECT request_id, outcome, completion_tokens FROM usage_events").fetchall()
+def outcomes(target: LedgerTarget) -> dict[str, tuple[str, int]]:
+    rows = target.rows("SELECT request_id, outcome, completion_tokens FROM usage_events")
     return {r: (o, c) for r, o, c in rows}
 
 
-async def test_flush_sends_progress_only_for_requests_older_than_one_flush(tmp_path: Path) -> None:
-    core = LedgerCore(MeteringConfig(state_dir=tmp_path))
+async def test_flush_sends_progress_only_for_requests_older_than_one_flush(
+    ledger_target: LedgerTarget,
+) -> None:
+    core = LedgerCore(ledger_target.config())
     await core.start()
     client = LedgerClient(LocalTransport(core))
     await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=1000))
@@ -66,8 +67,8 @@ async def test_flush_sends_progress_only_for_requests_older_than_one_flush(tmp_p
     await core.close()
 
 
-async def test_dead_gateway_is_charged_its_progress_when_its_lease_ends(tmp_path: Path) -> None:
-    cfg = MeteringConfig(state_dir=tmp_path, lease_grace_s=0.3)
+async def test_dead_gateway_is_charged_its_progress_when_its_lease_ends(ledger_target: LedgerTarget) -> None:
+    cfg = ledger_target.config(lease_grace_s=0.3)
     core = LedgerCore(cfg)
     await core.start()
     server = LedgerSocketServer(core.apply, "127.0.0.1", on_close=core.end_lease)
@@ -96,7 +97,7 @@ async def test_dead_gateway_is_charged_its_progress_when_its_lease_ends(tmp_path
         await asyncio.sleep(0.05)
         await core.expire_due()
     assert not core._state.open, "reservations of a dropped connection must be resolved soon"
-    assert outcomes(tmp_path) == {
+    assert outcomes(ledger_target) == {
         "streaming": ("expired_charged", 77),
         "silent": ("expired_released", 0),
     }
@@ -107,8 +108,8 @@ async def test_dead_gateway_is_charged_its_progress_when_its_lease_ends(tmp_path
     await core.close()
 
 
-async def test_a_resent_reserve_moves_the_lease_to_the_new_connection(tmp_path: Path) -> None:
-    core = LedgerCore(MeteringConfig(state_dir=tmp_path, lease_grace_s=0.2))
+async def test_a_resent_reserve_moves_the_lease_to_the_new_connection(ledger_target: LedgerTarget) -> None:
+    core = LedgerCore(ledger_target.config(lease_grace_s=0.2))
     await core.start()
     admin = LedgerClient(LocalTransport(core))
     await admin.create_tenant(TenantCreate(tenant_id="t", name="t", credits=1000))
