@@ -41,7 +41,7 @@ from serving.metering._core import LedgerCore
 from serving.metering._keys import KeyDirectory, Keys
 from serving.metering._ops import Audit, Stats
 from serving.metering._stats import LedgerCollector
-from serving.metering._store import LedgerStore
+from serving.metering._store import SqliteStore
 from serving.metrics import render
 from serving.tenancy import TenantLimits, generate_api_key
 
@@ -55,7 +55,7 @@ def build(path: Path, orgs: int, projects: int, keys: int, events: int, seed: in
     for 10 million events); returns the plaintext of a sample of its keys, one per organization
     first."""
     rng = random.Random(seed)
-    LedgerStore(path).close()  # the current schema
+    SqliteStore(path).close()  # the current schema
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")
