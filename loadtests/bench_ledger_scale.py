@@ -14,6 +14,11 @@ with 100 organizations; then, for each:
 * ``/metrics``: the ledger's families rendered (size, series, time) with every project loaded.
 
     python loadtests/bench_ledger_scale.py [--orgs 5000 --projects 100000 --keys 150000 --events 10000000]
+        [--store postgres]
+
+``--store postgres`` copies each built file into a database of its own on a throwaway PostgreSQL
+server (fsync on; loadtests/pg_server.py) with ``tokenweir ledger migrate-to-postgres``'s function,
+printing how long that took, and measures the ledger there.
 """
 
 from __future__ import annotations
@@ -173,11 +178,11 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def start_in_process(d: Path) -> dict[str, Any]:
+async def start_in_process(d: Path, store: dict[str, Any]) -> dict[str, Any]:
     """Start time, resident memory and lookups/metrics figures of the ledger opened here."""
     gc.collect()
     before = rss_mib()
-    core = LedgerCore(MeteringConfig(state_dir=d, usage_event_retention_days=None))
+    core = LedgerCore(MeteringConfig(state_dir=d, usage_event_retention_days=None, **store))
     t0 = time.perf_counter()
     await core.start()
     start_s = time.perf_counter() - t0
@@ -234,8 +239,12 @@ def lookup_ns(hashes: list[str], n: int = 200_000) -> dict[str, tuple[float, flo
     return out
 
 
-def pairs_per_s(d: Path, keys: list[str], replicas: int, pairs: int, concurrency: int, tag: str) -> float:
-    cfg = MeteringConfig(state_dir=d, ledger_actor_name=f"scale-{tag}", usage_event_retention_days=None)
+def pairs_per_s(
+    d: Path, store: dict[str, Any], keys: list[str], replicas: int, pairs: int, concurrency: int, tag: str
+) -> float:
+    cfg = MeteringConfig(
+        state_dir=d, ledger_actor_name=f"scale-{tag}", usage_event_retention_days=None, **store
+    )
     ledger = get_or_create_ledger_actor(cfg, namespace="bench-scale")
     ray.get(ledger.ping.remote())
     try:
@@ -291,14 +300,47 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=2, help="alternated small/large runs of the pairs benchmark"
     )
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     args = ap.parse_args()
     root = Path(args.dir)
     small_dir, small_keys = cached(root, "small", orgs=100, projects=100, keys=100, events=10_000)
     large_dir, large_keys = cached(
         root, "large", orgs=args.orgs, projects=args.projects, keys=args.keys, events=args.events
     )
+    server = None
+    stores: dict[str, dict[str, Any]] = {"small": {}, "large": {}}
+    if args.store == "postgres":
+        from loadtests.pg_server import PostgresServer
+        from serving.metering import migrate_to_postgres
+
+        server = PostgresServer(fsync=True)
+        for name, d in (("small", small_dir), ("large", large_dir)):
+            dsn = server.create_database()
+            t0 = time.perf_counter()
+            report = migrate_to_postgres(d / "ledger.sqlite3", dsn)
+            print(
+                f"migrated {name} to PostgreSQL: {sum(report.rows.values()):,} rows in"
+                f" {time.perf_counter() - t0:.0f} s"
+            )
+            stores[name] = {"store": "postgres", "postgres_dsn": dsn}
+    try:
+        run(args, small_dir, small_keys, large_dir, large_keys, stores)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run(
+    args: argparse.Namespace,
+    small_dir: Path,
+    small_keys: list[str],
+    large_dir: Path,
+    large_keys: list[str],
+    stores: dict[str, dict[str, Any]],
+) -> None:
     figures = {
-        name: asyncio.run(start_in_process(d)) for name, d in (("small", small_dir), ("large", large_dir))
+        name: asyncio.run(start_in_process(d, stores[name]))
+        for name, d in (("small", small_dir), ("large", large_dir))
     }
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for name, f in figures.items():
@@ -330,7 +372,9 @@ def main() -> None:
         for r in range(args.rounds):
             for name, d, keys in (("small", small_dir, small_keys), ("large", large_dir, large_keys)):
                 picked = rng.sample(keys, min(len(keys), 64 * args.replicas))
-                rate = pairs_per_s(d, picked, args.replicas, args.pairs, args.concurrency, f"{name}{r}")
+                rate = pairs_per_s(
+                    d, stores[name], picked, args.replicas, args.pairs, args.concurrency, f"{name}{r}"
+                )
                 rates[name].append(rate)
                 print(f"round {r} {name}: {rate:,.0f} durable reserve+settle pairs/s")
     finally:
@@ -338,7 +382,8 @@ def main() -> None:
     s, g = statistics.median(rates["small"]), statistics.median(rates["large"])
     print(
         f"pairs/s median: small {s:,.0f}, large {g:,.0f}, large/small {g / s:.3f}"
-        f" ({args.replicas} gateway replicas x {args.concurrency} loops, SQLite synchronous=FULL)"
+        f" ({args.replicas} gateway replicas x {args.concurrency} loops,"
+        f" {'PostgreSQL synchronous_commit=on' if args.store == 'postgres' else 'SQLite synchronous=FULL'})"
     )
 
 
