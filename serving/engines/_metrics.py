@@ -86,9 +86,10 @@ class Histogram:
         self._counts = [0] * (len(bounds) + 1)  # per bucket, the last one +Inf
         self._sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
+    def observe(self, value: float, n: int = 1) -> None:
+        """Record ``value`` (``n`` times)."""
+        self._counts[bisect_left(self._bounds, value)] += n
+        self._sum += value * n
 
     def snapshot(self) -> HistogramSnapshot:
         cumulative, n = [], 0
@@ -135,10 +136,10 @@ class EngineMetricsRecorder:
         self.generation_tokens += 1
         self.ttft.observe(ttft_s)
 
-    def next_token(self, itl_s: float) -> None:
-        """A sequence sampled another token ``itl_s`` after its previous one."""
-        self.generation_tokens += 1
-        self.itl.observe(itl_s)
+    def next_token(self, itl_s: float, n: int = 1) -> None:
+        """``n`` sequences each sampled another token ``itl_s`` after their previous one."""
+        self.generation_tokens += n
+        self.itl.observe(itl_s, n)
 
     def finished(self, e2e_s: float) -> None:
         """A sequence finished in the engine (stop or length) ``e2e_s`` after it arrived."""

@@ -334,7 +334,10 @@ class SimEngine(Engine):
             # so that at the step's end only the (cheap) publication is left.
             produced = sched.postprocess(batch)
             staged: dict[int, SimStream] = {}
+            # Engine metrics, counted once the step's outcome is fixed, at its end time. Sequences
+            # that also sampled in the previous step (ending at t) share one inter-token latency.
             metrics = self._metrics
+            decoded = 0
             for seq in produced:
                 stream: SimStream = seq.owner
                 staged[id(stream)] = stream
@@ -343,13 +346,17 @@ class SimEngine(Engine):
                         seq.finish_reason = "stop"
                     else:
                         sched.finish(seq, "stop")
-                if seq.num_output == 1:
+                if seq.last_token_s == t and seq.num_output > 1:
+                    decoded += 1
+                elif seq.num_output == 1:
                     metrics.first_token(t_end - seq.arrival_s, seq.prompt_len)
                 else:
                     metrics.next_token(t_end - seq.last_token_s)
                 seq.last_token_s = t_end
                 if seq.status is SeqStatus.FINISHED:
                     metrics.finished(t_end - seq.arrival_s)
+            if decoded:
+                metrics.next_token(t_end - t, decoded)
             # Pushed streams' chunks are built now too; at the step's end they are only handed over.
             ready = [self._prepare_push(s) for s in staged.values() if s.sink is not None and not s.done]
             if t_end > now:

@@ -53,6 +53,8 @@ def test_histogram_buckets_are_prometheus_le() -> None:
     for v in (0.05, 0.1, 0.5, 1.0, 3.0):
         h.observe(v)
     assert h.snapshot() == HistogramSnapshot((0.1, 1.0), (2, 4), 5, pytest.approx(4.65))
+    h.observe(0.2, 3)  # three sequences with one inter-token latency
+    assert h.snapshot() == HistogramSnapshot((0.1, 1.0), (2, 7), 8, pytest.approx(5.25))
     with pytest.raises(ValueError):
         Histogram((1.0, 0.5))
 
