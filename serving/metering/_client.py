@@ -39,9 +39,9 @@ from serving.tenancy import (
     generate_api_key,
     hash_api_key,
     looks_like_api_key,
+    render_rows,
 )
 from serving.tenancy import TopUp as TopUpRequest
-from serving.tenancy._export import render_rows
 
 from ._actor import ActorTransport, get_or_create_ledger_actor
 from ._config import MeteringConfig
