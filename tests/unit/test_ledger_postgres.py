@@ -309,3 +309,25 @@ def test_postgres_config_keeps_passwords_out_and_does_not_pin_the_ledger(
     monkeypatch.setenv("TW_TEST_DSN", "postgresql://tw:secret@db/ledger")
     assert from_env.postgres_conninfo() == "postgresql://tw:secret@db/ledger"
     assert "secret" not in from_env.for_actors().model_dump_json()
+
+
+def test_the_postgres_ledger_actor_asks_for_no_node_resource(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Ray is asked for (captured at the Ray boundary): on SQLite a sliver of the file's node
+    resource, so Ray restarts it only there; on PostgreSQL nothing, so it restarts on any node."""
+    from serving.metering import _actor
+
+    asked: list[dict[str, Any]] = []
+
+    class Remote:
+        def options(self, **kw: Any) -> Any:
+            asked.append(kw)
+            return self
+
+        def remote(self, *args: Any) -> str:
+            return "handle"
+
+    monkeypatch.setattr(_actor.ray, "remote", lambda cls: Remote())
+    _actor.get_or_create_ledger_actor(MeteringConfig())
+    _actor.get_or_create_ledger_actor(MeteringConfig(store="postgres", postgres_dsn="host=db dbname=l"))
+    assert asked[0]["resources"] == {"node:__internal_head__": 0.001}
+    assert asked[1]["resources"] == {} and asked[1]["max_restarts"] == -1
