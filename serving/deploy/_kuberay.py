@@ -59,6 +59,8 @@ GATEWAY_LABEL = "tokenweir.io/gateway"
 """Also on gateway pods (``"true"``): the label the Prometheus files in deploy/prometheus/kubernetes select."""
 ADMIN_KEY_ITEM = "admin-key"
 """Key of the admin key in its Secret."""
+LEDGER_DSN_ITEM = "dsn"
+"""Key of the PostgreSQL ledger's connection string in the ``<name>-ledger-dsn`` Secret."""
 RAYLET_HEALTH = {"path": "/api/local_raylet_healthz", "port": 52365}
 """The raylet's health on Ray's dashboard agent (public under token auth)."""
 GCS_HEALTH = {"path": "/api/gcs_healthz", "port": 8265}
@@ -200,6 +202,7 @@ class _Names:
         self.ledger = f"{base}-ledger"
         self.admin = f"{base}-admin"
         self.hf_token = f"{base}-hf-token"
+        self.ledger_dsn = f"{base}-ledger-dsn"
 
     def selector(self, role: str) -> dict[str, str]:
         return {"app.kubernetes.io/instance": self.base, ROLE_LABEL: role}
@@ -226,6 +229,15 @@ def _env(cfg: TokenweirConfig, names: _Names) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": names.admin, "key": ADMIN_KEY_ITEM}},
             }
         )
+        if cfg.metering.store == "postgres" and cfg.metering.postgres_dsn is None:
+            # The ledger may restart on any node: every Ray container gets the DSN, from a Secret the
+            # operator creates (`kubectl create secret generic <name>-ledger-dsn --from-literal=dsn=...`).
+            env.append(
+                {
+                    "name": cfg.metering.postgres_dsn_env,
+                    "valueFrom": {"secretKeyRef": {"name": names.ledger_dsn, "key": LEDGER_DSN_ITEM}},
+                }
+            )
     return env
 
 

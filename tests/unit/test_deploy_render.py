@@ -455,6 +455,21 @@ def test_the_ledger_lives_on_the_heads_volume(cfg: TokenweirConfig, rendered: di
     assert rs["spec"]["upgradeStrategy"] == {"type": "None"}  # in place: no second cluster, no second ledger
 
 
+def test_a_postgres_ledger_reads_its_dsn_from_a_secret_in_every_ray_container() -> None:
+    pg = parse_config(copy.deepcopy(FLEET) | {"metering": {"store": "postgres"}})
+    (rs, *_) = kuberay_manifests(pg, resolve(pg), RenderOptions(), None)
+    containers = [rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [g["template"]["spec"]["containers"][0] for g in _groups(rs).values()]
+    for c in containers:
+        dsn = [e for e in c["env"] if e["name"] == "TOKENWEIR_LEDGER_DSN"]
+        assert dsn == [
+            {
+                "name": "TOKENWEIR_LEDGER_DSN",
+                "valueFrom": {"secretKeyRef": {"name": "tokenweir-ledger-dsn", "key": "dsn"}},
+            }
+        ]
+
+
 def test_the_ledger_is_pinned_to_the_head_that_holds_its_volume(cfg: TokenweirConfig) -> None:
     """Default: Ray's own head resource pins the ledger actor (nothing to advertise). A custom
     ``metering.ledger_node_resource`` is advertised by the head and by no other group, in both the
