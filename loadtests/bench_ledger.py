@@ -109,6 +109,7 @@ def main() -> None:
             dsn = server.create_database()
         store = {"store": "postgres", "postgres_dsn": dsn}
     ray.init(
+        address="local",  # a Ray of its own, never another cluster on this machine
         num_cpus=args.replicas + 1,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

@@ -360,6 +360,7 @@ def run(
         )
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
+        address="local",  # a Ray of its own, never another cluster on this machine
         num_cpus=args.replicas + 1,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -373,7 +374,13 @@ def run(
             for name, d, keys in (("small", small_dir, small_keys), ("large", large_dir, large_keys)):
                 picked = rng.sample(keys, min(len(keys), 64 * args.replicas))
                 rate = pairs_per_s(
-                    d, stores[name], picked, args.replicas, args.pairs, args.concurrency, f"{name}{r}"
+                    d,
+                    stores[name],
+                    picked,
+                    args.replicas,
+                    args.pairs,
+                    args.concurrency,
+                    f"{name}{r}-{time.time_ns()}",
                 )
                 rates[name].append(rate)
                 print(f"round {r} {name}: {rate:,.0f} durable reserve+settle pairs/s")
