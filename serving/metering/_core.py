@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -222,6 +223,10 @@ class LedgerCore:
                 t.rpm, t.tpm, t.ewma_duration_s = o.rpm or t.rpm, o.tpm or t.tpm, o.ewma_duration_s
                 t.apply_limits(t.limits, self._clock(), new.default_limits)
         self._state, self._admin = new, AdminOps(new)
+        # 100,000 projects and 150,000 keys are a million long-lived objects: keep them out of the
+        # cyclic collector's full passes (each would walk them all, stalling every request).
+        gc.collect()
+        gc.freeze()
 
     async def close(self) -> None:
         """Commit what is pending, then close the file."""
