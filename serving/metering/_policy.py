@@ -161,5 +161,10 @@ def period_start(ts: float, period: str) -> float:
 
 
 def utc_day(ts: float) -> str:
-    """The UTC date of ``ts`` as ``YYYY-MM-DD`` (the usage roll-up's day)."""
-    return datetime.fromtimestamp(ts, tz=UTC).date().isoformat()
+    """The UTC date of ``ts`` as ``YYYY-MM-DD`` (the usage roll-up's day); times before 1970 or
+    after 9999 (a client's ``since``) are clamped to those days."""
+    return datetime.fromtimestamp(min(max(ts, 0.0), _LAST_TS), tz=UTC).date().isoformat()
+
+
+_LAST_TS = 253_402_300_799.0
+"""9999-12-31T23:59:59Z, the last second ``datetime`` represents."""

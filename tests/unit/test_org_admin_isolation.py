@@ -173,3 +173,26 @@ async def test_an_org_admin_manages_its_own_projects_and_keys_but_grants_nothing
     fresh = (await http.post("/admin/v1/tenants/org-a/projects/p-new/keys", headers=auth(a), json={})).json()
     mine = (await http.get("/v1/usage", headers=auth(fresh["api_key"]))).json()
     assert mine["project"]["project_id"] == "p-new" and mine["grants"][0]["grant_id"] == "initial"
+
+
+async def test_a_refused_export_is_an_error_body_not_a_broken_stream(world: Any) -> None:
+    """The first page is read before the response starts: an unknown tenant or an out-of-range
+    day is a whole error answer (found by the fuzz tier as broken streams)."""
+    http, ledger, _ = world
+    await setup_orgs(http, ledger)
+    for path, params in (
+        ("/admin/v1/usage", {"format": "csv", "tenant_id": "", "project_id": "default"}),
+        ("/admin/v1/usage/report", {"format": "csv", "tenant_id": "nobody"}),
+    ):
+        r = await http.get(path, headers=auth(ADMIN), params=params)
+        assert r.status_code == 404 and r.json()["error"]["param"] in ("tenant_id", "project_id"), r.text
+    r = await http.get(
+        "/admin/v1/usage/report", headers=auth(ADMIN), params={"format": "csv", "since": "253402300800.0"}
+    )
+    assert r.status_code == 200 and r.text.startswith("tenant_id,project_id,model,day,requests")
+    empty = await http.get("/admin/v1/usage", headers=auth(ADMIN), params={"format": "json", "model": "none"})
+    assert empty.json() == []
+    csv_empty = await http.get(
+        "/admin/v1/usage", headers=auth(ADMIN), params={"format": "csv", "model": "none"}
+    )
+    assert csv_empty.text.startswith("event_id,") and len(csv_empty.text.splitlines()) == 1

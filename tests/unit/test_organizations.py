@@ -243,6 +243,10 @@ async def test_daily_cap_resets_at_midnight_utc(client: LedgerClient, clock: Clo
     await Meter(client).settle(r, 10, 5, "completed", "p", "sim")
     assert (await client.get_project("acme", "dev")).spent_credits == 15
     assert period_start(1_767_225_600.0 + 40 * 86_400, "monthly") == 1_769_904_000.0  # 2026-02-01
+    from serving.metering._policy import utc_day
+
+    assert (utc_day(-2.16e16), utc_day(1e300)) == ("1970-01-01", "9999-12-31")  # a client's since
+    assert (await client.usage_summary("acme", "dev", since_ts=-2.16e16)).usage
 
 
 # -- grants -----------------------------------------------------------------------------------------
