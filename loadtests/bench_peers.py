@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -345,6 +346,36 @@ async def run_level(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - t0
     return summarize(results, concurrency, duration, max_tokens)
+
+
+async def run_for(
+    bases: list[str],
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    duration_s: float,
+    api_key: str | None = None,
+) -> tuple[dict[str, list[RequestResult]], float]:
+    """Closed loop for ``duration_s``: ``concurrency`` workers, worker ``i`` sending to
+    ``bases[i % len(bases)]``, each the next prompt (cycling) when its last request ends, none
+    started after the deadline. The results by base URL, and the seconds from the start to the
+    last answer."""
+    results: dict[str, list[RequestResult]] = {b: [] for b in bases}
+    todo = itertools.cycle(prompts)
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
+        t0 = time.perf_counter()
+        deadline = t0 + duration_s
+
+        async def worker(base: str) -> None:
+            url = f"{base}/v1/chat/completions"
+            while time.perf_counter() < deadline:
+                results[base].append(await _one_request(session, url, next(todo), max_tokens))
+
+        await asyncio.gather(*(worker(bases[i % len(bases)]) for i in range(concurrency)))
+        return results, time.perf_counter() - t0
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -1,6 +1,6 @@
 """Tokenweir on a real multi-node Ray cluster: four Ray nodes, each in its own network namespace.
 
-The cluster (:mod:`_netns`): a head (``10.77.0.10``: GCS, Serve's controller, the ledger, a
+The cluster (:mod:`loadtests.netns`): a head (``10.77.0.10``: GCS, Serve's controller, the ledger, a
 gateway) and three workers: ``w1`` (``10.77.0.11``: a gateway and an L20), ``w2`` and ``w3``
 (``10.77.0.12``/``.13``: an H100 each, so that a replica can come back after its node is lost).
 Accelerators are fake (``--resources '{"accelerator_type:H100": 1}'``) and run simulated pools;
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -48,8 +47,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
-from _netns import VENV_BIN, NetnsCluster, Node, can_make_namespaces
+
+from loadtests.netns import VENV_BIN, NetnsCluster, Node, can_make_namespaces, port_open
 
 pytestmark = [
     pytest.mark.integration,
@@ -60,7 +59,6 @@ MODEL = "llama-3.1-8b-instruct"
 ADMIN_KEY = "tw-admin-multinode-" + "k" * 24
 PORT = 8000
 U = 1_000_000
-REPO = Path(__file__).resolve().parents[2]
 # A node is declared dead after 4 missed checks of 1 s (Ray's default: 5 of 3 s, plus a 5 s timeout).
 HEALTH = {
     "health_check_period_ms": 1000,
@@ -147,12 +145,6 @@ def _wait(cond: Any, timeout_s: float, what: str, every_s: float = 0.25) -> floa
         time.sleep(every_s)  # a polled condition with a deadline
 
 
-def _port_open(ip: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((ip, port)) == 0
-
-
 @pytest.fixture(scope="module")
 def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     t0 = time.monotonic()
@@ -163,7 +155,7 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     probe = None
     try:
         head = cluster.add_node("head", 10, {"tokenweir_gateway": 1}, head=True)
-        _wait(lambda: _port_open(head.ip, 6379), 60, "the head's GCS")
+        _wait(lambda: port_open(head.ip, 6379), 60, "the head's GCS")
         cluster.add_node("w1", 11, {"tokenweir_gateway": 1, "accelerator_type:L20": 1})
         cluster.add_node("w2", 12, {"accelerator_type:H100": 1})
         cluster.add_node("w3", 13, {"accelerator_type:H100": 1})
@@ -172,20 +164,7 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         started = time.monotonic() - t0
 
         # Deploy the rendered Serve config, as `serve run` (what `serve deploy` also submits).
-        config = root / "tokenweir.yaml"
-        config.write_text(yaml.safe_dump(_config(head.state)))
-        out = root / "render"
-        render = ["deploy", "render", "--target", "serve", "--config", str(config), "--out", str(out)]
-        subprocess.run(
-            [str(VENV_BIN / "tokenweir"), *render],
-            check=True,
-            capture_output=True,
-            env={"PATH": str(VENV_BIN), "PYTHONPATH": str(REPO), "HOME": str(root), "LANG": "C.UTF-8"},
-        )
-        serve_run = cluster.run(
-            head, [str(VENV_BIN / "serve"), "run", "--non-blocking", str(out / "serve.yaml")], timeout_s=180
-        )
-        assert serve_run.returncode == 0, serve_run.stdout + serve_run.stderr
+        config = cluster.deploy(_config(head.state))
         gateways = {n: cluster.nodes[n] for n in ("head", "w1")}
         urls = {n: f"http://{node.ip}:{PORT}" for n, node in gateways.items()}
         for url in urls.values():  # each gateway's own readiness (its ledger link), then every pool's
@@ -195,7 +174,7 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
             f"\n[multinode] 4 nodes up in {started:.1f} s, deployed and ready in "
             f"{time.monotonic() - t0 - started:.1f} s more"
         )
-        yield {"cluster": cluster, "probe": probe, "urls": urls, "state": head.state, "root": root}
+        yield {"cluster": cluster, "probe": probe, "urls": urls, "state": head.state, "config": config}
     finally:
         if probe is not None:
             probe.close()
@@ -250,7 +229,7 @@ def test_the_ledger_runs_on_the_head(fleet: dict[str, Any]) -> None:
     assert (ledger["state"], ledger["node_id"], ledger["node_ip"]) == ("ALIVE", head_id, cluster.head.ip)
     assert (fleet["state"] / "ledger.sqlite3").exists()
     # What an operator sees: `tokenweir status` on the head says the same.
-    config = fleet["root"] / "tokenweir.yaml"
+    config = fleet["config"]
     argv = ["status", "--json", "--config", str(config), "--url", fleet["urls"]["head"]]
     status = cluster.run(cluster.head, [str(VENV_BIN / "tokenweir"), *argv])
     assert status.returncode == 0, status.stderr
