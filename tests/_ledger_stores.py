@@ -49,6 +49,18 @@ class LedgerTarget:
             rows = conn.execute(sql.replace("?", "%s"), args).fetchall()  # type: ignore[arg-type]
         return [tuple(_plain(v) for v in row) for row in rows]
 
+    def execute(self, sql: str) -> None:
+        """One statement with no result, committed (a test's surgery on a closed ledger)."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.state_dir / "ledger.sqlite3") as db:
+                db.execute(sql)
+            return
+        import psycopg
+
+        assert self.dsn is not None
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+
     def schema_version(self) -> int:
         if self.kind == "sqlite":
             return int(self.rows("PRAGMA user_version")[0][0])

@@ -67,6 +67,7 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "prediction": (None,),
     "audio": (None,),
     "modalities": (None, ["text"]),
+    "cache_salt": (None,),
 }
 """OpenAI request fields not implemented here, with the values that ask for nothing (accepted)."""
 

@@ -20,12 +20,14 @@ def sse_event(obj: Any) -> bytes:
     return b"data: " + _dumps(obj).encode() + b"\n\n"
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI ``usage`` object."""
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI ``usage`` object, with ``prompt_tokens_details.cached_tokens`` (the prompt tokens the
+    engine found in its prefix cache, as OpenAI and vLLM report them)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -110,13 +112,13 @@ class Renderer:
             )
         return b"".join(out)
 
-    def usage_event(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_event(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
         """The final chunk of ``stream_options.include_usage``: no choices, only usage."""
         return (
             b"data: "
             + self._head
             + b'"choices":[],"usage":'
-            + _dumps(usage_dict(prompt_tokens, completion_tokens)).encode()
+            + _dumps(usage_dict(prompt_tokens, completion_tokens, cached_tokens)).encode()
             + b"}\n\n"
         )
 
@@ -127,6 +129,7 @@ class Renderer:
         logprobs: dict[int, list[TokenLogprob]] | None,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> dict[str, Any]:
         """The non-streamed response body."""
         choices = []
@@ -156,5 +159,5 @@ class Renderer:
             "created": self._created,
             "model": self._model,
             "choices": choices,
-            "usage": usage_dict(prompt_tokens, completion_tokens),
+            "usage": usage_dict(prompt_tokens, completion_tokens, cached_tokens),
         }

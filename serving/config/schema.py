@@ -74,6 +74,10 @@ class GatewayConfig(_Strict):
     """A custom Ray resource each gateway replica takes one unit of, so gateways run only on the
     nodes started with it, the ones a load balancer sends clients to (`ray start --resources
     '{"tokenweir_gateway": 2}'`: up to two gateways there). None: any node."""
+    prefix_cache_scope: Literal["fleet", "organization"] = "fleet"
+    """Who shares cached prompt prefixes in the engines: `fleet`, every request (most hits);
+    `organization`, only requests of one organization (each carries vLLM's `cache_salt`, derived
+    from its organization by the gateway), for operators whose tenants must not share KV blocks."""
 
     _REMOVED: ClassVar[dict[str, str]] = {
         "token_channel": "the token channel is the only data path between gateways and pools (delete the key)",

@@ -66,6 +66,9 @@ class EngineRequest:
     project_weight: float = 1.0
     traceparent: str | None = None
     """W3C trace context from the client, handed to the engine (vLLM's ``trace_headers``)."""
+    cache_salt: str | None = None
+    """vLLM's ``cache_salt``: set by the gateway (never by the client) when prefix caching is scoped
+    per organization, so the engine shares cached blocks only between prompts of one salt."""
 
 
 @dataclass(slots=True)

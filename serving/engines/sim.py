@@ -257,7 +257,11 @@ class SimEngine(Engine):
             raise EngineError(f"duplicate request id {request.request_id!r}")
         hashes = [seq_hash(request, i) for i in range(sp.n)]
         now = self.clock.now()
-        blocks = self._hasher.block_hashes(request.prompt_token_ids) if self._hasher is not None else []
+        blocks = (
+            self._hasher.block_hashes(request.prompt_token_ids, cache_salt=request.cache_salt)
+            if self._hasher is not None
+            else []
+        )
         seqs = []
         for i, h in enumerate(hashes):
             eos = None

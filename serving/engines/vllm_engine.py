@@ -172,7 +172,7 @@ class VllmEngine(Engine):
         done_tokens = 0
         try:
             async for out in self._llm.generate(
-                {"prompt_token_ids": request.prompt_token_ids},
+                _prompt(request),
                 self._params(request),
                 request.request_id,
                 trace_headers=_trace_headers(request),
@@ -196,7 +196,7 @@ class VllmEngine(Engine):
             self._dispatch = _Dispatch()
         q = await self._llm.add_request(
             request.request_id,
-            {"prompt_token_ids": request.prompt_token_ids},
+            _prompt(request),
             self._params(request),
             trace_headers=_trace_headers(request),
         )
@@ -249,6 +249,13 @@ class VllmEngine(Engine):
             self._llm = None
 
 
+def _prompt(request: EngineRequest) -> dict[str, Any]:
+    """vLLM's ``TokensPrompt`` for a request (with its ``cache_salt`` when the gateway set one)."""
+    if request.cache_salt is None:
+        return {"prompt_token_ids": request.prompt_token_ids}
+    return {"prompt_token_ids": request.prompt_token_ids, "cache_salt": request.cache_salt}
+
+
 def _chunk(out: Any, prompt_tokens: int, done_tokens: int, k: int | None) -> EngineChunk:
     """One vLLM ``RequestOutput`` (deltas) as an :class:`EngineChunk` (cumulative usage)."""
     deltas = []
@@ -264,7 +271,9 @@ def _chunk(out: Any, prompt_tokens: int, done_tokens: int, k: int | None) -> Eng
                 logprobs=_logprobs(c, k) if k is not None else None,
             )
         )
-    return EngineChunk(deltas, prompt_tokens, done_tokens, finished=out.finished)
+    return EngineChunk(
+        deltas, prompt_tokens, done_tokens, finished=out.finished, cached_tokens=out.num_cached_tokens or 0
+    )
 
 
 def _collector_has_ready_event() -> bool:

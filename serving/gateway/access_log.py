@@ -5,7 +5,7 @@ Fields (absent when not known, e.g. no pool for a request refused before dispatc
 ``x-request-id``, as sent), ``traceparent`` (W3C, as sent; also passed to the pool's engine),
 ``tenant`` (the organization; never a key), ``project``, ``model``, ``kind``, ``stream``, ``pool``, ``gpu``, ``status`` (HTTP),
 ``error`` (the OpenAI error code), ``outcome`` (how the generation ended), ``prompt_tokens``,
-``completion_tokens``, ``credits`` (charged), ``ttft_s``, ``duration_s``.
+``completion_tokens``, ``cached_tokens`` (of the prompt, found in the engine's prefix cache), ``credits`` (charged), ``ttft_s``, ``duration_s``.
 
 Lines go to the ``tokenweir.access`` logger (so to the replica's Ray Serve log) and, when
 ``gateway.access_log_file`` is set, appended to that file (one writer per replica; lines are whole
@@ -52,6 +52,7 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
     outcome: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
     credits: float | None = None
     ttft_s: float | None = None
     duration_s: float | None = None

@@ -117,6 +117,7 @@ class Gateway:
             self.cfg.gateway.first_token_timeout_s,
             self.meter,
             self.cfg.gateway.request_timeout_s,
+            self.cfg.gateway.prefix_cache_scope,
         )
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
         g = deployment.gateway
@@ -296,6 +297,7 @@ class Gateway:
             if o is not None:
                 rec.pool, rec.gpu, rec.outcome = o.pool or None, o.accelerator or None, o.status
                 rec.prompt_tokens, rec.completion_tokens = o.prompt_tokens, o.completion_tokens
+                rec.cached_tokens = o.cached_tokens
                 rec.ttft_s = None if o.ttft_s is None else round(o.ttft_s, 6)
                 rec.error = rec.error or o.error
             if p.charged_ucredits is not None:

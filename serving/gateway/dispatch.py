@@ -53,7 +53,7 @@ async def open_stream(
         replica: str | None = None
         pool.in_flight += 1
         try:
-            replica = await pools.replica(pool, failed_replica, deadline, p.prompt_ids)
+            replica = await pools.replica(pool, failed_replica, deadline, p.prompt_ids, request.cache_salt)
             stream = pools.transport.submit(replica, request)
             async with asyncio.timeout_at(deadline):
                 first = await stream.next_batch()

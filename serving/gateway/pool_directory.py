@@ -140,11 +140,17 @@ class PoolDirectory:
         }
 
     async def replica(
-        self, pool: PoolRef, exclude: str | None, deadline: float, prompt_ids: Sequence[int] = ()
+        self,
+        pool: PoolRef,
+        exclude: str | None,
+        deadline: float,
+        prompt_ids: Sequence[int] = (),
+        cache_salt: str | None = None,
     ) -> str:
         """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one
         to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it. With the prompt's
-        token ids and a prefix-caching pool, the one holding most of its prefix within the load bound."""
+        token ids and a prefix-caching pool, the one holding most of its prefix within the load bound
+        (hashed with the request's ``cache_salt``, as the engine hashes it)."""
         loop = asyncio.get_running_loop()
         transport = self.transport
         prefix = self.prefix.get(pool.name) if prompt_ids else None
@@ -152,7 +158,9 @@ class PoolDirectory:
             usable = [k for k in pool.replica_keys if transport.usable(k)]
             others = [k for k in usable if k != exclude]
             if prefix is not None:
-                choice = prefix.choose(others or usable, transport.load, prompt_ids, self._rng)
+                choice = prefix.choose(
+                    others or usable, transport.load, prompt_ids, self._rng, cache_salt=cache_salt
+                )
                 key = choice.replica if choice is not None else None
             else:
                 key = pick_replica(others or usable, transport.load, self._rng)

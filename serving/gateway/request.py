@@ -36,6 +36,8 @@ class Prepared:
     extra_headers: dict[str, str] = field(default_factory=dict)
     traceparent: str | None = None
     """The caller's W3C ``traceparent`` when well formed: logged and passed to the engine."""
+    cache_salt: str | None = None
+    """The organization's prefix-cache salt when caching is scoped per organization."""
     outcome: Outcome | None = None
     """What the dispatch produced (set once it starts)."""
     charged_ucredits: int | None = None
@@ -47,7 +49,11 @@ class Prepared:
         res = self.reservation
         if res is None:
             return EngineRequest(
-                self.request_id, self.prompt_ids, self.sampling, traceparent=self.traceparent
+                self.request_id,
+                self.prompt_ids,
+                self.sampling,
+                traceparent=self.traceparent,
+                cache_salt=self.cache_salt,
             )
         return EngineRequest(
             self.request_id,
@@ -58,6 +64,7 @@ class Prepared:
             project_id=res.project_id,
             project_weight=res.project_weight,
             traceparent=self.traceparent,
+            cache_salt=self.cache_salt,
         )
 
 
@@ -67,6 +74,8 @@ class Outcome:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, how many the engine found in its prefix cache."""
     status: str = "ok"
     pool: str = ""
     accelerator: str = ""

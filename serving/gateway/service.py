@@ -25,6 +25,7 @@ from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.request import Outcome, Prepared
 from serving.gateway.tokenization import PromptTokenizer
 from serving.gateway.transport import TokenStream
+from serving.kvcache import organization_cache_salt
 from serving.metering import Meter, TokenBudget
 from serving.metrics import GatewayStats
 
@@ -42,6 +43,7 @@ class GatewayService:
         first_token_timeout_s: float,
         meter: Meter | None = None,
         request_timeout_s: float = 600.0,
+        prefix_cache_scope: Literal["fleet", "organization"] = "fleet",
     ) -> None:
         self.entries = entries
         self.tokenizers = tokenizers
@@ -50,6 +52,9 @@ class GatewayService:
         self.meter: Meter = meter or Meter(None, enabled=False)
         self.stats = GatewayStats()
         self.request_timeout_s = request_timeout_s
+        self.prefix_cache_scope = prefix_cache_scope
+        """``organization``: each organization's prompts carry its own ``cache_salt``, so no cached
+        prefix is shared across organizations (in the engines, and in the router's index)."""
         self._settling: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- preparation
@@ -153,6 +158,8 @@ class GatewayService:
         p.reservation = res
         if self.meter.enabled:
             p.extra_headers.update(res.headers)
+            if self.prefix_cache_scope == "organization":
+                p.cache_salt = organization_cache_salt(res.tenant_id)
         try:
             per_choice = budget.per_choice(res.max_tokens)
         except InvalidRequestError:
@@ -188,7 +195,7 @@ class GatewayService:
                 outcome.status = "refused"
             else:
                 outcome.status = "engine_error"
-            outcome.prompt_tokens = outcome.completion_tokens = 0
+            outcome.prompt_tokens = outcome.completion_tokens = outcome.cached_tokens = 0
             self._settle_soon(p, outcome)
             raise
 
@@ -218,11 +225,14 @@ class GatewayService:
                 for chunk in batch:
                     outcome.completion_tokens = chunk.completion_tokens
                     outcome.prompt_tokens = chunk.prompt_tokens
+                    outcome.cached_tokens = chunk.cached_tokens
                     events += renderer.stream_events(chunk.deltas)
                     if chunk.finished:
                         finished = True
                         if p.include_usage:
-                            events += renderer.usage_event(chunk.prompt_tokens, chunk.completion_tokens)
+                            events += renderer.usage_event(
+                                chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens
+                            )
                         settled = self._settle_soon(p, outcome)  # not after the client has read it
                         yield events + DONE_EVENT
                         return
@@ -273,6 +283,7 @@ class GatewayService:
                         if lps is not None and d.logprobs:
                             lps.setdefault(d.index, []).extend(d.logprobs)
                     outcome.prompt_tokens = chunk.prompt_tokens
+                    outcome.cached_tokens = chunk.cached_tokens
                     outcome.completion_tokens = chunk.completion_tokens
                     finished = chunk.finished
                 if not finished:
@@ -295,6 +306,7 @@ class GatewayService:
             lps,
             outcome.prompt_tokens,
             outcome.completion_tokens,
+            outcome.cached_tokens,
         )
 
     def _settle_soon(self, p: Prepared, outcome: Outcome) -> asyncio.Future[None]:
@@ -327,6 +339,7 @@ class GatewayService:
                 _SETTLE_OUTCOME.get(outcome.status, "error"),
                 outcome.pool,
                 outcome.accelerator,
+                cached_tokens=outcome.cached_tokens,
             )
             p.charged_ucredits = settled.charged_ucredits
         except Exception:  # never break the response path; the ledger's crash rule resolves it

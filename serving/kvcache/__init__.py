@@ -2,7 +2,13 @@
 and a block pool with LRU eviction. Pure (no I/O, no clock): the simulated engine runs on it, and
 routing can hash prompts the way the engine does."""
 
-from serving.kvcache._hash import DEFAULT_NONE_HASH_SEED, BlockHash, BlockHasher, vllm_none_hash_seed
+from serving.kvcache._hash import (
+    DEFAULT_NONE_HASH_SEED,
+    BlockHash,
+    BlockHasher,
+    organization_cache_salt,
+    vllm_none_hash_seed,
+)
 from serving.kvcache._pool import BlockPool, PrefixCacheStats
 
 __all__ = [
@@ -11,5 +17,6 @@ __all__ = [
     "BlockHasher",
     "BlockPool",
     "PrefixCacheStats",
+    "organization_cache_salt",
     "vllm_none_hash_seed",
 ]

@@ -15,12 +15,19 @@ from them (the router's) and the engine's cache agree on what a prompt shares.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
 from collections.abc import Mapping, Sequence
 
-__all__ = ["DEFAULT_NONE_HASH_SEED", "BlockHash", "BlockHasher", "vllm_none_hash_seed"]
+__all__ = [
+    "DEFAULT_NONE_HASH_SEED",
+    "BlockHash",
+    "BlockHasher",
+    "organization_cache_salt",
+    "vllm_none_hash_seed",
+]
 
 BlockHash = bytes
 """A 32-byte SHA-256 digest naming one block and everything before it."""
@@ -73,3 +80,11 @@ class BlockHasher:
             prev = _sha256_pickle((prev, tuple(token_ids[start : start + bt]), extra))
             out.append(prev)
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def organization_cache_salt(tenant_id: str) -> str:
+    """The ``cache_salt`` of one organization's requests when prefix caching is scoped per
+    organization: derived from its id by the gateway (a client never names a salt), the same on every
+    gateway replica, so an organization's prompts share blocks with each other and with nobody else."""
+    return hashlib.sha256(b"tokenweir-org\0" + tenant_id.encode()).hexdigest()[:32]

@@ -26,12 +26,27 @@ class PriceConfig(BaseModel):
     """Credits charged per 1,000 prompt tokens."""
     completion_credits_per_1k_tokens: float = Field(default=1000.0, ge=0, le=1e9)
     """Credits charged per 1,000 completion tokens."""
+    cached_prompt_credits_per_1k_tokens: float | None = Field(default=None, ge=0, le=1e9)
+    """Credits per 1,000 prompt tokens the engine found in its prefix cache (OpenAI's
+    `prompt_tokens_details.cached_tokens`); None: half the prompt price. Never above it."""
+
+    @model_validator(mode="after")
+    def _cached_not_dearer(self) -> PriceConfig:
+        c = self.cached_prompt_credits_per_1k_tokens
+        if c is not None and c > self.prompt_credits_per_1k_tokens:
+            raise ValueError(
+                f"cached_prompt_credits_per_1k_tokens ({c:g}) is above prompt_credits_per_1k_tokens"
+                f" ({self.prompt_credits_per_1k_tokens:g})"
+            )
+        return self
 
     def to_price(self) -> ModelPrice:
         """Integer micro-credit form used by the ledger."""
+        c = self.cached_prompt_credits_per_1k_tokens
         return ModelPrice(
             prompt_ucredits_per_1k=round(self.prompt_credits_per_1k_tokens * 1_000_000),
             completion_ucredits_per_1k=round(self.completion_credits_per_1k_tokens * 1_000_000),
+            cached_prompt_ucredits_per_1k=None if c is None else round(c * 1_000_000),
         )
 
 

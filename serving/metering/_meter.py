@@ -150,8 +150,11 @@ class Meter:
         outcome: str = "completed",
         pool: str = "",
         gpu_type: str = "",
+        *,
+        cached_tokens: int = 0,
     ) -> Settlement:
-        """Charge exactly the tokens produced and release the rest (idempotent by request id).
+        """Charge exactly the tokens produced and release the rest (idempotent by request id);
+        ``cached_tokens`` of the prompt at the model's cached price.
 
         Call it on every path: completion, engine error, client disconnect (``outcome`` names it).
         """
@@ -159,7 +162,9 @@ class Meter:
             return Settlement(reservation.request_id, 0, 0)
         assert self.client is not None
         self._live.pop(reservation.request_id, None)
-        op = Settle(reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type)
+        op = Settle(
+            reservation.request_id, prompt_tokens, completion_tokens, outcome, pool, gpu_type, cached_tokens
+        )
         result = await self.client.submit(op)
         assert isinstance(result, Settlement)
         return result

@@ -109,6 +109,8 @@ class Settle(_Msg, frozen=True):
     outcome: str = "completed"
     pool: str = ""
     gpu_type: str = ""
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those the engine found in its prefix cache (the cached price)."""
 
 
 class Progress(_Msg, frozen=True):

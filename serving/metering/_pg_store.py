@@ -103,7 +103,8 @@ _SCHEMA = [
         prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
         prompt_ucredits BIGINT NOT NULL, completion_ucredits BIGINT NOT NULL, ucredits BIGINT NOT NULL,
         reserved_at DOUBLE PRECISION NOT NULL, settled_at DOUBLE PRECISION NOT NULL,
-        outcome {_TEXT} NOT NULL, project_id {_TEXT} NOT NULL DEFAULT 'default')""",
+        outcome {_TEXT} NOT NULL, project_id {_TEXT} NOT NULL DEFAULT 'default',
+        cached_tokens BIGINT NOT NULL DEFAULT 0)""",
     "CREATE INDEX usage_events_tenant_time ON usage_events(tenant_id, settled_at)",
     "CREATE INDEX usage_events_time ON usage_events(settled_at)",
     "CREATE INDEX usage_events_project_time ON usage_events(tenant_id, project_id, settled_at)",
@@ -119,8 +120,12 @@ _SCHEMA = [
         PRIMARY KEY (tenant_id, project_id, day, model))""",
     "CREATE INDEX usage_daily_day ON usage_daily(day)",
 ]
-"""Schema version 2, created directly (the SQLite file reaches it by migrations)."""
-_SCHEMA_VERSION = 2
+"""The current schema, created directly (the SQLite file reaches it by migrations)."""
+_SCHEMA_VERSION = 3
+_UPGRADES: dict[int, list[str]] = {
+    2: ["ALTER TABLE usage_events ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0"],
+}
+"""From schema ``v`` to ``v + 1`` (a database created by an older ledger); append, never edit."""
 assert _SCHEMA_VERSION == SCHEMA_VERSION, "the PostgreSQL schema lags _storage.SCHEMA_VERSION"
 
 
@@ -189,13 +194,24 @@ def _has_schema(conn: psycopg.Connection[Any]) -> bool:
 
 
 def _create_schema(conn: psycopg.Connection[Any], ts: float) -> None:
-    """Create every table at schema 2 (inside the caller's transaction)."""
+    """Create every table at the current schema (inside the caller's transaction)."""
     for sql in _SCHEMA:
         conn.execute(sql)
     conn.execute(
         "INSERT INTO ledger_meta (id, schema_version, epoch, created_at) VALUES (1, %s, 0, %s)",
         (_SCHEMA_VERSION, ts),
     )
+
+
+def _upgrade(conn: psycopg.Connection[Any], version: int) -> int:
+    """Bring an older schema to the current one (inside the caller's transaction, under the writer
+    lock); the version reached."""
+    while version in _UPGRADES:
+        for sql in _UPGRADES[version]:
+            conn.execute(sql)
+        version += 1
+        conn.execute("UPDATE ledger_meta SET schema_version = %s", (version,))
+    return version
 
 
 def _try_lock(conn: psycopg.Connection[Any]) -> bool:
@@ -240,7 +256,7 @@ class PostgresStore:
             with self._w.transaction():
                 if not _has_schema(self._w):
                     _create_schema(self._w, time.time())
-                version = self._schema_version(self._w)
+                version = _upgrade(self._w, self._schema_version(self._w))
                 if version != _SCHEMA_VERSION:
                     raise RuntimeError(
                         f"ledger database has schema {version}; this ledger knows {_SCHEMA_VERSION}"

@@ -86,10 +86,21 @@ class ModelPrice:
 
     prompt_ucredits_per_1k: int = 1_000_000_000
     completion_ucredits_per_1k: int = 1_000_000_000
+    cached_prompt_ucredits_per_1k: int | None = None
+    """Prompt tokens the engine found in its prefix cache; None: half the prompt price."""
 
-    def prompt_cost(self, tokens: int) -> int:
-        """Micro-credits for ``tokens`` prompt tokens (rounded up)."""
-        return -(-tokens * self.prompt_ucredits_per_1k // 1000)
+    def prompt_cost(self, tokens: int, cached_tokens: int = 0) -> int:
+        """Micro-credits for ``tokens`` prompt tokens of which ``cached_tokens`` were cached (rounded
+        up once over both parts); at most the uncached price of all of them."""
+        cached = min(max(cached_tokens, 0), tokens)
+        cached_rate = self.cached_rate()
+        return -(-((tokens - cached) * self.prompt_ucredits_per_1k + cached * cached_rate) // 1000)
+
+    def cached_rate(self) -> int:
+        """Micro-credits per 1,000 cached prompt tokens (never above the prompt price)."""
+        if self.cached_prompt_ucredits_per_1k is None:
+            return self.prompt_ucredits_per_1k // 2
+        return min(self.cached_prompt_ucredits_per_1k, self.prompt_ucredits_per_1k)
 
     def completion_cost(self, tokens: int) -> int:
         """Micro-credits for ``tokens`` completion tokens (rounded up)."""

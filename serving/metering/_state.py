@@ -495,7 +495,8 @@ class LedgerState:
         t = self.tenants[r.tenant_id]
         p = t.projects[r.project_id]
         price = self.price(r.model)
-        p_cost = price.prompt_cost(prompt_tokens)
+        cached_tokens = min(max(op.cached_tokens, 0), prompt_tokens)
+        p_cost = price.prompt_cost(prompt_tokens, cached_tokens)
         c_cost = price.completion_cost(completion_tokens)
         charged = min(p_cost + c_cost, r.reserved_ucredits)
         self._charge_slices(t, r, charged, ts)
@@ -537,6 +538,7 @@ class LedgerState:
             ts,
             op.outcome,
             r.project_id,
+            cached_tokens,
         )
         self.batch.close_reservation(request_id, event, utc_day(ts), t.tenant_id, t.balance_ucredits)
         return Settlement(request_id, charged, r.reserved_ucredits - charged)

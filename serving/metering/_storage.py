@@ -41,7 +41,7 @@ __all__ = [
     "render_row_op",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema both stores are at (SQLite reaches it by its migrations, PostgreSQL creates it)."""
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -68,7 +68,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "usage_events": (
         "event_id", "request_id", "tenant_id", "key_id", "model", "pool", "gpu_type", "prompt_tokens",
         "completion_tokens", "prompt_ucredits", "completion_ucredits", "ucredits", "reserved_at",
-        "settled_at", "outcome", "project_id",
+        "settled_at", "outcome", "project_id", "cached_tokens",
     ),
     "grant_events": ("event_id", "tenant_id", "grant_id", "kind", "ucredits", "ts", "request_id", "actor"),
     "usage_daily": (
@@ -80,8 +80,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 
 EXPORT_COLUMNS = (
     "event_id", "request_id", "tenant_id", "project_id", "key_id", "model", "pool", "gpu_type",
-    "prompt_tokens", "completion_tokens", "prompt_ucredits", "completion_ucredits", "ucredits",
-    "reserved_at", "settled_at", "outcome",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "prompt_ucredits", "completion_ucredits",
+    "ucredits", "reserved_at", "settled_at", "outcome",
 )  # fmt: skip
 REPORT_DIMENSIONS = ("tenant_id", "project_id", "model", "day")
 """What a usage report may group by (its rows come from the daily roll-up)."""
@@ -186,9 +186,10 @@ class GrantRecord(Protocol):
     expired: bool
 
 
-EventRow = tuple[str, str, str, str, str, str, int, int, int, int, int, float, float, str, str]
+EventRow = tuple[str, str, str, str, str, str, int, int, int, int, int, float, float, str, str, int]
 """request_id, tenant_id, key_id, model, pool, gpu_type, prompt_tokens, completion_tokens,
-prompt_ucredits, completion_ucredits, ucredits, reserved_at, settled_at, outcome, project_id."""
+prompt_ucredits, completion_ucredits, ucredits, reserved_at, settled_at, outcome, project_id,
+cached_tokens."""
 
 
 def dumps_slices(slices: tuple[tuple[str, int], ...]) -> str:
@@ -312,6 +313,7 @@ INSERT_RES_COLUMNS = (
 INSERT_EVENT_COLUMNS = (
     "request_id", "tenant_id", "key_id", "model", "pool", "gpu_type", "prompt_tokens", "completion_tokens",
     "prompt_ucredits", "completion_ucredits", "ucredits", "reserved_at", "settled_at", "outcome", "project_id",
+    "cached_tokens",
 )  # fmt: skip
 """The columns of an :data:`EventRow`, in its order."""
 GRANT_EVENT_COLUMNS = ("tenant_id", "grant_id", "kind", "ucredits", "ts", "request_id", "actor")

@@ -145,6 +145,8 @@ _MIGRATIONS: list[Migration] = [
         " GROUP BY 1, 2, 3, 4",
         "CREATE INDEX usage_events_project_time ON usage_events(tenant_id, project_id, settled_at)",
     ],
+    # 3: the prompt tokens an engine found in its prefix cache (charged at the cached price).
+    ["ALTER TABLE usage_events ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0"],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION, "a schema step is missing here or in _storage.SCHEMA_VERSION"
 

@@ -262,3 +262,29 @@ def test_revocation_reaches_every_replica_within_1s_and_bad_keys_skip_body_work(
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_cached_prompt_tokens_are_reported_and_charged_at_the_cached_price(
+    gateway_url: str, admin: httpx.Client
+) -> None:
+    """The real vLLM engine's prefix-cache hits come back as ``prompt_tokens_details.cached_tokens``
+    (the second identical prompt finds at least one 128-token block of the CPU build's cache) and
+    the ledger charges them at half the prompt price (the default cached price)."""
+    tid, key = _tenant(admin, 10_000)
+    client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=key, max_retries=0)
+    messages = [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}]
+    charged = 0.0
+    results = []
+    for _ in range(2):
+        r = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=3, extra_body={"ignore_eos": True}
+        )
+        u = r.usage
+        assert u.prompt_tokens > 256 and u.completion_tokens == 3
+        cached = u.prompt_tokens_details.cached_tokens
+        charged += u.prompt_tokens - cached / 2 + u.completion_tokens
+        results.append(cached)
+    assert results[1] >= 128 and results[1] % 128 == 0, results
+    view = _view(admin, tid)
+    assert view["credits"] == pytest.approx(10_000 - charged)
+    assert view["reserved_credits"] == 0 and view["in_flight"] == 0

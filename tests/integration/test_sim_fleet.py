@@ -123,3 +123,32 @@ def test_metrics_cover_pools_gateways_and_ledger(internal_url: str, client: open
         assert family in text, family
     assert 'tenant="demo"' in text
     assert 'gpu="A10"' in text and 'gpu="H100"' in text and 'gpu="CPU"' in text
+
+
+def test_a_repeated_prompt_is_streamed_with_its_cached_tokens(gateway_url: str, api_key: str) -> None:
+    """The simulated engine's prefix cache (16-token blocks) reports hits as vLLM's do, in the final
+    usage chunk of a stream; the router sends the repeat to the replica that holds the prefix."""
+    client = openai.OpenAI(
+        base_url=f"{gateway_url}/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=60,
+        default_headers={"x-tokenweir-gpu": "H100"},
+    )
+    prompt = " ".join(f"agent-{i}" for i in range(200))
+    cached = []
+    for _ in range(2):
+        chunks = list(
+            client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=2,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
+        usage = chunks[-1].usage
+        assert usage is not None and usage.prompt_tokens > 64
+        cached.append(usage.prompt_tokens_details.cached_tokens)
+    assert cached[1] >= 64 and cached[1] % 16 == 0, cached

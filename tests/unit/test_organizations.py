@@ -114,7 +114,7 @@ async def test_schema_1_file_migrates_to_organizations_with_a_default_project(
     await core.start()
     try:
         c = LedgerClient(LocalTransport(core))
-        assert q(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+        assert q(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
         assert await c.audit() == []
         for tid, balance in before.items():
             t = await c.get_tenant(tid)

@@ -97,11 +97,12 @@ def test_chat_stream_events_carry_role_once_and_usage_null() -> None:
     assert second[0]["choices"][0]["delta"] == {"content": "lo"}
     assert second[0]["choices"][0]["finish_reason"] == "length"
     assert first[0]["usage"] is None
-    usage = _events(r.usage_event(5, 2))[0]
+    usage = _events(r.usage_event(5, 2, 3))[0]
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": 5,
         "completion_tokens": 2,
         "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 3},
     }
 
 
