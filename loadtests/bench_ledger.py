@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 
+from serving.gateway.request import new_request_id
 from serving.metering import LedgerClient, Meter, MeteringConfig
 from serving.metering._actor import ActorTransport, get_or_create_ledger_actor
 from serving.metering._ops import Audit, Stats
@@ -49,7 +50,7 @@ class Replica:
         async def loop(w: int) -> None:
             nonlocal done
             for i in range(w, pairs, concurrency):
-                r = await self.meter.authorize(self.key, "bench", 100, 200, f"{name}-{i}")
+                r = await self.meter.authorize(self.key, "bench", 100, 200, new_request_id())
                 await self.meter.settle(r, 100, i % 200, "completed", "pool", "cpu")
                 done += 1
 

@@ -40,6 +40,7 @@ from typing import Any
 import ray
 
 from loadtests.bench_ledger import Replica
+from serving.gateway.request import new_request_id
 from serving.metering import MeteringConfig
 from serving.metering._actor import get_or_create_ledger_actor
 from serving.metering._core import LedgerCore
@@ -91,7 +92,11 @@ def build(path: Path, orgs: int, projects: int, keys: int, events: int, seed: in
         )
     db.executemany("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?,?)", rows)
     del rows
-    for name in ("usage_events_tenant_time", "usage_events_time", "usage_events_project_time"):
+    indexes = db.execute(  # the schema's own (rebuilt after the bulk load, as they were)
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'usage_events'"
+        " AND sql IS NOT NULL"
+    ).fetchall()
+    for name, _sql in indexes:
         db.execute(f"DROP INDEX {name}")
     days = 90
     daily: dict[tuple[str, str, str, str], list[int]] = {}
@@ -147,9 +152,8 @@ def build(path: Path, orgs: int, projects: int, keys: int, events: int, seed: in
         "UPDATE grants SET remaining_ucredits = remaining_ucredits - ? WHERE tenant_id = ?",
         ((u, t) for t, u in charged.items()),
     )
-    db.execute("CREATE INDEX usage_events_tenant_time ON usage_events(tenant_id, settled_at)")
-    db.execute("CREATE INDEX usage_events_time ON usage_events(settled_at)")
-    db.execute("CREATE INDEX usage_events_project_time ON usage_events(tenant_id, project_id, settled_at)")
+    for _name, sql in indexes:
+        db.execute(sql)
     db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
@@ -279,7 +283,7 @@ class ScaleReplica(Replica):
             nonlocal done
             key = self.keys[w % len(self.keys)]
             for i in range(w, pairs, concurrency):
-                r = await self.meter.authorize(key, "bench", 100, 200, f"{name}-{i}")
+                r = await self.meter.authorize(key, "bench", 100, 200, new_request_id())
                 await self.meter.settle(r, 100, i % 200, "completed", "pool", "cpu")
                 done += 1
 

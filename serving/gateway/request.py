@@ -3,6 +3,8 @@ outcome (what it produced, for settlement). Below both the service and dispatch,
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,7 +12,14 @@ from models.catalog import ModelEntry
 from serving.engines.base import EngineRequest, SamplingSpec
 from serving.metering import Reservation, TokenBudget
 
-__all__ = ["Outcome", "Prepared"]
+__all__ = ["Outcome", "Prepared", "new_request_id"]
+
+
+def new_request_id() -> str:
+    """A request's internal id: 32 hex digits, the time in milliseconds then 80 random bits (the
+    layout of a UUIDv7). Ids minted later sort later, so the ledger's unique index on them grows at
+    its end instead of touching a random page of a table of millions per settlement."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 @dataclass

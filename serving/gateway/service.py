@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ from serving.engines.base import EngineChunk, SamplingSpec, TokenLogprob
 from serving.errors import InvalidRequestError, NotFoundError, validation_message
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
-from serving.gateway.request import Outcome, Prepared
+from serving.gateway.request import Outcome, Prepared, new_request_id
 from serving.gateway.tokenization import PromptTokenizer
 from serving.gateway.transport import TokenStream
 from serving.kvcache import organization_cache_salt
@@ -128,7 +127,7 @@ class GatewayService:
             min_tokens=req.min_tokens,
         )
         return Prepared(
-            request_id=uuid.uuid4().hex,
+            request_id=new_request_id(),
             client_request_id=client_request_id,
             kind=kind,
             entry=entry,

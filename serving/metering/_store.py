@@ -145,8 +145,16 @@ _MIGRATIONS: list[Migration] = [
         " GROUP BY 1, 2, 3, 4",
         "CREATE INDEX usage_events_project_time ON usage_events(tenant_id, project_id, settled_at)",
     ],
-    # 3: the prompt tokens an engine found in its prefix cache (charged at the cached price).
-    ["ALTER TABLE usage_events ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0"],
+    # 3: the prompt tokens an engine found in its prefix cache (charged at the cached price); the
+    # per-organization and per-project indexes follow event_id, the export's keyset order (a page is
+    # a range read, not a sort of everything the organization ever used).
+    [
+        "ALTER TABLE usage_events ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX usage_events_tenant_time",
+        "DROP INDEX usage_events_project_time",
+        "CREATE INDEX usage_events_tenant ON usage_events(tenant_id, event_id)",
+        "CREATE INDEX usage_events_project ON usage_events(tenant_id, project_id, event_id)",
+    ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION, "a schema step is missing here or in _storage.SCHEMA_VERSION"
 
