@@ -52,7 +52,8 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "metering": {"admin_key": ADMIN_KEY, "lease_grace_s": 3},
             "models": {
                 "llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"},
-                "qwen2.5-7b-instruct": {"tokenizer": "builtin:tiny-llama"},
+                # The ops tier's overloaded pool holds 4,608 KV tokens (below): its model's context too.
+                "qwen2.5-7b-instruct": {"tokenizer": "builtin:tiny-llama", "max_model_len": 4608},
             },
             "ray": {"num_cpus": 8},
             "state_dir": str(state),
@@ -85,14 +86,17 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 },
                 # A pool the ops tier overloads (its own model, so no other test routes to it): real
                 # time, two sequences and two queue places, targets its queue cannot meet, so that its
-                # load has admission refusals and SLO misses (tests/integration/test_ops_prometheus.py).
+                # load has admission refusals and SLO misses; and a KV cache of 288 blocks (vLLM's
+                # num_gpu_blocks_override: 4,608 tokens) that admission may fill entirely
+                # (kv_admit_fraction 1: no room kept for growth), so that two sequences outgrow it
+                # and the engine preempts (tests/integration/test_ops_prometheus.py).
                 {
                     "name": "sim-l40s",
                     "model": "qwen2.5-7b-instruct",
                     "accelerator": "L40S",
                     "engine": "sim",
-                    "engine_args": {"max_num_seqs": 2},
-                    "admission": {"max_queued_requests": 2},
+                    "engine_args": {"max_num_seqs": 2, "num_gpu_blocks_override": 288},
+                    "admission": {"max_queued_requests": 2, "kv_admit_fraction": 1.0},
                     "slo": {"ttft_ms": 200, "tpot_ms": 30, "attainment_target": 0.9},
                 },
             ],

@@ -28,7 +28,16 @@ from serving.config.schema import (
     SloConfig,
     TokenweirConfig,
 )
-from serving.hardware import EnginePlan, GpuProfile, ModelArch, PlanError, PoolSlo, plan_engine, with_prices
+from serving.hardware import (
+    EnginePlan,
+    GpuProfile,
+    ModelArch,
+    PerfModel,
+    PlanError,
+    PoolSlo,
+    plan_engine,
+    with_prices,
+)
 from serving.metering import MeteringConfig
 from serving.routing import price_per_mtok
 
@@ -100,6 +109,27 @@ class ResolvedPool:
     def deployment_name(self) -> str:
         """The Ray Serve deployment of this pool."""
         return f"pool-{self.name}"
+
+    @property
+    def block_tokens(self) -> int:
+        """The engines' KV block size: ``engine_args.block_size``, else vLLM's default (16 on
+        GPUs, 128 in the CPU build)."""
+        cpu_build = self.engine == "vllm" and self.accelerator == "CPU"
+        return int(self.engine_args.get("block_size") or (128 if cpu_build else 16))
+
+    def kv_capacity_tokens(self, perf: PerfModel) -> int:
+        """KV cache tokens of one engine: vLLM's ``num_gpu_blocks_override`` blocks when set, else
+        ``perf``'s prediction at ``gpu_memory_utilization`` (what a simulated engine holds and the
+        router assumes of a vLLM one)."""
+        args = self.engine_args
+        blocks = args.get("num_gpu_blocks_override")
+        if blocks:
+            return int(blocks) * self.block_tokens
+        return perf.kv_capacity_tokens(
+            float(args.get("gpu_memory_utilization", 0.9)),
+            int(args.get("max_num_batched_tokens", 2048)),
+            self.block_tokens,
+        )
 
 
 @dataclass(frozen=True, slots=True)

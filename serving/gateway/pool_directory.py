@@ -56,9 +56,8 @@ def pool_info(pool: ResolvedPool) -> PoolInfo:
     args = pool.engine_args
     perf = PerfModel(pool.arch, pool.gpu)
     chunk = int(args.get("max_num_batched_tokens", 2048))
-    cpu_build = pool.engine == "vllm" and pool.accelerator == "CPU"
-    block = int(args.get("block_size") or (128 if cpu_build else 16))
-    kv = perf.kv_capacity_tokens(float(args.get("gpu_memory_utilization", 0.9)), chunk, block)
+    block = pool.block_tokens
+    kv = pool.kv_capacity_tokens(perf)
     return PoolInfo(
         pool_id=pool.name,
         model=pool.model,

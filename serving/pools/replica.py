@@ -44,7 +44,7 @@ def build_engine(pool: ResolvedPool) -> Engine:
             cpu_model_in_engine_core=cpu and pool.cpu_model_in_engine_core,
         )
     from serving.engines.sim import SimEngine
-    from serving.hardware import EngineSettings
+    from serving.hardware import EngineSettings, PerfModel
 
     args = pool.engine_args
     settings = EngineSettings(
@@ -57,7 +57,8 @@ def build_engine(pool: ResolvedPool) -> Engine:
         speedup=pool.sim_speedup,
         max_model_len=pool.entry.max_model_len,
         enable_prefix_caching=bool(args.get("enable_prefix_caching", True)),
-        block_tokens=int(args.get("block_size") or 16),
+        block_tokens=pool.block_tokens,
+        kv_capacity_tokens=pool.kv_capacity_tokens(PerfModel(pool.arch, pool.gpu)),
     )
 
 

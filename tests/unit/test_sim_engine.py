@@ -339,3 +339,34 @@ async def test_a_raising_sink_aborts_only_its_request_and_shutdown_fails_the_res
     await engine.shutdown()
     assert len(good.errors) == 1 and isinstance(good.errors[0], EngineDeadError)
     assert bad.errors == []
+
+
+async def test_num_gpu_blocks_override_sets_the_kv_cache_the_engine_and_router_see() -> None:
+    """vLLM's `num_gpu_blocks_override` engine argument: a simulated replica holds exactly that many
+    blocks (and so preempts as a vLLM engine of that size would), and the gateway's router assumes
+    the same capacity; without it both take the performance model's prediction."""
+    from serving.config import parse_config, resolve
+    from serving.gateway.pool_directory import pool_info
+    from serving.pools.replica import build_engine
+
+    model = "qwen2.5-7b-instruct"
+    pool = {"model": model, "accelerator": "L40S", "engine": "sim", "engine_args": {"max_num_seqs": 2}}
+    cfg = parse_config(
+        {
+            "models": {model: {"tokenizer": "builtin:tiny-llama"}},
+            "pools": [
+                {**pool, "name": "small", "engine_args": {"max_num_seqs": 2, "num_gpu_blocks_override": 288}},
+                {**pool, "name": "planned"},
+            ],
+        }
+    )
+    small, planned = resolve(cfg).pools
+    engines = [build_engine(small), build_engine(planned)]
+    assert engines[0].kv_capacity_tokens == pool_info(small).kv_capacity_tokens == 288 * 16
+    assert engines[0].capacity().kv_capacity_tokens == 288 * 16
+    predicted = PerfModel(planned.arch, planned.gpu).kv_capacity_tokens(
+        planned.engine_args["gpu_memory_utilization"], planned.engine_args["max_num_batched_tokens"], 16
+    )
+    assert engines[1].kv_capacity_tokens == pool_info(planned).kv_capacity_tokens == predicted > 100_000
+    for e in engines:
+        await e.shutdown()
