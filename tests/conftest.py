@@ -31,9 +31,19 @@ ADMIN_KEY = "tw-admin-test-" + "k" * 24
 
 
 @pytest.fixture(scope="session")
-def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def otlp() -> Iterator[Any]:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (tests/_otlp.py) that the live gateways export to."""
+    from tests._otlp import OtlpReceiver
+
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture(scope="session")
+def live(tiny_model_path: str, otlp: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Start Ray, deploy two gateway replicas and the tiny-model pool on vLLM's CPU build with
-    metering on; yield the base URL, the admin key and the demo tenant's key."""
+    metering on and request spans exported to ``otlp``; yield the base URL, the admin key and the
+    demo tenant's key."""
     from serving.cli import runtime
     from serving.config import parse_config
 
@@ -47,6 +57,8 @@ def live(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "max_body_bytes": 65536,
                 "replicas": 2,
                 "access_log_file": str(state / "access.log"),
+                "otel_endpoint": otlp.endpoint,
+                "otel_batch_delay_ms": 200,
             },
             # A short lease, so the chaos tier sees a dead gateway's reservations resolved quickly.
             "metering": {"admin_key": ADMIN_KEY, "lease_grace_s": 3},

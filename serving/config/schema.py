@@ -62,6 +62,15 @@ class GatewayConfig(_Strict):
     ``serving/gateway/access_log.py``); API keys never appear in it."""
     access_log_file: str | None = None
     """Also append the access lines to this file (mode 0600), e.g. for a log shipper."""
+    otel_endpoint: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    """OTLP/HTTP (protobuf) traces endpoint, the full path (e.g. `http://127.0.0.1:4318/v1/traces`):
+    each request's span goes there, in batches sent off the event loop
+    (``serving/gateway/tracing.py``; the `otel` extra). None: no tracing; the exporter is not imported."""
+    otel_service_name: str = Field(default="tokenweir", min_length=1)
+    """The spans' `service.name` (their `service.instance.id` is the gateway replica's id)."""
+    otel_batch_delay_ms: float = Field(default=5000.0, gt=0, le=600_000)
+    """Longest an ended span waits in its replica's queue before a batch is sent (OpenTelemetry's
+    `BatchSpanProcessor` schedule delay; 512 queued spans are sent at once)."""
     internal_host: str = "127.0.0.1"
     """Address of the operator's listener (`/metrics`, `/internal/pools`, a deep `/readyz`): the
     node's address (or `node`, as for `host`) for a Prometheus elsewhere; never the public one
@@ -82,6 +91,26 @@ class GatewayConfig(_Strict):
     _REMOVED: ClassVar[dict[str, str]] = {
         "token_channel": "the token channel is the only data path between gateways and pools (delete the key)",
     }
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otel_installed(cls, v: str | None) -> str | None:
+        if v is not None:
+            import importlib.util
+
+            try:
+                found = all(
+                    importlib.util.find_spec(m) is not None
+                    for m in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+                )
+            except ModuleNotFoundError:  # a parent package is missing
+                found = False
+            if not found:
+                raise ValueError(
+                    "OTLP export needs OpenTelemetry's SDK and OTLP/HTTP exporter: "
+                    "pip install 'tokenweir[otel]'"
+                )
+        return v
 
     @field_validator("node_resource")
     @classmethod

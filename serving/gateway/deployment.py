@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
@@ -59,6 +59,11 @@ from serving.pools.replica import node_ip, replica_id
 from serving.priority import run_at_normal_priority
 from serving.ray_env import listen_host
 from serving.tenancy import make_tenancy_router
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from serving.gateway.tracing import RequestTracer
 
 log = logging.getLogger("tokenweir.gateway")
 
@@ -122,6 +127,7 @@ class Gateway:
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare")
         g = deployment.gateway
         self.access_log = AccessLog(g.access_log, g.access_log_file)
+        self.tracer = self._make_tracer()
         self.created = int(time.time())
         self.board = get_board(self.cfg.ray.namespace)
         self._add_routes(self.app)
@@ -154,6 +160,16 @@ class Gateway:
         client = connect(mcfg, namespace=self.cfg.ray.namespace)
         self.app.include_router(make_tenancy_router(client, mcfg.for_actors().admin_key_sha256))
         return Meter(client, default_max_tokens=mcfg.default_max_tokens)
+
+    def _make_tracer(self) -> RequestTracer | None:
+        """OTLP export of request spans when ``gateway.otel_endpoint`` is set; else None, and
+        neither :mod:`.tracing` nor the OTLP exporter is imported."""
+        g = self.cfg.gateway
+        if g.otel_endpoint is None:
+            return None
+        from serving.gateway.tracing import RequestTracer
+
+        return RequestTracer(g.otel_endpoint, g.otel_service_name, self._replica, g.otel_batch_delay_ms)
 
     async def _connect_ledger(self) -> None:
         """Keep the ledger link open (from the start, so the key directory is synced before
@@ -218,6 +234,8 @@ class Gateway:
             with contextlib.suppress(BaseException):
                 await t
         await self.transport.close()
+        if self.tracer is not None:  # flushes what is queued: blocking, so off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.tracer.shutdown)
 
     # ------------------------------------------------------------------ routes
     async def _generate(self, kind: str, request: Request) -> Response:
@@ -225,6 +243,8 @@ class Gateway:
         t0 = time.monotonic()
         prepared: Prepared | None = None
         body: Any = None
+        traceparent = valid_traceparent(request.headers.get("traceparent"))
+        span = None if self.tracer is None else self.tracer.start(kind, traceparent, time.time())
         try:
             api_key = bearer_token(request)
             if self.meter.enabled and not api_key:
@@ -248,20 +268,22 @@ class Gateway:
                         "GPU pinning is disabled on this gateway", code="gpu_pinning_disabled"
                     )
                 prepared.pinned_gpu = pin
-            prepared.traceparent = valid_traceparent(request.headers.get("traceparent"))
+            prepared.traceparent = traceparent
+            if span is not None and self.tracer is not None:
+                prepared.engine_traceparent = self.tracer.traceparent_of(span)
             await self.service.authorize(prepared, api_key)
             if prepared.stream:
                 stream, _ = await unless_disconnected(request, self.service.stream(prepared))
-                done = functools.partial(self._log_access, kind, body, prepared, t0, 200, None)
+                done = functools.partial(self._log_access, kind, body, prepared, t0, 200, None, span=span)
                 return SSEResponse(stream, self.stall_guard, prepared.extra_headers, on_done=done)
             result = await unless_disconnected(request, self.service.complete(prepared))
-            self._log_access(kind, body, prepared, t0, 200, None)
+            self._log_access(kind, body, prepared, t0, 200, None, span=span)
             return json_response(result, rid, prepared.extra_headers)
         except APIError as e:
-            self._log_access(kind, body, prepared, t0, e.status_code, e.code, rid)
+            self._log_access(kind, body, prepared, t0, e.status_code, e.code, rid, traceparent, span)
             return error_response(e)
         except ClientDisconnected:
-            self._log_access(kind, body, prepared, t0, 499, None, rid)
+            self._log_access(kind, body, prepared, t0, 499, None, rid, traceparent, span)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     def _log_access(
@@ -273,14 +295,17 @@ class Gateway:
         status: int,
         error: str | None,
         client_request_id: str | None = None,
+        traceparent: str | None = None,
+        span: Span | None = None,
     ) -> None:
-        """One access-log line for a request that has ended (:mod:`.access_log`)."""
-        if not self.access_log.enabled:
+        """One access-log line for a request that has ended (:mod:`.access_log`), and the end of
+        its span when tracing is on (:mod:`.tracing`)."""
+        if not self.access_log.enabled and span is None:
             return
         rec = AccessRecord(ts=time.time(), status=status, error=error, kind=kind)
         rec.duration_s = round(time.monotonic() - t0, 6)
         if p is None:
-            rec.client_request_id = client_request_id
+            rec.client_request_id, rec.traceparent = client_request_id, traceparent
             model = body.get("model") if isinstance(body, dict) else None
             rec.model = model if isinstance(model, str) and model in self.entries else None
         else:
@@ -303,6 +328,8 @@ class Gateway:
             if p.charged_ucredits is not None:
                 rec.credits = p.charged_ucredits / 1e6
         self.access_log.write(rec)
+        if span is not None and self.tracer is not None:
+            self.tracer.finish(span, rec)
 
     def _add_routes(self, app: FastAPI) -> None:
         @app.post("/v1/chat/completions")

@@ -44,7 +44,10 @@ class Prepared:
     reservation: Reservation | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)
     traceparent: str | None = None
-    """The caller's W3C ``traceparent`` when well formed: logged and passed to the engine."""
+    """The caller's W3C ``traceparent`` when well formed: logged, and passed to the engine unless
+    ``engine_traceparent`` is set."""
+    engine_traceparent: str | None = None
+    """The gateway's own span as the engine's parent, when tracing is on (``gateway.otel_endpoint``)."""
     cache_salt: str | None = None
     """The organization's prefix-cache salt when caching is scoped per organization."""
     outcome: Outcome | None = None
@@ -61,7 +64,7 @@ class Prepared:
                 self.request_id,
                 self.prompt_ids,
                 self.sampling,
-                traceparent=self.traceparent,
+                traceparent=self.engine_traceparent or self.traceparent,
                 cache_salt=self.cache_salt,
             )
         return EngineRequest(
@@ -72,7 +75,7 @@ class Prepared:
             tenant_weight=res.tenant_weight,
             project_id=res.project_id,
             project_weight=res.project_weight,
-            traceparent=self.traceparent,
+            traceparent=self.engine_traceparent or self.traceparent,
             cache_salt=self.cache_salt,
         )
 
