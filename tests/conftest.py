@@ -100,15 +100,16 @@ def live(tiny_model_path: str, otlp: Any, tmp_path_factory: pytest.TempPathFacto
                 # time, two sequences and two queue places, targets its queue cannot meet, so that its
                 # load has admission refusals and SLO misses; and a KV cache of 288 blocks (vLLM's
                 # num_gpu_blocks_override: 4,608 tokens) that admission may fill entirely
-                # (kv_admit_fraction 1: no room kept for growth), so that two sequences outgrow it
-                # and the engine preempts (tests/integration/test_ops_prometheus.py).
+                # (kv_admit_fraction 1: no room kept for growth) and a limit that stays at two
+                # sequences (min_num_seqs: whatever the latencies), so that two sequences outgrow
+                # it and the engine preempts (tests/integration/test_ops_prometheus.py).
                 {
                     "name": "sim-l40s",
                     "model": "qwen2.5-7b-instruct",
                     "accelerator": "L40S",
                     "engine": "sim",
                     "engine_args": {"max_num_seqs": 2, "num_gpu_blocks_override": 288},
-                    "admission": {"max_queued_requests": 2, "kv_admit_fraction": 1.0},
+                    "admission": {"max_queued_requests": 2, "kv_admit_fraction": 1.0, "min_num_seqs": 2},
                     "slo": {"ttft_ms": 200, "tpot_ms": 30, "attainment_target": 0.9},
                 },
             ],

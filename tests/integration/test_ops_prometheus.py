@@ -227,13 +227,14 @@ KV_SHORT = (300, 100)
 
 
 async def _kv_pressure(url: str, load: Load, tid: str, key: str, first: int) -> None:
-    """sim-l40s holds 288 KV blocks (4,608 tokens) and admits requests up to all of them
-    (``kv_admit_fraction`` 1, tests/conftest.py). A 4,200-token prompt is streamed; once its first
-    token is out (prefilled: 263 blocks), a 300-token one joins it (19 more of the 6 left, as
-    admission counts tokens, not blocks' room to grow). Decoding side by side they need a block more
-    than there is after about 50 tokens each: the engine preempts the newer one (recompute), and the
-    long one alone keeps the cache over 90% full for the 4 s to its last token, while the preempted
-    one waits for room; then it is prefilled again and finishes. Both are charged exactly."""
+    """sim-l40s holds 288 KV blocks (4,608 tokens) and admits two sequences up to all of them
+    (``kv_admit_fraction`` 1, ``min_num_seqs`` 2: tests/conftest.py). A 4,200-token prompt is
+    streamed; once its first token is out (prefilled: 263 blocks), a 300-token one joins it (19 of
+    the 25 blocks left: admission counts tokens, not the room they need to grow). Decoding side by
+    side they need a block more than there is after about 50 tokens each: the engine preempts the
+    newer one (recompute), and the long one alone keeps the cache over 90% full for the 4 s to its
+    last token while the preempted one waits for room; then that one is prefilled again and
+    finishes. Both are charged exactly."""
     async with httpx.AsyncClient(
         base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}
     ) as http:
