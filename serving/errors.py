@@ -26,7 +26,8 @@ replica reaches the gateway as it was raised.
     │   ├── RateLimitExceededError        type "requests" or "tokens" (the exhausted limit)
     │   └── InsufficientQuotaError        type and code insufficient_quota
     ├── ServiceUnavailableError       503 code service_unavailable
-    │   └── LedgerUnavailableError        code ledger_unavailable
+    │   ├── LedgerUnavailableError        code ledger_unavailable
+    │   └── GatewayBusyError              code gateway_busy (waited its time at the gateway's fair gate)
     ├── EngineFailureError            500 code engine_error
     └── AdmissionRefused              429 or 503: serving.admission, beside the ``Refused`` it carries
 
@@ -60,6 +61,7 @@ __all__ = [
     "ContextLengthError",
     "DuplicateRequestError",
     "EngineFailureError",
+    "GatewayBusyError",
     "InsufficientQuotaError",
     "InvalidInputError",
     "InvalidMaxTokensError",
@@ -267,6 +269,12 @@ class LedgerUnavailableError(ServiceUnavailableError):
     """The usage ledger cannot be reached, so nothing can be reserved or charged (503)."""
 
     code = "ledger_unavailable"
+
+
+class GatewayBusyError(ServiceUnavailableError):
+    """The gateway replica's fair gate had no place for the request within its wait (503)."""
+
+    code = "gateway_busy"
 
 
 class EngineFailureError(APIError):

@@ -6,6 +6,7 @@ contract."""
 
 from serving.admission._config import AdmissionConfig, AdmissionSettings
 from serving.admission._core import AdmissionCore
+from serving.admission._gate import GateCore, GateSettings, GateStats
 from serving.admission._interface import AdmissionPolicy
 from serving.admission._shell import AdmissionRefused, AsyncAdmission
 from serving.admission._types import (
@@ -30,6 +31,9 @@ __all__ = [
     "Admitted",
     "AsyncAdmission",
     "Decision",
+    "GateCore",
+    "GateSettings",
+    "GateStats",
     "LoadSnapshot",
     "Queued",
     "RefusalReason",

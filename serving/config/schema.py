@@ -52,6 +52,14 @@ class GatewayConfig(_Strict):
     """Longest the gateway waits for a pool's first chunk before giving up with 503."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Requests one gateway replica serves at once; beyond it the replica answers 503 `overloaded`."""
+    fair_gate: bool = True
+    """When this replica's event loop is saturated, requests wait at a per-organization fair gate
+    (VTC by served tokens, before their body is read) instead of in the loop's FIFO, so a tenant's
+    share of a saturated gateway does not follow its concurrency (`serving/admission/_gate.py`)."""
+    fair_gate_min_requests: int = Field(default=16, ge=1)
+    """The fair gate always lets at least this many requests in at once."""
+    fair_gate_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a request waits at the fair gate; then 503 `gateway_busy` with `Retry-After`."""
     client_stall_timeout_s: float = Field(default=30.0, gt=0)
     """Longest a streamed response may wait on a client that stopped reading; then the stream ends
     as a disconnect (aborted at the pool, charged what was produced)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from serving.admission import GateSettings
 from serving.config.resolved import ResolvedDeployment
 from serving.errors import (
     APIError,
@@ -33,6 +34,7 @@ from serving.errors import (
     install_error_handlers,
 )
 from serving.gateway.access_log import AccessLog, AccessRecord, valid_traceparent
+from serving.gateway.gate import FairGate, GateSlot
 from serving.gateway.http import (
     ClientDisconnected,
     RequestIdMiddleware,
@@ -70,6 +72,15 @@ log = logging.getLogger("tokenweir.gateway")
 _PREPARE_INLINE_BYTES = 32 * 1024
 """Bodies at least this large are validated and tokenized in a worker thread (a 1 MiB prompt of
 token ids takes ~170 ms of CPU, which on the event loop would stall every other stream)."""
+
+
+def _release(slot: GateSlot, p: Prepared | None) -> None:
+    """Give a place at the gate back, with what its request was served (the gate's VTC charge)."""
+    o = p.outcome if p is not None else None
+    if o is None:
+        slot.release()
+    else:
+        slot.release(o.prompt_tokens, o.completion_tokens)
 
 
 def _server_class() -> Any:
@@ -137,6 +148,16 @@ class Gateway:
         install_error_handlers(self.internal_app)
         self._add_internal_routes(self.internal_app)
         self.stall_guard = StallGuard(self.cfg.gateway.client_stall_timeout_s)
+        self.gate = FairGate(
+            GateSettings(
+                min_requests=min(g.fair_gate_min_requests, g.max_ongoing_requests),
+                max_requests=g.max_ongoing_requests,
+                max_queued=g.max_ongoing_requests,
+                timeout_s=g.fair_gate_timeout_s,
+            )
+        )
+        self._weights: dict[str, float] = {}
+        """Each organization's weight as its last reservation said (the gate's VTC weight)."""
         self._tasks = [
             loop.create_task(self.pools.follow_board(self.board)),
             loop.create_task(self._publish_stats()),
@@ -144,6 +165,8 @@ class Gateway:
             loop.create_task(self.meter.record_progress()),
             loop.create_task(self._connect_ledger()),
         ]
+        if g.fair_gate:
+            self._tasks.append(loop.create_task(self.gate.steer()))
         g = self.cfg.gateway
         self._internal_server = await self._start_http(
             self.internal_app, listen_host(g.internal_host), g.internal_port, 64
@@ -213,6 +236,8 @@ class Gateway:
             st = self.service.stats
             st.routing_total = dict(self.pools.router.stats().decisions_total)
             st.in_flight = sum(p.in_flight for p in self.pools.pools)
+            st.gate = self.gate.stats()
+            st.loop_demand = self.gate.core.demand or 0.0
             try:
                 self.board.publish.remote("gateway", self._replica, st)
             except Exception:
@@ -245,11 +270,16 @@ class Gateway:
         body: Any = None
         traceparent = valid_traceparent(request.headers.get("traceparent"))
         span = None if self.tracer is None else self.tracer.start(kind, traceparent, time.time())
+        slot: GateSlot | None = None
         try:
             api_key = bearer_token(request)
             if self.meter.enabled and not api_key:
                 raise AuthenticationError("Missing API key: send `Authorization: Bearer <key>`.")
             self.meter.check_key(api_key)  # before the body is read, parsed or tokenized
+            if self.cfg.gateway.fair_gate:  # wait here, by organization, not in the loop's FIFO
+                # (A client that leaves while it waits is noticed when its body cannot be read.)
+                tenant = self.meter.tenant_of(api_key) or ""
+                slot = await self.gate.acquire(tenant, self._weights.get(tenant, 1.0))
             body, size = await read_json(request, self.cfg.gateway.max_body_bytes)
             # The caller's id is echoed and logged, never a key: each request gets its own internal id
             # (its reservation, its stream on the channel, its admission entry).
@@ -272,9 +302,12 @@ class Gateway:
             if span is not None and self.tracer is not None:
                 prepared.engine_traceparent = self.tracer.traceparent_of(span)
             await self.service.authorize(prepared, api_key)
+            if (res := prepared.reservation) is not None and self.meter.enabled:
+                self._weights[res.tenant_id] = res.tenant_weight
             if prepared.stream:
                 stream, _ = await unless_disconnected(request, self.service.stream(prepared))
-                done = functools.partial(self._log_access, kind, body, prepared, t0, 200, None, span=span)
+                done = functools.partial(self._stream_done, kind, body, prepared, t0, slot, span)
+                slot = None  # the stream holds it until its end
                 return SSEResponse(stream, self.stall_guard, prepared.extra_headers, on_done=done)
             result = await unless_disconnected(request, self.service.complete(prepared))
             self._log_access(kind, body, prepared, t0, 200, None, span=span)
@@ -285,6 +318,17 @@ class Gateway:
         except ClientDisconnected:
             self._log_access(kind, body, prepared, t0, 499, None, rid, traceparent, span)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        finally:
+            if slot is not None:
+                _release(slot, prepared)
+
+    def _stream_done(
+        self, kind: str, body: Any, p: Prepared, t0: float, slot: GateSlot | None, span: Span | None
+    ) -> None:
+        """A stream has ended: its access line (and span), and its place at the gate back."""
+        if slot is not None:
+            _release(slot, p)
+        self._log_access(kind, body, p, t0, 200, None, span=span)
 
     def _log_access(
         self,

@@ -212,9 +212,11 @@ class SSEResponse(Response):
             over = True
             watcher.cancel()
             self.guard.live.discard(entry)
-            await body.aclose()
-            if self.on_done is not None:
-                self.on_done()
+            try:
+                await body.aclose()
+            finally:  # the access line and the fair gate's place, however the body closed
+                if self.on_done is not None:
+                    self.on_done()
 
 
 def json_response(obj: Any, request_id: str, headers: dict[str, str] | None = None) -> Response:

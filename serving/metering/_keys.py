@@ -76,5 +76,9 @@ class KeyDirectory:
             return None
         return key_hash in self._tenants
 
+    def tenant_of(self, key_hash: str) -> str | None:
+        """The organization of a usable key (None: not one, or not known yet)."""
+        return self._tenants.get(key_hash) if self.synced else None
+
     def __len__(self) -> int:
         return len(self._tenants)

@@ -70,6 +70,14 @@ class Meter:
         if keys is not None and keys.admits(hash_api_key(api_key)) is False:
             raise AuthenticationError("Incorrect API key provided.")
 
+    def tenant_of(self, api_key: str) -> str | None:
+        """The organization of a key as the replica's key directory knows it, before any body work
+        (``"default"`` with metering off; None when the directory does not know the key)."""
+        if not self.enabled:
+            return "default"
+        keys = self.client.transport.keys if self.client is not None else None
+        return keys.tenant_of(hash_api_key(api_key)) if keys is not None else None
+
     def ledger_ready(self) -> bool:
         """The ledger link is up (its key directory synced); True with metering off or in-process."""
         if not self.enabled or self.client is None:

@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from serving.admission import RefusalReason
+from serving.admission import GateStats, RefusalReason
 from serving.config.resolved import ResolvedPool
 from serving.engines import EngineMetrics, HistogramSnapshot
 from serving.tenancy import OTHER_TENANTS
@@ -53,6 +53,10 @@ class GatewayStats:
     routing_total: dict[tuple[str, str], int] = field(default_factory=dict)
     """Routing decisions by (pool, reason)."""
     in_flight: int = 0
+    gate: GateStats | None = None
+    """The replica's fair gate (None: an older replica)."""
+    loop_demand: float = 0.0
+    """Share of wall time the replica's event loop ran or waited to run (last sample)."""
 
     def count(
         self, model: str, pool: str, outcome: str, completion_tokens: int, ttft_s: float | None
@@ -305,7 +309,35 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
     inflight = GaugeMetricFamily(
         f"{P}_gateway_in_flight", "Requests in flight at a gateway replica.", labels=["gateway"]
     )
+    gate_limit = GaugeMetricFamily(
+        f"{P}_gateway_gate_limit", "Requests the replica's fair gate lets in at once.", labels=["gateway"]
+    )
+    gate_waiting = GaugeMetricFamily(
+        f"{P}_gateway_gate_waiting", "Requests waiting at the replica's fair gate.", labels=["gateway"]
+    )
+    gate_waited = CounterMetricFamily(
+        f"{P}_gateway_gate_waited",
+        "Requests that waited at the fair gate before passing.",
+        labels=["gateway"],
+    )
+    gate_refused = CounterMetricFamily(
+        f"{P}_gateway_gate_refused",
+        "Requests the fair gate refused (503 gateway_busy: too many waiting, or waited too long).",
+        labels=["gateway"],
+    )
+    demand = GaugeMetricFamily(
+        f"{P}_gateway_loop_demand_ratio",
+        "Share of wall time the replica's event loop ran or waited to run (1: saturated).",
+        labels=["gateway"],
+    )
     for gw, g in sorted(gateways, key=lambda e: e[0]):
+        gs = getattr(g, "gate", None)
+        if gs is not None:
+            gate_limit.add_metric([gw], float(gs.limit))
+            gate_waiting.add_metric([gw], float(gs.waiting))
+            gate_waited.add_metric([gw], float(gs.waited_total))
+            gate_refused.add_metric([gw], float(gs.refused_total))
+            demand.add_metric([gw], float(getattr(g, "loop_demand", 0.0)))
         for k3, v in sorted(g.requests_total.items()):
             req.add_metric([gw, *k3], v)
         for k2, v in sorted(g.completion_tokens_total.items()):
@@ -315,7 +347,7 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
         for kr, v in sorted(g.routing_total.items()):
             route.add_metric([gw, *kr], v)
         inflight.add_metric([gw], float(g.in_flight))
-    yield from (req, tok, ttft, route, inflight)
+    yield from (req, tok, ttft, route, inflight, gate_limit, gate_waiting, gate_waited, gate_refused, demand)
 
 
 def render(collectors: Iterable[Collector]) -> bytes:

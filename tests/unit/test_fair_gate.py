@@ -1,0 +1,147 @@
+"""The gateway's fair gate: the pure core (limit steering, fair order, deadlines) with the clock
+moved by hand, and its asyncio shell (waiters, cancellation, no place leaked)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+
+import pytest
+
+from serving.admission import GateCore, GateSettings
+from serving.errors import GatewayBusyError
+from serving.gateway.gate import FairGate, loop_busy_ns
+
+
+def core(**kw: object) -> GateCore:
+    return GateCore(GateSettings(**{"min_requests": 2, "max_requests": 64, **kw}))  # type: ignore[arg-type]
+
+
+def test_a_single_tenant_is_never_held_whatever_the_limit() -> None:
+    g = core()
+    for i in range(40):
+        assert g.enter(f"a{i}", "A", 1.0, 0.0) is True
+    for _ in range(60):
+        g.on_demand(1.0)  # saturated: the limit shrinks toward its floor
+    assert g.limit == 2 and g.past == 40
+    assert g.enter("a40", "A", 1.0, 0.0) is True  # alone, it is served in arrival order anyway
+
+
+def test_the_limit_shrinks_when_the_loop_is_saturated_and_grows_when_it_has_room() -> None:
+    g = core(min_requests=4)
+    for i in range(30):
+        assert g.enter(f"a{i}", "A", 1.0, 0.0)
+    assert g.enter("b0", "B", 1.0, 0.0) is True  # under the limit (64): in at once
+    g.on_demand(1.0)
+    assert g.limit == int(0.9 * 31)  # from the requests past the gate, not the old limit
+    for _ in range(30):
+        g.on_demand(1.0)
+    assert g.limit == 4
+    assert g.enter("b1", "B", 1.0, 0.0) is False  # two tenants active: the limit binds
+    for _ in range(5):
+        g.on_demand(0.0)  # room (the smoothed demand falls below `idle`) while a request waits
+    assert g.limit > 4
+    for _ in range(20):
+        g.on_demand(0.8)  # the smoothed demand settles between the thresholds: the limit holds
+    held = g.limit
+    g.on_demand(0.8)
+    assert g.limit == held
+
+
+def test_waiting_tenants_share_a_bound_gateway_by_served_tokens() -> None:
+    """Closed loops: A keeps 10 requests at the gateway, B 2; each request is served 32 tokens.
+    With 4 places, both are backlogged at the gate and served alike."""
+    g = core(min_requests=4, max_requests=4)
+    clients = {"A": 10, "B": 2}
+    past: deque[tuple[str, str]] = deque()
+    n = 0
+    for tenant, k in sorted(clients.items(), key=lambda c: c[1]):  # B first: A is never alone
+        for _ in range(k):
+            n += 1
+            if g.enter(str(n), tenant, 1.0, 0.0):
+                past.append((str(n), tenant))
+    tenant_of = {str(i + 1): t for i, t in enumerate(["B"] * 2 + ["A"] * 10)}
+    served: Counter[str] = Counter()
+    for _ in range(400):
+        _, tenant = past.popleft()  # the oldest finishes, and its client sends the next at once
+        g.leave(tenant, 0, 32)
+        served[tenant] += 32
+        n += 1
+        tenant_of[str(n)] = tenant
+        if g.enter(str(n), tenant, 1.0, 0.0):
+            past.append((str(n), tenant))
+        past.extend((t, tenant_of[t]) for t in g.release())
+        assert g.past == len(past) <= 4
+    assert served["A"] == pytest.approx(served["B"], rel=0.05), served
+
+
+def test_a_tenant_behind_is_next_and_weights_count() -> None:
+    g = core(min_requests=1, max_requests=1)
+    assert g.enter("x", "X", 1.0, 0.0)
+    for i in range(3):
+        assert g.enter(f"a{i}", "A", 1.0, 0.0) is False
+        assert g.enter(f"b{i}", "B", 3.0, 0.0) is False
+    order: list[str] = []
+    tenant = "X"
+    while len(order) < 6:
+        g.leave(tenant, 0, 30)
+        released = g.release()
+        order += released
+        tenant = "A" if released[0].startswith("a") else "B"
+        for _ in released[1:]:  # the last tenant left waiting is alone: all of it passes
+            g.leave(tenant, 0, 30)
+    # B (weight 3) gains a third of A's counter per request: it is picked until it is ahead.
+    assert order.index("a1") > order.index("b2"), order
+
+
+def test_a_wait_is_bounded_and_the_queue_is_bounded() -> None:
+    g = core(min_requests=1, max_requests=1, timeout_s=5.0, max_queued=2)
+    assert g.enter("x", "X", 1.0, 0.0)
+    assert g.enter("a", "A", 1.0, 1.0) is False
+    assert g.enter("b", "A", 1.0, 2.0) is False
+    assert g.enter("c", "A", 1.0, 2.0) is None  # two wait already
+    assert g.next_deadline() == 6.0
+    assert g.expire(5.9) == []
+    assert g.expire(6.0) == ["a"]
+    assert g.cancel("b") and not g.cancel("b")
+    assert g.next_deadline() is None and g.waiting == 0
+    assert g.stats().refused_total == 2
+
+
+async def test_the_shell_hands_places_out_and_loses_none_to_cancellation() -> None:
+    gate = FairGate(GateSettings(min_requests=1, max_requests=1, timeout_s=0.2))
+    first = await gate.acquire("A")
+    waiting = asyncio.ensure_future(gate.acquire("B"))
+    gone = asyncio.ensure_future(gate.acquire("B"))
+    await asyncio.sleep(0)
+    assert gate.stats().waiting == 2
+    gone.cancel()  # a client that went away while it waited
+    await asyncio.sleep(0)
+    first.release(10, 20)
+    second = await waiting
+    assert gate.stats().past == 1 and gate.stats().waiting == 0
+    # A waiter cancelled in the same tick as its place came: the place is given back, not leaked.
+    racing = asyncio.ensure_future(gate.acquire("A"))
+    await asyncio.sleep(0)
+    second.release()
+    racing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await racing
+    assert gate.stats().past == 0
+    # Past its wait: 503 gateway_busy with Retry-After.
+    held = await gate.acquire("A")
+    with pytest.raises(GatewayBusyError) as busy:
+        await gate.acquire("B")
+    assert busy.value.status_code == 503 and busy.value.code == "gateway_busy"
+    assert busy.value.headers["Retry-After"] == "1"
+    held.release()
+    held.release()  # once only
+    assert gate.stats().past == 0
+
+
+def test_loop_demand_counts_a_busy_thread() -> None:
+    t0 = loop_busy_ns()
+    x = 0
+    for i in range(200_000):
+        x += i
+    assert loop_busy_ns() > t0
