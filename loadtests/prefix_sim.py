@@ -11,7 +11,10 @@ Token ids are unique per system prompt, user message and answer, so only true pr
 Policies (one per replica choice): ``blind``, the less loaded of two random replicas (what
 Tokenweir did before: cache-blind, though the engines still cache what reaches them); ``prefix``,
 the replica holding the longest prefix, load ignored; ``aware``, :class:`serving.routing.PrefixRouter`
-(longest prefix among replicas within the load bound).
+(longest prefix among replicas within the load bound) on its own estimate of what each replica
+holds; ``events``, the same router with its index fed by the replicas' KV-cache events (the block
+pools' stores and evictions, applied at the end of each step: the live gateway gets them within
+10 ms more).
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import numpy as np
 
 from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.hardware import KV_BLOCK_TOKENS, ModelArch, PerfModel, PoolSlo, get_gpu, plan_engine
-from serving.kvcache import BlockHasher
+from serving.kvcache import BlockHasher, CacheEventLog
 from serving.routing import PrefixRouter, pick_replica
 
 __all__ = ["LLAMA8B", "FleetResult", "FleetSpec", "simulate"]
 
 LLAMA8B = ModelArch("llama-3.1-8b", 8_030_261_248, 32, 4096, 32, 8, 128, 14336, 128256, 2)
-POLICIES = ("blind", "prefix", "aware")
+POLICIES = ("blind", "prefix", "aware", "events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +130,7 @@ class FleetResult:
 
 def _chooser(
     spec: FleetSpec, capacity_blocks: int, rng: random.Random
-) -> Callable[[list[int], list[int]], int]:
+) -> tuple[Callable[[list[int], list[int]], int], PrefixRouter | None]:
     names = [str(i) for i in range(spec.replicas)]
     if spec.policy == "blind":
 
@@ -135,7 +138,7 @@ def _chooser(
             picked = pick_replica(names, dict(zip(names, load, strict=True)), rng)
             return int(picked or 0)
 
-        return blind
+        return blind, None
     if spec.policy not in POLICIES:
         raise ValueError(f"unknown policy {spec.policy!r}; known: {POLICIES}")
     bound = float("inf") if spec.policy == "prefix" else spec.load_bound
@@ -146,7 +149,7 @@ def _chooser(
         assert choice is not None
         return int(choice.replica)
 
-    return aware
+    return aware, router
 
 
 def simulate(spec: FleetSpec) -> FleetResult:
@@ -164,7 +167,11 @@ def simulate(spec: FleetSpec) -> FleetResult:
         for _ in range(spec.replicas)
     ]
     rng = random.Random(spec.seed)
-    choose = _chooser(spec, kv // KV_BLOCK_TOKENS, random.Random(spec.seed + 1))
+    choose, router = _chooser(spec, kv // KV_BLOCK_TOKENS, random.Random(spec.seed + 1))
+    fed = router if spec.policy == "events" else None
+    if fed is not None:
+        for s in scheds:
+            s.pool.events = CacheEventLog()
     hasher = BlockHasher(KV_BLOCK_TOKENS)
     ids = itertools.count(10_000_000)
     systems = [[next(ids) for _ in range(spec.system_prompt_tokens)] for _ in range(spec.agents)]
@@ -221,7 +228,11 @@ def simulate(spec: FleetSpec) -> FleetResult:
         assert isinstance(payload, int)
         r = payload
         batch = stepping[r]
-        for seq in scheds[r].postprocess(batch):  # type: ignore[arg-type]
+        produced = scheds[r].postprocess(batch)  # type: ignore[arg-type]
+        if fed is not None and scheds[r].pool.events:
+            assert scheds[r].pool.events is not None
+            fed.index.apply(str(r), *scheds[r].pool.events.drain())
+        for seq in produced:
             turn: _Turn = seq.owner
             if turn.first_t is None:
                 turn.first_t = now

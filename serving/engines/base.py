@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from serving.engines._metrics import EngineMetrics
+from serving.kvcache import CacheRuns
 
 log = logging.getLogger("tokenweir.engine")
 
@@ -152,6 +153,9 @@ class ChunkSink(Protocol):
 
 
 Abort = Callable[[], None]
+CacheSink = Callable[[CacheRuns, bool], None]
+"""Receives an engine's KV-cache events: runs of ``(stored, block hashes)`` in order, and whether
+the cache was cleared before them."""
 """Aborts a submitted request (idempotent; nothing more reaches its sink)."""
 
 
@@ -207,6 +211,11 @@ class Engine(abc.ABC):
         """The engine's own figures under vLLM's names (plain data, safe to ship), or None before
         it started."""
         return None
+
+    def watch_cache(self, sink: CacheSink) -> bool:
+        """Report what the prefix cache stores and removes (vLLM's KV-cache events) to ``sink``, on
+        the event loop, from now on; False: this engine publishes none (no prefix cache)."""
+        return False
 
     @abc.abstractmethod
     def num_unfinished(self) -> int:

@@ -40,6 +40,7 @@ from serving.engines._sim_sched import SeqStatus, SimScheduler, SimSeq
 from serving.engines._sim_stream import SimStream, seq_hash
 from serving.engines.base import (
     Abort,
+    CacheSink,
     ChunkSink,
     Engine,
     EngineCapacity,
@@ -52,7 +53,7 @@ from serving.engines.base import (
 from serving.hardware.catalog import GpuProfile
 from serving.hardware.perfmodel import KV_BLOCK_TOKENS, ModelArch, PerfFactors, PerfModel
 from serving.hardware.plan import EngineSettings
-from serving.kvcache import BlockHasher, PrefixCacheStats
+from serving.kvcache import BlockHasher, CacheEventLog, PrefixCacheStats
 
 __all__ = ["Clock", "FakeClock", "LoopClock", "SimEngine", "SimStats"]
 
@@ -130,6 +131,15 @@ class SimEngine(Engine):
         self._task: asyncio.Task[None] | None = None
         self._work = asyncio.Event()
         self._dead: EngineDeadError | None = None
+        self._cache_sink: CacheSink | None = None
+
+    def watch_cache(self, sink: CacheSink) -> bool:
+        """The block pool's stores and evictions, once per step, as vLLM's publisher sends them."""
+        if self._hasher is None:
+            return False
+        self._cache_sink = sink
+        self._sched.pool.events = CacheEventLog()
+        return True
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -371,6 +381,9 @@ class SimEngine(Engine):
             stats.tokens += len(produced)
             if ready:
                 self._push(ready)
+            events = sched.pool.events
+            if events and self._cache_sink is not None:
+                self._cache_sink(*events.drain())
             for stream in staged.values():
                 if stream.sink is None and not stream.done:
                     stream.publish()

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from serving.engines._metrics import VLLM_SAMPLE_NAMES, EngineMetrics, from_prometheus
 from serving.engines.base import (
     Abort,
+    CacheSink,
     ChoiceDelta,
     ChunkSink,
     Engine,
@@ -28,6 +32,9 @@ from serving.engines.base import (
     deliver,
 )
 from serving.engines.cpu_placement import Placement, place_cpu_engine
+from serving.kvcache import CacheRuns, block_key
+
+log = logging.getLogger("tokenweir.engine")
 
 # Keys of `engine_args` that are ours, not AsyncEngineArgs fields.
 _CPU_KV_SPACE_KEY = "kv_cache_space_gib"
@@ -95,6 +102,8 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._dispatch: _Dispatch | None = None
         self._registry: Any = None
+        self._kv_events_dir: str | None = None
+        self._kv_events_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         args = dict(self._args)
@@ -107,6 +116,19 @@ class VllmEngine(Engine):
             args.setdefault("distributed_executor_backend", "mp")
         args.setdefault("disable_log_stats", True)
         args.setdefault("max_model_len", self._max_model_len)
+        if args.get("enable_prefix_caching", True) and "kv_events_config" not in args:
+            from vllm.config.kv_events import KVEventsConfig
+
+            # The engine's KV-cache events on a socket only this process can reach (a private
+            # directory; vLLM's default tcp://*:5557 is open to the network and collides between
+            # replicas on one node): the replica relays them to gateways on the token channel.
+            self._kv_events_dir = tempfile.mkdtemp(prefix="tokenweir-kv-")
+            args["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True,
+                publisher="zmq",
+                endpoint=f"ipc://{self._kv_events_dir}/events",
+                topic="kv",
+            )
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -143,6 +165,19 @@ class VllmEngine(Engine):
         self._llm, engine_cores = await asyncio.get_running_loop().run_in_executor(None, build)
         if self._cpu_placement:
             self.placement = place_cpu_engine(engine_cores)
+
+    def watch_cache(self, sink: CacheSink) -> bool:
+        """Subscribe to the engine's KV-cache events (the publisher :meth:`start` configured)."""
+        if self._kv_events_dir is None or self._kv_events_task is not None:
+            return False
+        import zmq
+        import zmq.asyncio
+
+        sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"kv")
+        sock.connect(f"ipc://{self._kv_events_dir}/events")
+        self._kv_events_task = asyncio.get_running_loop().create_task(_relay_kv_events(sock, sink))
+        return True
 
     def _params(self, request: EngineRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -244,9 +279,51 @@ class VllmEngine(Engine):
         await self._llm.check_health()
 
     async def shutdown(self) -> None:
+        if self._kv_events_task is not None:
+            self._kv_events_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._kv_events_task
+            self._kv_events_task = None
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._kv_events_dir is not None:
+            shutil.rmtree(self._kv_events_dir, ignore_errors=True)
+
+
+async def _relay_kv_events(sock: Any, sink: CacheSink) -> None:
+    """vLLM's KV-cache event batches (``[topic, seq, msgpack KVEventBatch]``) as runs for ``sink``:
+    blocks of the device cache stored and removed, in order, and "all cleared". vLLM names a block
+    by the low 64 bits of its sha256 hash (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, its default),
+    :func:`~serving.kvcache.block_key` of what :class:`~serving.kvcache.BlockHasher` computes; with
+    that off it sends the whole digest, reduced here the same way."""
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    decode = msgspec.msgpack.Decoder(KVEventBatch).decode
+    try:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 3:
+                continue
+            try:
+                batch = decode(frames[2])
+            except msgspec.DecodeError:
+                log.warning("undecodable KV-cache event batch from the engine (%d bytes)", len(frames[2]))
+                continue
+            runs: CacheRuns = []
+            cleared = False
+            for ev in batch.events:
+                if isinstance(ev, AllBlocksCleared):
+                    runs, cleared = [], True
+                elif isinstance(ev, BlockStored | BlockRemoved) and ev.medium in (None, "GPU"):
+                    hashes = [h if isinstance(h, int) else block_key(h) for h in ev.block_hashes]
+                    if hashes:
+                        runs.append((isinstance(ev, BlockStored), hashes))
+            if runs or cleared:
+                sink(runs, cleared)
+    finally:
+        sock.close(linger=0)
 
 
 def _prompt(request: EngineRequest) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from serving.config.resolved import ResolvedPool
 from serving.engines.cpu_placement import avoid_cores, engine_cores_on
 from serving.gateway.transport import ChannelLost, ChannelTransport
 from serving.hardware import PerfModel
+from serving.kvcache import CacheRuns
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
 from serving.routing import PoolInfo, PrefixRouter, RouteDecision, Router, RouteRequest, pick_replica
 
@@ -91,6 +92,9 @@ class PoolDirectory:
         self.node = node
         self.avoided_cores: frozenset[int] = frozenset()
         self.transport = transport
+        transport.on_cache = self._apply_cache
+        self._pool_of: dict[str, str] = {}
+        """Replica key -> its pool's name (from the board)."""
         self._rng = rng or random.Random()
         self.by_name = {p.name: p for p in pools}
         self.router = Router(infos)
@@ -128,6 +132,15 @@ class PoolDirectory:
             RouteRequest(model, prompt_tokens, max_tokens, slo_ttft, slo_tpot, pinned_gpu), time.time()
         )
         return self.by_name[decision.pool_id], decision
+
+    def _apply_cache(self, replica: str, runs: CacheRuns, cleared: bool) -> None:
+        """A pool replica's KV-cache events (its engine's own account of what it holds, whoever
+        routed there): the router's index of that replica follows them."""
+        name = self._pool_of.get(replica)
+        prefix = self.prefix.get(name) if name is not None else None
+        if prefix is not None:
+            prefix.index.apply(replica, runs, cleared)
+            prefix.stats.cache_events += 1
 
     def reachable(self) -> dict[str, str]:
         """Per pool: ``"ready"`` when this gateway reaches one of its replicas on the transport."""
@@ -191,10 +204,13 @@ class PoolDirectory:
             payloads = per_pool.get(name, [])
             ref.board = payloads
             keys = [p["replica"] for p in payloads]
-            if name in self.prefix:
-                for gone in set(ref.replica_keys) - set(keys):
+            for gone in set(ref.replica_keys) - set(keys):
+                self._pool_of.pop(gone, None)
+                if name in self.prefix:
                     self.prefix[name].index.forget(gone)  # a replica that comes back starts cold
             ref.replica_keys = keys
+            for k in keys:
+                self._pool_of[k] = name
             snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
             if snaps:
                 self.router.update_snapshot(name, merge_snapshots(snaps))

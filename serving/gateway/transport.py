@@ -17,15 +17,17 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from serving.admission import AdmissionRefused
 from serving.engines.base import EngineChunk, EngineRequest
+from serving.kvcache import CacheRuns
 from serving.pools.frames import (
     PROTOCOL_VERSION,
     Abort,
     Batch,
+    CacheEvents,
     Drain,
     Failure,
     Hello,
@@ -180,6 +182,8 @@ class ChannelTransport:
         self._inboxes: dict[str, asyncio.Queue[object]] = {}
         self._load: defaultdict[str, int] = defaultdict(int)
         self._waiters: list[asyncio.Future[None]] = []
+        self.on_cache: Callable[[str, CacheRuns, bool], None] | None = None
+        """Receives each pool replica's KV-cache events: ``(replica key, runs, cleared)``."""
 
     # -- Transport ----------------------------------------------------------------------------------
     def usable(self, replica: str) -> bool:
@@ -284,6 +288,9 @@ class ChannelTransport:
                         q = inboxes.get(failure.request_id)
                         if q is not None:
                             q.put_nowait(failure)
+                elif isinstance(msg, CacheEvents):
+                    if self.on_cache is not None:
+                        self.on_cache(link.key, msg.runs, msg.cleared)
                 elif isinstance(msg, Drain):
                     link.draining = True
                     self.notify()

@@ -25,12 +25,24 @@ __all__ = [
     "DEFAULT_NONE_HASH_SEED",
     "BlockHash",
     "BlockHasher",
+    "BlockKey",
+    "block_key",
     "organization_cache_salt",
     "vllm_none_hash_seed",
 ]
 
 BlockHash = bytes
 """A 32-byte SHA-256 digest naming one block and everything before it."""
+
+BlockKey = int
+"""A block hash as vLLM's KV-cache events carry it by default (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``):
+the digest's low 64 bits, big-endian. What the router's index and the cache events are keyed by."""
+
+
+def block_key(h: BlockHash) -> BlockKey:
+    """``int.from_bytes(h, "big") & (2**64 - 1)``, vLLM's ``maybe_convert_block_hash``."""
+    return int.from_bytes(h[-8:], "big")
+
 
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 """vLLM's seed of the first block's parent hash when ``PYTHONHASHSEED`` is unset (sha256 algos)."""

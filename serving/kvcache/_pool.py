@@ -16,7 +16,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from serving.kvcache._hash import BlockHash
+from serving.kvcache._events import CacheEventLog
+from serving.kvcache._hash import BlockHash, block_key
 
 __all__ = ["BlockPool", "PrefixCacheStats"]
 
@@ -55,7 +56,17 @@ class PrefixCacheStats:
 class BlockPool:
     """Block allocation with a prefix cache keyed by chained block hashes (see module docstring)."""
 
-    __slots__ = ("_free", "_hash", "_ref", "block_tokens", "by_hash", "enable_caching", "num_blocks", "stats")
+    __slots__ = (
+        "_free",
+        "_hash",
+        "_ref",
+        "block_tokens",
+        "by_hash",
+        "enable_caching",
+        "events",
+        "num_blocks",
+        "stats",
+    )
 
     def __init__(self, num_blocks: int, block_tokens: int, *, enable_caching: bool = True) -> None:
         if num_blocks < 1 or block_tokens < 1:
@@ -70,6 +81,9 @@ class BlockPool:
         self.by_hash: dict[BlockHash, int] = {}
         """Cached content: hash -> the block holding it (in use or free)."""
         self.stats = PrefixCacheStats()
+        self.events: CacheEventLog | None = None
+        """Set (``CacheEventLog()``): every block named or evicted is logged, as vLLM's KV-cache
+        events (``BlockStored``/``BlockRemoved``) report them."""
 
     @property
     def num_free(self) -> int:
@@ -120,6 +134,8 @@ class BlockPool:
                 hashes[b] = None
                 if self.by_hash.get(h) == b:
                     del self.by_hash[h]
+                    if self.events is not None:
+                        self.events.add(False, (block_key(h),))
                 self.stats.evicted_blocks += 1
             ref[b] = 1
             out.append(b)
@@ -139,6 +155,8 @@ class BlockPool:
             if h not in by_hash:
                 by_hash[h] = blocks[i]
                 names[blocks[i]] = h
+                if self.events is not None:
+                    self.events.add(True, (block_key(h),))
 
     def free(self, blocks: Sequence[int]) -> None:
         """Release a sequence's blocks, tail first (its chain's end is evicted before its start)."""

@@ -11,6 +11,11 @@ goes out in one frame. A gateway that reads slower than the engine steps fills t
 ``SEND_BUFFER_BYTES``) send buffer; the outbox then merges each request's chunks until the link
 drains, as vLLM's output collector merges for a slow reader: fewer, larger chunks, no backlog.
 
+When the engine publishes its KV-cache events, the replica keeps what they add up to
+(:class:`~serving.kvcache.CachedBlocks`); a gateway gets that as a snapshot when it connects, then
+the changes (:class:`~serving.pools.frames.CacheEvents`, every ``CACHE_EVENTS_INTERVAL_S`` at most:
+:class:`~serving.pools.host.ReplicaHost` collects them), and routes by them.
+
 Gateway and replica prove to each other that they hold the replica's secret (published with the
 address on the load board; :func:`serving.wire.server_handshake`), then the gateway says
 :class:`~serving.pools.frames.Hello` with its id and protocol version: a mismatch, or an id that is
@@ -26,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from serving.engines.base import EngineChunk, EngineRequest, merge_chunks
+from serving.kvcache import CachedBlocks, CacheRuns
 from serving.pools.frames import (
     PROTOCOL_VERSION,
     Abort,
     Batch,
+    CacheEvents,
     Drain,
     Failure,
     Hello,
@@ -48,6 +55,10 @@ SEND_BUFFER_BYTES = 256 * 1024
 """Kernel send buffer of a channel at the pool (loopback autotuning would let it grow to MBs of
 frames the gateway has not read yet)."""
 
+CACHE_EVENTS_BACKLOG_BYTES = 1024 * 1024
+"""Above this much unsent data on a gateway's link, cache events for it are skipped (it gets a
+snapshot when it has caught up)."""
+
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
@@ -61,6 +72,7 @@ class Outbound:
         "_pending",
         "_scheduled",
         "alive",
+        "cache_stale",
         "gateway_id",
         "merged",
         "outbox",
@@ -79,6 +91,8 @@ class Outbound:
         self._draining = False
         self.merged = 0
         """Chunks merged into an earlier one because the gateway was behind."""
+        self.cache_stale = False
+        """Cache events were skipped while the gateway was behind: it gets a snapshot next."""
 
     def send(self, request_id: str, chunk: EngineChunk) -> None:
         item = self._pending.get(request_id)
@@ -160,6 +174,9 @@ class ChannelServer:
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.cache: CachedBlocks | None = None
+        """What the engine's prefix cache holds (by its KV-cache events), when it publishes them:
+        a gateway that connects gets it as a snapshot, then every change (:meth:`send_cache`)."""
 
     async def start(self) -> tuple[str, int, bytes]:
         """Listen; return ``(host, port, secret)``: what a gateway needs to connect."""
@@ -199,6 +216,8 @@ class ChannelServer:
             conn = self._conns[hello.gateway_id] = Outbound(hello.gateway_id, writer)
             if self.draining:
                 conn.write(from_pool.frame(Drain()))
+            if self.cache is not None:
+                conn.write(self._cache_snapshot())
             while True:  # EOF (IncompleteReadError) means the gateway went away
                 match await from_gateway.read(reader):
                     case Submit(request):
@@ -218,6 +237,28 @@ class ChannelServer:
                     del self._conns[conn.gateway_id]
                 subs.gone(conn)
             writer.close()
+
+    def _cache_snapshot(self) -> bytes:
+        assert self.cache is not None
+        return from_pool.frame(CacheEvents(self.cache.snapshot(), cleared=True))
+
+    def send_cache(self, runs: CacheRuns, cleared: bool) -> None:
+        """Every connected gateway gets these cache changes (already applied to :attr:`cache`). A
+        gateway whose socket is backed up skips them and gets a snapshot once it has caught up:
+        a stream's tokens are never queued behind cache news."""
+        frame: bytes | None = None
+        for conn in self._conns.values():
+            if not conn.alive or conn.writer.is_closing():
+                continue
+            if conn.writer.transport.get_write_buffer_size() > CACHE_EVENTS_BACKLOG_BYTES:
+                conn.cache_stale = True
+            elif conn.cache_stale:
+                conn.cache_stale = False
+                conn.write(self._cache_snapshot())
+            else:
+                if frame is None:
+                    frame = from_pool.frame(CacheEvents(runs, cleared))
+                conn.write(frame)
 
     def drain(self) -> None:
         """Tell every gateway (and any that connects later) to send nothing new here."""

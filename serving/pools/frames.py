@@ -2,8 +2,10 @@
 
 Gateway to pool: :class:`Hello` (once, after the link secret), then :class:`Submit` and
 :class:`Abort`. Pool to gateway: :class:`Welcome` (the answer to the hello), then :class:`Batch`
-(every stream's news of one event-loop pass: one frame per engine step, however many streams) and
-:class:`Drain` (the replica is going away: send it nothing new). Both ends check
+(every stream's news of one event-loop pass: one frame per engine step, however many streams),
+:class:`CacheEvents` (what the engine's prefix cache stored and removed: vLLM's KV-cache events,
+first a snapshot of its whole content) and :class:`Drain` (the replica is going away: send it
+nothing new). Both ends check
 ``PROTOCOL_VERSION`` in the hello and its answer, so a rolling upgrade across an incompatible change
 fails loudly at connect time, never mid-stream.
 """
@@ -20,6 +22,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Abort",
     "Batch",
+    "CacheEvents",
     "Drain",
     "Failure",
     "Hello",
@@ -29,7 +32,7 @@ __all__ = [
     "from_pool",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on any change to these structs that an older peer could not read."""
 
 
@@ -69,10 +72,19 @@ class Batch(msgspec.Struct, frozen=True, tag="batch"):
     failures: list[Failure] = []
 
 
+class CacheEvents(msgspec.Struct, frozen=True, tag="cache"):
+    """The engine's prefix cache changed: ``runs`` of ``(stored, block keys)`` in order (vLLM's 64-bit
+    form of the block hashes, :func:`~serving.kvcache.block_key`), after
+    emptying it if ``cleared`` (a snapshot is ``cleared`` with everything held as one stored run)."""
+
+    runs: list[tuple[bool, list[int]]]
+    cleared: bool = False
+
+
 class Drain(msgspec.Struct, frozen=True, tag="drain"):
     """The replica is shutting down: its running streams finish (or end with a failure), new
     requests go elsewhere."""
 
 
 from_gateway: Codec[Hello | Submit | Abort] = Codec(Hello | Submit | Abort)
-from_pool: Codec[Welcome | Batch | Drain] = Codec(Welcome | Batch | Drain)
+from_pool: Codec[Welcome | Batch | CacheEvents | Drain] = Codec(Welcome | Batch | CacheEvents | Drain)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from serving.admission import AdmissionRefused, AsyncAdmission
 from serving.engines.base import Engine, EngineChunk, EngineDeadError, EngineError, EngineRequest
+from serving.kvcache import CachedBlocks, CacheEventLog, CacheRuns
 from serving.pools.channel import ChannelServer, Outbound, Submissions
 from serving.pools.frames import Failure
 from serving.pools.pacing import PacedSink
@@ -28,6 +29,9 @@ from serving.pools.pacing import PacedSink
 __all__ = ["ReplicaHost"]
 
 log = logging.getLogger("tokenweir.pool")
+
+CACHE_EVENTS_INTERVAL_S = 0.01
+"""Longest a cache event waits before it goes to the gateways (they merge many steps' events)."""
 
 _Key = tuple[str, str]
 """(gateway id, request id): request ids are unique per gateway only."""
@@ -56,10 +60,34 @@ class ReplicaHost:
         self.requests_total = 0
         self.requests_started = 0
         self.requests_aborted = 0
+        self._cache_log = CacheEventLog()
+        self._cache_flush_due = False
 
     async def start(self) -> tuple[str, int, bytes]:
-        """Listen on the channel; ``(host, port, secret)`` for the load board."""
+        """Listen on the channel; ``(host, port, secret)`` for the load board. When the engine
+        publishes KV-cache events, gateways get them (:meth:`ChannelServer.send_cache`)."""
+        if self.engine.watch_cache(self._on_cache):
+            self.channel.cache = CachedBlocks()
         return await self.channel.start()
+
+    def _on_cache(self, runs: CacheRuns, cleared: bool) -> None:
+        """The engine's cache events: applied to the replica's view now, sent to gateways at most
+        every ``CACHE_EVENTS_INTERVAL_S`` (one frame for many engine steps)."""
+        cache = self.channel.cache
+        assert cache is not None
+        cache.apply(runs, cleared)
+        if cleared:
+            self._cache_log.clear()
+        for stored, hashes in runs:
+            self._cache_log.add(stored, hashes)
+        if not self._cache_flush_due:
+            self._cache_flush_due = True
+            asyncio.get_running_loop().call_later(CACHE_EVENTS_INTERVAL_S, self._send_cache)
+
+    def _send_cache(self) -> None:
+        self._cache_flush_due = False
+        if self._cache_log:
+            self.channel.send_cache(*self._cache_log.drain())
 
     # -- channel messages ---------------------------------------------------------------------------
     def _submit(self, conn: Outbound, request: EngineRequest) -> None:

@@ -4,8 +4,10 @@ load bound.
 The gateway hashes each prompt in the engine's block size exactly as vLLM does
 (:class:`~serving.kvcache.BlockHasher`) and keeps, per replica, an *estimate* of the blocks that
 replica holds: the prompts it routed there, most recent last, evicted LRU beyond the replica's KV
-capacity (from the performance model). Each gateway replica keeps its own estimate (what other
-gateways sent is not in it; vLLM's KV-cache events would be the exact feed).
+capacity (from the performance model), corrected by the replica's own KV-cache events where its
+engine publishes them (:meth:`PrefixIndex.apply`: vLLM's ``BlockStored``/``BlockRemoved``, the
+simulated engine's alike): what other gateways routed there is then in it too, and so are
+evictions. A routed prompt is recorded at once (its events come a step or more later).
 
 The choice among a pool's usable replicas (``load``: this gateway's open requests on each):
 
@@ -24,18 +26,19 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from serving.kvcache import DEFAULT_NONE_HASH_SEED, BlockHash, BlockHasher
+from serving.kvcache import DEFAULT_NONE_HASH_SEED, BlockHasher, block_key
 from serving.routing._replica import pick_replica
 
 __all__ = ["PrefixIndex", "PrefixRouter", "PrefixRoutingStats", "ReplicaChoice", "ReplicaReason"]
 
 
 class PrefixIndex:
-    """Per replica, the block hashes it is estimated to hold, LRU within ``capacity_blocks``."""
+    """Per replica, the blocks it is estimated to hold (by :func:`~serving.kvcache.block_key`, as
+    vLLM's KV-cache events name them), LRU within ``capacity_blocks``."""
 
     __slots__ = ("_blocks", "capacity_blocks")
 
@@ -43,9 +46,9 @@ class PrefixIndex:
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
-        self._blocks: dict[str, OrderedDict[BlockHash, None]] = {}
+        self._blocks: dict[str, OrderedDict[Hashable, None]] = {}
 
-    def match(self, replica: str, hashes: Sequence[BlockHash]) -> int:
+    def match(self, replica: str, hashes: Sequence[Hashable]) -> int:
         """How many leading ``hashes`` the replica holds."""
         blocks = self._blocks.get(replica)
         if not blocks:
@@ -57,7 +60,7 @@ class PrefixIndex:
             n += 1
         return n
 
-    def record(self, replica: str, hashes: Sequence[BlockHash]) -> None:
+    def record(self, replica: str, hashes: Sequence[Hashable]) -> None:
         """The replica now holds ``hashes`` (most recently used); the oldest beyond capacity go."""
         blocks = self._blocks.setdefault(replica, OrderedDict())
         for h in hashes:
@@ -65,6 +68,27 @@ class PrefixIndex:
                 blocks.move_to_end(h)
             else:
                 blocks[h] = None
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+
+    def apply(
+        self, replica: str, runs: Sequence[tuple[bool, Sequence[Hashable]]], cleared: bool = False
+    ) -> None:
+        """The replica's own KV-cache events: blocks stored (most recently used) and removed, in
+        order, after emptying it if ``cleared``."""
+        blocks = self._blocks.setdefault(replica, OrderedDict())
+        if cleared:
+            blocks.clear()
+        for stored, hashes in runs:
+            if stored:
+                for h in hashes:
+                    if h in blocks:
+                        blocks.move_to_end(h)
+                    else:
+                        blocks[h] = None
+            else:
+                for h in hashes:
+                    blocks.pop(h, None)
         while len(blocks) > self.capacity_blocks:
             blocks.popitem(last=False)
 
@@ -102,6 +126,8 @@ class PrefixRoutingStats:
     requests: int = 0
     prompt_tokens: int = 0
     predicted_cached_tokens: int = 0
+    cache_events: int = 0
+    """KV-cache event frames from the pool's replicas applied to the index."""
     by_reason: dict[str, int] | None = None
 
     def count(self, choice: ReplicaChoice, prompt_tokens: int) -> None:
@@ -138,6 +164,10 @@ class PrefixRouter:
         self.load_slack = load_slack
         self.stats = PrefixRoutingStats()
 
+    def keys(self, prompt_token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """The prompt's full blocks as the index names them (vLLM's event form of each hash)."""
+        return [block_key(h) for h in self.hasher.block_hashes(prompt_token_ids, cache_salt=cache_salt)]
+
     def choose(
         self,
         candidates: Sequence[str],
@@ -150,7 +180,7 @@ class PrefixRouter:
         """A replica for this prompt (None without candidates); the choice is recorded in the index."""
         if not candidates:
             return None
-        hashes = self.hasher.block_hashes(prompt_token_ids, cache_salt=cache_salt)
+        hashes = self.keys(prompt_token_ids, cache_salt)
         # vLLM reuses at most prompt - 1 tokens: the last one is always computed.
         usable = hashes[: (len(prompt_token_ids) - 1) // self.block_tokens]
         loads = {c: load.get(c, 0) for c in candidates}

@@ -31,6 +31,14 @@ def _tenant(admin: httpx.Client, credits: float, **extra) -> tuple[str, str]:
     return tid, k.json()["api_key"]
 
 
+def _credits(usage: object) -> float:
+    """What the default price charges for a response's ``usage`` (an SDK object or its JSON): a
+    credit per token, half of one per prompt token found in the engine's prefix cache."""
+    u = usage if isinstance(usage, dict) else usage.model_dump()  # type: ignore[attr-defined]
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return u["total_tokens"] - cached / 2
+
+
 def _view(admin: httpx.Client, tid: str) -> dict:
     r = admin.get(f"/admin/v1/tenants/{tid}")
     assert r.status_code == 200, r.text
@@ -60,7 +68,7 @@ def test_charges_exact_usage_and_sends_ratelimit_headers(gateway_url: str, admin
         for part in ("limit", "remaining", "reset"):
             assert raw.headers.get(f"x-ratelimit-{part}-{h}"), (part, h, dict(raw.headers))
     view = _view(admin, tid)
-    assert view["credits"] == pytest.approx(10_000 - r.usage.total_tokens)
+    assert view["credits"] == pytest.approx(10_000 - _credits(r.usage))
     assert view["reserved_credits"] == 0 and view["in_flight"] == 0
     usage = httpx.get(f"{gateway_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert usage["tenant_id"] == tid
@@ -93,7 +101,7 @@ async def test_zero_overspend_under_300_concurrent_requests(gateway_url: str, ad
     client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=key, max_retries=0, timeout=300)
     sem_free = asyncio.Semaphore(300)
 
-    async def one(i: int) -> int | str:
+    async def one(i: int) -> float | str:
         async with sem_free:
             try:
                 r = await client.chat.completions.create(
@@ -102,13 +110,13 @@ async def test_zero_overspend_under_300_concurrent_requests(gateway_url: str, ad
                     max_tokens=8,
                     extra_body={"ignore_eos": True},
                 )
-                return r.usage.total_tokens
+                return _credits(r.usage)
             except openai.RateLimitError as e:
                 return str(e.body.get("code") if isinstance(e.body, dict) else e.code)
 
     results = await asyncio.gather(*(one(i) for i in range(300)))
     await client.close()
-    charged = [x for x in results if isinstance(x, int)]
+    charged = [x for x in results if isinstance(x, float)]
     refused = [x for x in results if isinstance(x, str)]
     assert charged and refused, "expected both accepted and refused requests"
     assert set(refused) == {"insufficient_quota"}
@@ -141,7 +149,7 @@ async def test_a_reused_x_request_id_is_only_echoed(gateway_url: str, admin: htt
     # The per-request cap still applies to a request that reuses a live id.
     assert too_big.status_code == 400, too_big.text
     view = _view(admin, tid)
-    charged = sum(r.json()["usage"]["total_tokens"] for r in rs)
+    charged = sum(_credits(r.json()["usage"]) for r in rs)
     assert view["credits"] == pytest.approx(100_000 - charged)
     assert view["reserved_credits"] == 0 and view["in_flight"] == 0
 

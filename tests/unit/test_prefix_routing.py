@@ -53,7 +53,7 @@ def test_a_hot_prefix_spills_past_the_load_bound() -> None:
     router = PrefixRouter(16, 100_000, load_bound=1.25, load_slack=2)
     rng = random.Random(1)
     hot = list(range(2000))
-    router.index.record("r0", router.hasher.block_hashes(hot))
+    router.index.record("r0", router.keys(hot))
     busy = {"r0": 10, "r1": 2, "r2": 2, "r3": 2}  # bound: 1.25 x 17 / 4 + 2 = 7.3 < 11
     c = router.choose(R, busy, [*hot, 1, 2, 3], rng)
     assert c is not None and c.replica != "r0" and c.reason is ReplicaReason.SPILL
@@ -62,7 +62,7 @@ def test_a_hot_prefix_spills_past_the_load_bound() -> None:
     assert c2 is not None and c2.replica == c.replica and c2.reason is ReplicaReason.PREFIX_HIT
     # Prefix-only routing ignores load.
     only = PrefixRouter(16, 100_000, load_bound=float("inf"))
-    only.index.record("r0", only.hasher.block_hashes(hot))
+    only.index.record("r0", only.keys(hot))
     c3 = only.choose(R, {**busy, "r0": 1000}, [*hot, 7], rng)
     assert c3 is not None and c3.replica == "r0"
     with pytest.raises(ValueError):
