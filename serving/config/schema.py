@@ -91,6 +91,9 @@ class GatewayConfig(_Strict):
     """A custom Ray resource each gateway replica takes one unit of, so gateways run only on the
     nodes started with it, the ones a load balancer sends clients to (`ray start --resources
     '{"tokenweir_gateway": 2}'`: up to two gateways there). None: any node."""
+    prefix_routing: bool = True
+    """Within a pool whose engines cache prefixes, send a request to the replica holding most of its
+    prompt (within a load bound); false: the less loaded of two random replicas (cache-blind)."""
     prefix_cache_scope: Literal["fleet", "organization"] = "fleet"
     """Who shares cached prompt prefixes in the engines: `fleet`, every request (most hits);
     `organization`, only requests of one organization (each carries vLLM's `cache_salt`, derived

@@ -122,7 +122,9 @@ class Gateway:
         infos = [pool_info(p) for p in deployment.pools]
         self._replica = replica_id()
         self.transport = ChannelTransport(self._replica)
-        self.pools = PoolDirectory(refs, infos, self.transport, node=node_ip())
+        self.pools = PoolDirectory(
+            refs, infos, self.transport, node=node_ip(), prefix_routing=self.cfg.gateway.prefix_routing
+        )
         self.app = FastAPI(title="Tokenweir", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(self.app)
         self.meter = self._make_meter()
@@ -235,6 +237,15 @@ class Gateway:
         while True:
             st = self.service.stats
             st.routing_total = dict(self.pools.router.stats().decisions_total)
+            st.prefix_total = {
+                (pool, reason): n
+                for pool, pr in self.pools.prefix.items()
+                for reason, n in (pr.stats.by_reason or {}).items()
+            }
+            st.prefix_tokens = {
+                pool: (pr.stats.prompt_tokens, pr.stats.predicted_cached_tokens, pr.stats.cache_events)
+                for pool, pr in self.pools.prefix.items()
+            }
             st.in_flight = sum(p.in_flight for p in self.pools.pools)
             st.gate = self.gate.stats()
             st.loop_demand = self.gate.core.demand or 0.0

@@ -85,6 +85,7 @@ class PoolDirectory:
         transport: ChannelTransport,
         node: str | None = None,
         rng: random.Random | None = None,
+        prefix_routing: bool = True,
     ) -> None:
         """``node``: this gateway's node address; it keeps off the cores of same-node vLLM CPU
         workers that pools publish (:mod:`serving.engines.cpu_placement`)."""
@@ -101,7 +102,7 @@ class PoolDirectory:
         self.prefix = {
             i.pool_id: PrefixRouter(i.block_tokens, max(i.kv_capacity_tokens // i.block_tokens, 1))
             for i in infos
-            if i.prefix_caching
+            if i.prefix_caching and prefix_routing
         }
         """Per pool with a prefix cache: replica choice by cached prefix (this gateway's estimate)."""
         self._by_model: dict[str, list[PoolRef]] = defaultdict(list)

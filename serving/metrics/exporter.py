@@ -52,6 +52,10 @@ class GatewayStats:
     """Gateway-side time to first token by pool (sum and count, for a mean rate)."""
     routing_total: dict[tuple[str, str], int] = field(default_factory=dict)
     """Routing decisions by (pool, reason)."""
+    prefix_total: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Replica choices by cached prefix by (pool, reason: prefix_hit, spill, least_loaded)."""
+    prefix_tokens: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """By pool: (prompt tokens routed, of them predicted cached, KV-cache event frames applied)."""
     in_flight: int = 0
     gate: GateStats | None = None
     """The replica's fair gate (None: an older replica)."""
@@ -325,6 +329,26 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
         "Requests the fair gate refused (503 gateway_busy: too many waiting, or waited too long).",
         labels=["gateway"],
     )
+    prefix_req = CounterMetricFamily(
+        f"{P}_prefix_routing_requests",
+        "Replica choices by cached prefix, by reason (prefix_hit, spill, least_loaded).",
+        labels=["gateway", "pool", "reason"],
+    )
+    prefix_prompt = CounterMetricFamily(
+        f"{P}_prefix_routing_prompt_tokens",
+        "Prompt tokens routed by cached prefix.",
+        labels=["gateway", "pool"],
+    )
+    prefix_pred = CounterMetricFamily(
+        f"{P}_prefix_routing_predicted_cached_tokens",
+        "Of those, tokens the router predicted in the chosen replica's cache (compare vllm:prefix_cache_hits).",
+        labels=["gateway", "pool"],
+    )
+    prefix_events = CounterMetricFamily(
+        f"{P}_prefix_cache_event_frames",
+        "KV-cache event frames from the pool's replicas applied to the router's index.",
+        labels=["gateway", "pool"],
+    )
     demand = GaugeMetricFamily(
         f"{P}_gateway_loop_demand_ratio",
         "Share of wall time the replica's event loop ran or waited to run (1: saturated).",
@@ -346,8 +370,29 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
             ttft.add_metric([gw, pool], count_value=n, sum_value=g.ttft_seconds_sum.get(pool, 0.0))
         for kr, v in sorted(g.routing_total.items()):
             route.add_metric([gw, *kr], v)
+        for kr, v in sorted(getattr(g, "prefix_total", {}).items()):
+            prefix_req.add_metric([gw, *kr], v)
+        for pool, (prompt, predicted, frames) in sorted(getattr(g, "prefix_tokens", {}).items()):
+            prefix_prompt.add_metric([gw, pool], prompt)
+            prefix_pred.add_metric([gw, pool], predicted)
+            prefix_events.add_metric([gw, pool], frames)
         inflight.add_metric([gw], float(g.in_flight))
-    yield from (req, tok, ttft, route, inflight, gate_limit, gate_waiting, gate_waited, gate_refused, demand)
+    yield from (
+        req,
+        tok,
+        ttft,
+        route,
+        prefix_req,
+        prefix_prompt,
+        prefix_pred,
+        prefix_events,
+        inflight,
+        gate_limit,
+        gate_waiting,
+        gate_waited,
+        gate_refused,
+        demand,
+    )
 
 
 def render(collectors: Iterable[Collector]) -> bytes:

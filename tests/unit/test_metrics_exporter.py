@@ -88,6 +88,8 @@ def test_gateway_series_keep_their_replica() -> None:
     g2.count(MODEL, "h", "ok", 7, 0.4)
     g2.count(MODEL, "h", "ok", 3, None)
     g2.routing_total = {("h", "only_candidate"): 2}
+    g2.prefix_total = {("h", "prefix_hit"): 5, ("h", "least_loaded"): 1}
+    g2.prefix_tokens = {"h": (4000, 3200, 17)}
     entries = [("gateway", "g1", 0.1, g1), ("gateway", "g2", 0.1, g2)]
     ss = samples(render([BoardCollector(entries)]))
     assert value(ss, "tokenweir_requests_total", gateway="g1", model=MODEL, pool="h", outcome="ok") == 1
@@ -98,6 +100,12 @@ def test_gateway_series_keep_their_replica() -> None:
     assert (
         value(ss, "tokenweir_routing_decisions_total", gateway="g2", pool="h", reason="only_candidate") == 2
     )
+    assert (
+        value(ss, "tokenweir_prefix_routing_requests_total", gateway="g2", pool="h", reason="prefix_hit") == 5
+    )
+    assert value(ss, "tokenweir_prefix_routing_prompt_tokens_total", gateway="g2", pool="h") == 4000
+    assert value(ss, "tokenweir_prefix_routing_predicted_cached_tokens_total", gateway="g2", pool="h") == 3200
+    assert value(ss, "tokenweir_prefix_cache_event_frames_total", gateway="g2", pool="h") == 17
     ss1 = samples(render([BoardCollector(entries[:1])]))  # g2 gone: g1's series are unchanged
     assert value(ss1, "tokenweir_requests_total", gateway="g1", model=MODEL, pool="h", outcome="ok") == 1
     assert ("tokenweir_ttft_seconds_count", frozenset({"gateway": "g2", "pool": "h"}.items())) not in ss1
