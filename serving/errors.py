@@ -27,7 +27,8 @@ replica reaches the gateway as it was raised.
     │   └── InsufficientQuotaError        type and code insufficient_quota
     ├── ServiceUnavailableError       503 code service_unavailable
     │   ├── LedgerUnavailableError        code ledger_unavailable
-    │   └── GatewayBusyError              code gateway_busy (waited its time at the gateway's fair gate)
+    │   ├── GatewayBusyError              code gateway_busy (waited its time at the gateway's fair gate)
+    │   └── PoolUnavailableError          code pool_unavailable (a pool with no replica running)
     ├── EngineFailureError            500 code engine_error
     └── AdmissionRefused              429 or 503: serving.admission, beside the ``Refused`` it carries
 
@@ -71,6 +72,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "PoolUnavailableError",
     "RateLimitError",
     "RateLimitExceededError",
     "ServiceUnavailableError",
@@ -275,6 +277,17 @@ class GatewayBusyError(ServiceUnavailableError):
     """The gateway replica's fair gate had no place for the request within its wait (503)."""
 
     code = "gateway_busy"
+
+
+class PoolUnavailableError(ServiceUnavailableError):
+    """A pool has no replica running: every node of its GPU type is gone, or its replicas are being
+    replaced (503). Refused at once, not held until the first-token timeout; ``pool`` names it."""
+
+    code = "pool_unavailable"
+
+    def __init__(self, pool: str) -> None:
+        super().__init__(f"pool {pool!r} has no replica running (its nodes are gone or it is starting)")
+        self.pool = pool
 
 
 class EngineFailureError(APIError):

@@ -11,6 +11,7 @@ from serving.engines.base import EngineChunk, EngineRequest
 from serving.errors import (
     APIError,
     InvalidRequestError,
+    PoolUnavailableError,
     ServiceUnavailableError,
     from_exception,
     is_retryable,
@@ -34,7 +35,9 @@ async def open_stream(
 ) -> tuple[PoolRef, TokenStream, list[EngineChunk]]:
     """Route, submit and wait for the first chunks, so failures before them become HTTP errors.
 
-    A replica that dies, drains or times out before the first token gets one retry elsewhere.
+    A replica that dies, drains or times out before the first token gets one retry elsewhere; so
+    does an unpinned request whose pool has no replica running (a pinned one is refused at once:
+    it has nowhere else to go).
     """
     loop = asyncio.get_running_loop()
     failed: str | None = None
@@ -61,7 +64,8 @@ async def open_stream(
             pool.in_flight -= 1
             if stream is not None:
                 stream.close()
-            if attempt == 1 and _retryable(e):
+            pinned_down = isinstance(e, PoolUnavailableError) and p.pinned_gpu is not None
+            if attempt == 1 and _retryable(e) and not pinned_down:
                 log.warning("pool %s failed before the first token (%s); retrying once", pool.name, e)
                 failed, failed_replica = pool.name, replica
                 continue
@@ -76,8 +80,9 @@ async def open_stream(
 
 
 def _retryable(e: BaseException) -> bool:
-    """A replica death, drain or timeout before the first token (not a refusal, not a cancellation)."""
-    if isinstance(e, asyncio.TimeoutError | TimeoutError | ChannelLost):
+    """A replica death, drain or timeout before the first token, or a pool with no replica (not a
+    refusal, not a cancellation)."""
+    if isinstance(e, asyncio.TimeoutError | TimeoutError | ChannelLost | PoolUnavailableError):
         return True
     if isinstance(e, PoolFailure):
         return e.retryable

@@ -16,6 +16,7 @@ from typing import Any
 from serving.admission import LoadSnapshot, merge_snapshots
 from serving.config.resolved import ResolvedPool
 from serving.engines.cpu_placement import avoid_cores, engine_cores_on
+from serving.errors import PoolUnavailableError
 from serving.gateway.transport import ChannelLost, ChannelTransport
 from serving.hardware import PerfModel
 from serving.kvcache import CacheRuns
@@ -122,7 +123,9 @@ class PoolDirectory:
         pinned_gpu: str | None,
         exclude: str | None = None,
     ) -> tuple[PoolRef, RouteDecision | None]:
-        """The pool for one request (``exclude``: a pool just failed; take another if any)."""
+        """The pool for one request (``exclude``: a pool just failed; take another if any). An
+        unpinned request goes to a pool with a replica on the board: the router's last snapshot of
+        a pool whose replicas are all gone is stale, which it reads as an idle pool."""
         candidates = self._by_model[model]
         if exclude and len(candidates) > 1 and pinned_gpu is None:
             others = [p for p in candidates if p.name != exclude]
@@ -132,7 +135,12 @@ class PoolDirectory:
         decision = self.router.route(
             RouteRequest(model, prompt_tokens, max_tokens, slo_ttft, slo_tpot, pinned_gpu), time.time()
         )
-        return self.by_name[decision.pool_id], decision
+        chosen = self.by_name[decision.pool_id]
+        if pinned_gpu is None and not chosen.replica_keys:
+            up = [p for p in candidates if p.replica_keys]
+            if up:
+                return min(up, key=lambda p: p.in_flight / p.replicas), None
+        return chosen, decision
 
     def _apply_cache(self, replica: str, runs: CacheRuns, cleared: bool) -> None:
         """A pool replica's KV-cache events (its engine's own account of what it holds, whoever
@@ -163,11 +171,17 @@ class PoolDirectory:
         """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one
         to connect until ``deadline`` (loop clock): :class:`ChannelLost` past it. With the prompt's
         token ids and a prefix-caching pool, the one holding most of its prefix within the load bound
-        (hashed with the request's ``cache_salt``, as the engine hashes it)."""
+        (hashed with the request's ``cache_salt``, as the engine hashes it).
+
+        Waits only while the board lists a replica of the pool (one whose channel is connecting or
+        reconnecting): with none listed, as when every node of its GPU type is gone, nothing is
+        coming to wait for, and :class:`PoolUnavailableError` says so at once (503)."""
         loop = asyncio.get_running_loop()
         transport = self.transport
         prefix = self.prefix.get(pool.name) if prompt_ids else None
         while True:
+            if not pool.replica_keys:
+                raise PoolUnavailableError(pool.name)
             usable = [k for k in pool.replica_keys if transport.usable(k)]
             others = [k for k in usable if k != exclude]
             if prefix is not None:
