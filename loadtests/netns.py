@@ -18,6 +18,8 @@ its cgroup, never with ``ray stop`` (which would find every Ray on this machine)
     cluster.add_node("a", 11, {"tokenweir_gateway": 1}, cpus="0")
     cluster.deploy(tokenweir_config_dict)      # deploy render --target serve, then serve run on the head
     cluster.wait_deployed()                    # Serve done: no replica starting or stopping
+    cluster.cut(a); cluster.kill(a)            # node loss: no FIN or RST from it, its processes gone
+    cluster.restart(a)                         # and it comes back (a new Ray node, same address)
     ...
     cluster.close()
 """
@@ -181,6 +183,10 @@ class Node:
     """The CPUs its processes may use (``"0"``, ``"0-1"``), or None: any."""
     cgroup_procs: Path | None = None
     """Its cpuset cgroup's ``cgroup.procs``, when ``cpus`` is fenced by a cgroup."""
+    num_cpus: int = 4
+    """The logical CPUs its Ray advertises."""
+    starts: int = 0
+    """How many times Ray was started on it (:meth:`NetnsCluster.restart` starts it again)."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -190,6 +196,12 @@ class Node:
     @property
     def state(self) -> Path:
         return self.root / "state"
+
+    @property
+    def temp_dir(self) -> Path:
+        """Ray's ``--temp-dir`` of its latest start: one of its own per start, since a killed
+        raylet's socket files stay where it left them."""
+        return self.root / ("ray" if self.starts <= 1 else f"ray-{self.starts}")
 
 
 class NetnsCluster:
@@ -242,8 +254,10 @@ class NetnsCluster:
         """Make the namespace of node ``name`` at ``10.77.0.<host>`` (its processes on ``cpus``,
         when given) and start Ray in it with ``num_cpus`` logical CPUs."""
         ns, veth = f"{_PREFIX}{self.tag}-{name}", f"tw{self.tag}{name}"[:15]
-        node = Node(name, f"{SUBNET}.{host}", ns, veth, self.root / name, resources, head, cpus)
-        for d in ("home", "state", "ray", "log"):
+        node = Node(
+            name, f"{SUBNET}.{host}", ns, veth, self.root / name, resources, head, cpus, num_cpus=num_cpus
+        )
+        for d in ("home", "state", "log"):
             (node.root / d).mkdir(parents=True, exist_ok=True)
         if cpus is not None:
             node.cgroup_procs = _make_cpuset(ns, cpus)
@@ -254,8 +268,19 @@ class NetnsCluster:
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         self.nodes[name] = node
-        self._start_ray(node, num_cpus)
+        self._start_ray(node)
         return node
+
+    def restart(self, node: Node) -> None:
+        """Plug a worker that :meth:`cut` and :meth:`kill` took down back in and start Ray on it
+        again, as a machine that rebooted: the same address, home, state and resources, a new Ray
+        node id (the caller waits for it to be alive)."""
+        if node.head:
+            raise ValueError("the head holds the GCS: a restarted head is a new cluster")
+        if self.pids(node):
+            raise RuntimeError(f"node {node.name} still runs processes: kill it first")
+        _ip("link", "set", node.veth, "up")
+        self._start_ray(node)
 
     @property
     def head(self) -> Node:
@@ -283,15 +308,17 @@ class NetnsCluster:
             **self.env_extra,
         }
 
-    def _start_ray(self, node: Node, num_cpus: int) -> None:
+    def _start_ray(self, node: Node) -> None:
+        node.starts += 1
+        node.temp_dir.mkdir(parents=True, exist_ok=True)
         argv = [
             str(VENV_BIN / "ray"),
             "start",
             "--block",
             f"--node-ip-address={node.ip}",
-            f"--temp-dir={node.root / 'ray'}",
+            f"--temp-dir={node.temp_dir}",
             "--object-store-memory=100000000",
-            f"--num-cpus={num_cpus}",
+            f"--num-cpus={node.num_cpus}",
             f"--resources={json.dumps(node.resources)}",
             "--disable-usage-stats",
         ]
@@ -301,7 +328,7 @@ class NetnsCluster:
                 argv.append(f"--system-config={json.dumps(self.system_config)}")
         else:
             argv.append(f"--address={self.address}")
-        log = open(node.root / "log" / "ray-start.log", "wb")  # noqa: SIM115  # the process keeps it
+        log = open(node.root / "log" / f"ray-start-{node.starts}.log", "wb")  # noqa: SIM115  # the process keeps it
         node.proc = self.popen(node, argv, stdout=log, stderr=subprocess.STDOUT)
 
     @staticmethod

@@ -1,9 +1,10 @@
-"""Tokenweir on a real multi-node Ray cluster: four Ray nodes, each in its own network namespace.
+"""Tokenweir on a real multi-node Ray cluster: five Ray nodes, each in its own network namespace.
 
 The cluster (:mod:`loadtests.netns`): a head (``10.77.0.10``: GCS, Serve's controller, the ledger, a
-gateway) and three workers: ``w1`` (``10.77.0.11``: a gateway and an L20), ``w2`` and ``w3``
-(``10.77.0.12``/``.13``: an H100 each, so that a replica can come back after its node is lost).
-Accelerators are fake (``--resources '{"accelerator_type:H100": 1}'``) and run simulated pools;
+gateway) and four workers: ``w1`` (``10.77.0.11``: a gateway and an L20), ``w2`` and ``w3``
+(``10.77.0.12``/``.13``: an H100 each, so that a replica can come back after its node is lost) and
+``w4`` (``10.77.0.14``: ``accelerator_type:CPU``, the tiny model on vLLM's CPU build, a real engine).
+The GPUs are fake (``--resources '{"accelerator_type:H100": 1}'``) and run simulated pools;
 every node has its own home, state and ``--temp-dir`` directories and object store, and the same
 ``RAY_AUTH_MODE=token`` token; GCS health checks are short, so a lost node is noticed in seconds.
 The app is deployed as an operator would: ``tokenweir deploy render --target serve``, then ``serve
@@ -17,16 +18,26 @@ What it shows (the test functions run in this order, on one deployment):
 2. a request pinned to each type through either gateway node is served there (``x-tokenweir-pool``,
    ``-gpu``, ``-node``), tokens crossing nodes on the token channel; TTFT through a gateway on the
    pool's own node vs another node is printed;
-3. metering is exact across nodes: 300 concurrent requests split over both gateway nodes overspend
+3. the tiny model on vLLM's CPU build (its EngineCore process on ``w4``) serves requests pinned to
+   ``CPU`` through both gateways, neither on its node, charged exactly what vLLM reported;
+4. metering is exact across nodes: 300 concurrent requests split over both gateway nodes overspend
    nothing and end with ``final = initial - sum(charged)`` and no reservation left;
-4. node loss: the H100 replica's node is cut off and its Ray processes killed mid-load. Its
-   streams end with an error event and an exact charge; requests sent to it before a first token
-   are retried on the other pool; L20 streams finish untouched; the replica comes back on the other
-   H100 node; the time to the last affected answer and to full readiness is printed.
+5. node loss with a spare: the H100 replica's node is cut off and its Ray processes killed mid-load.
+   Its streams end with an error event and an exact charge; requests sent to it before a first
+   token are retried on the other pool; L20 streams finish untouched; the replica comes back on the
+   other H100 node; the time to the last affected answer and to full readiness is printed;
+6. node loss without a spare: the other H100 node goes too, so no node of the type is left. The
+   H100 pool reports not ready (``/readyz/pools`` 503 naming it; each gateway's own ``/readyz``
+   stays 200), requests pinned to it are refused at once with 503 ``pool_unavailable``, the L20 and
+   CPU pools serve on; when the node comes back (a new Ray node at the same address), the replica
+   starts there and the pool is ready again. Times from the kill to not-ready, to the last
+   affected answer, and from the return to ready are printed.
 
-Alone: ``pytest -m multinode tests/multinode/test_cluster.py -s`` as root (about 3 minutes on two
-cores: a minute to start the nodes and deploy, most of the rest the node loss and the recovery).
-Skipped where network namespaces cannot be made (no root, no iproute2).
+Alone: ``flock /tmp/tw-integration.lock .venv/bin/python -m pytest -m multinode
+tests/multinode/test_cluster.py -s`` as root (about 3 minutes on two cores: a minute and a half to
+start the nodes and deploy, vLLM's start on ``w4`` in parallel with the rest, then the requests and
+the two node losses and recoveries). Skipped where network namespaces cannot be made (no root, no
+iproute2).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ pytestmark = [
     pytest.mark.skipif(can_make_namespaces() is not None, reason=str(can_make_namespaces())),
 ]
 MODEL = "llama-3.1-8b-instruct"
+TINY = "tiny-llama"
 ADMIN_KEY = "tw-admin-multinode-" + "k" * 24
 PORT = 8000
 U = 1_000_000
@@ -65,11 +77,21 @@ HEALTH = {
     "health_check_timeout_ms": 1000,
     "health_check_failure_threshold": 4,
 }
-POOLS = {"sim-h100": "H100", "sim-l20": "L20"}
+POOLS = {"sim-h100": "H100", "sim-l20": "L20", "tiny-cpu": "CPU"}
+MODELS = {"sim-h100": MODEL, "sim-l20": MODEL, "tiny-cpu": TINY}
 
 
 def _config(state_dir: Path) -> dict[str, Any]:
     slo = {"ttft_ms": 5000, "tpot_ms": 100}
+    vllm_cpu = {
+        "name": "tiny-cpu",
+        "model": TINY,
+        "accelerator": "CPU",
+        "engine": "vllm",
+        "engine_args": {"kv_cache_space_gib": 1, "max_num_seqs": 16},
+        # A CPU shared with four other nodes: targets about the API, not admission under load.
+        "slo": {"ttft_ms": 60000, "tpot_ms": 5000},
+    }
     return {
         "gateway": {
             "host": "node",
@@ -85,8 +107,12 @@ def _config(state_dir: Path) -> dict[str, Any]:
         "metering": {"lease_grace_s": 3},
         "models": {MODEL: {"tokenizer": "builtin:tiny-llama"}},
         "pools": [
-            {"name": name, "model": MODEL, "accelerator": gpu, "engine": "sim", "slo": slo}
-            for name, gpu in POOLS.items()
+            *(
+                {"name": name, "model": MODEL, "accelerator": gpu, "engine": "sim", "slo": slo}
+                for name, gpu in POOLS.items()
+                if gpu != "CPU"
+            ),
+            vllm_cpu,
         ],
     }
 
@@ -159,11 +185,13 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         cluster.add_node("w1", 11, {"tokenweir_gateway": 1, "accelerator_type:L20": 1})
         cluster.add_node("w2", 12, {"accelerator_type:H100": 1})
         cluster.add_node("w3", 13, {"accelerator_type:H100": 1})
+        cluster.add_node("w4", 14, {"accelerator_type:CPU": 1})
         probe = Probe(cluster)
-        _wait(lambda: sum(n["alive"] for n in probe.ask("nodes")) == 4, 90, "four nodes")
+        _wait(lambda: sum(n["alive"] for n in probe.ask("nodes")) == 5, 90, "five nodes")
         started = time.monotonic() - t0
 
-        # Deploy the rendered Serve config, as `serve run` (what `serve deploy` also submits).
+        # Deploy the rendered Serve config, as `serve run` (what `serve deploy` also submits). Serve
+        # starts every replica at once: vLLM's on w4 (the longest) beside the gateways and sim pools.
         config = cluster.deploy(_config(head.state))
         gateways = {n: cluster.nodes[n] for n in ("head", "w1")}
         urls = {n: f"http://{node.ip}:{PORT}" for n, node in gateways.items()}
@@ -171,8 +199,8 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
             for path in ("/readyz", "/readyz/pools"):
                 _wait(lambda u=url + path: httpx.get(u, timeout=5).status_code == 200, 240, url + path)
         print(
-            f"\n[multinode] 4 nodes up in {started:.1f} s, deployed and ready in "
-            f"{time.monotonic() - t0 - started:.1f} s more"
+            f"\n[multinode] 5 nodes up in {started:.1f} s, deployed and ready (vLLM's CPU pool "
+            f"included) in {time.monotonic() - t0 - started:.1f} s more"
         )
         yield {"cluster": cluster, "probe": probe, "urls": urls, "state": head.state, "config": config}
     finally:
@@ -218,7 +246,7 @@ def test_every_pool_replica_runs_on_a_node_of_its_gpu_type(fleet: dict[str, Any]
     built = {
         n for n, node in cluster.nodes.items() if list(node.home.glob(".cache/tokenweir/models/*/.complete"))
     }
-    assert built == {"head", "w1"}, built
+    assert built == {"head", "w1", "w4"}, built  # w4: the vLLM pool's weights
 
 
 def test_the_ledger_runs_on_the_head(fleet: dict[str, Any]) -> None:
@@ -254,9 +282,9 @@ def test_ray_refuses_a_driver_without_the_token(fleet: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- requests
-def _chat(max_tokens: int, stream: bool = False) -> dict[str, Any]:
+def _chat(max_tokens: int, stream: bool = False, model: str = MODEL) -> dict[str, Any]:
     return {
-        "model": MODEL,
+        "model": model,
         "messages": [{"role": "user", "content": "hello from another node"}],
         "max_tokens": max_tokens,
         "ignore_eos": True,
@@ -271,7 +299,7 @@ def test_a_request_pinned_to_each_type_is_served_there_through_either_gateway(fl
         for pool, gpu in POOLS.items():
             r = httpx.post(
                 f"{url}/v1/chat/completions",
-                json=_chat(6),
+                json=_chat(6, model=MODELS[pool]),
                 headers={"Authorization": f"Bearer {key}", "x-tokenweir-gpu": gpu},
                 timeout=60,
             )
@@ -279,6 +307,74 @@ def test_a_request_pinned_to_each_type_is_served_there_through_either_gateway(fl
             assert r.json()["usage"]["completion_tokens"] == 6
             assert (r.headers["x-tokenweir-pool"], r.headers["x-tokenweir-gpu"]) == (pool, gpu)
             assert r.headers["x-tokenweir-node"] in _nodes_with(probe, f"accelerator_type:{gpu}").values()
+
+
+def _proc_title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _settled(url: str, tid: str) -> dict[str, Any]:
+    """The tenant's figures once no reservation of it is left (settlement follows a stream's end)."""
+    with _admin(url) as a:
+        _wait(
+            lambda: (
+                (v := a.get(f"/admin/v1/tenants/{tid}").json())["in_flight"] == 0
+                and v["reserved_credits"] == 0
+            ),
+            60,
+            "every reservation settled",
+        )
+        return dict(a.get(f"/admin/v1/tenants/{tid}").json())
+
+
+def test_the_tiny_model_on_vllm_cpu_is_served_on_its_node_with_exact_metering(fleet: dict[str, Any]) -> None:
+    """The CPU pool is a real vLLM engine (its EngineCore process runs in w4's namespace); requests
+    pinned to ``CPU`` through the head's and w1's gateways are served by the replica on w4, and each
+    is charged what vLLM reported (its prompt, cached and completion tokens)."""
+    cluster: NetnsCluster = fleet["cluster"]
+    probe: Probe = fleet["probe"]
+    urls: dict[str, str] = fleet["urls"]
+    w4 = cluster.nodes["w4"]
+    assert [r["ip"] for r in probe.replicas("pool-tiny-cpu")] == [w4.ip]
+    engines = [pid for pid in cluster.pids(w4) if "EngineCore" in _proc_title(pid)]
+    assert engines, [(pid, _proc_title(pid)[:80]) for pid in cluster.pids(w4)]
+    initial = 10_000
+    tid, key = _tenant(urls["head"], initial)
+    served: dict[str, dict[str, Any]] = {}
+    for gw, url in urls.items():
+        assert cluster.nodes[gw].ip != w4.ip
+        for max_tokens in (5, 17):
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json=_chat(max_tokens, model=TINY),
+                headers={"Authorization": f"Bearer {key}", "x-tokenweir-gpu": "CPU"},
+                timeout=120,
+            )
+            assert r.status_code == 200, (gw, r.text)
+            where = tuple(r.headers[f"x-tokenweir-{h}"] for h in ("pool", "gpu", "node"))
+            assert where == ("tiny-cpu", "CPU", w4.ip), (gw, where)
+            usage = r.json()["usage"]
+            assert usage["completion_tokens"] == max_tokens
+            served[r.json()["id"].split("-", 1)[1]] = usage
+    stream = Stream(urls["w1"], None, 40, TINY)  # unpinned: only the CPU pool serves the tiny model
+    asyncio.run(stream.run(key))
+    assert (stream.status, stream.node) == ("done", w4.ip), (stream.status, stream.error)
+    view = _settled(urls["w1"], tid)
+    events = _events(fleet["state"], tid)
+    for rid, usage in served.items():
+        assert events[rid] == ("completed", usage["prompt_tokens"], usage["completion_tokens"], _cost(usage))
+    assert stream.request_id is not None and events[stream.request_id][:3:2] == ("completed", 40)
+    charged = sum(u for *_, u in events.values())
+    assert set(events) == {*served, stream.request_id}
+    assert round(view["credits"] * U) == initial * U - charged
+    print(
+        f"\n[multinode] vLLM CPU pool on w4 (EngineCore pid {engines[0]}): {len(served) + 1} requests "
+        f"through the gateways on head and w1, served on {w4.ip}; final {view['credits']:g} = "
+        f"{initial} - {charged / U:g}"
+    )
 
 
 async def _ttft(client: httpx.AsyncClient, key: str, gpu: str) -> float:
@@ -332,25 +428,25 @@ async def test_metering_is_exact_across_two_gateway_nodes(fleet: dict[str, Any])
     limits = httpx.Limits(max_connections=200)
     clients = [httpx.AsyncClient(base_url=u, timeout=120, limits=limits) for u in urls]
 
-    async def one(i: int) -> int | str:
+    async def one(i: int) -> float | str:
         r = await clients[i % 2].post(
             "/v1/chat/completions", json=_chat(8), headers={"Authorization": f"Bearer {key}"}
         )
         if r.status_code == 200:
-            return int(r.json()["usage"]["total_tokens"])
+            return _cost(r.json()["usage"]) / U
         return str(r.json()["error"]["code"])
 
     results = await asyncio.gather(*(one(i) for i in range(300)))
     for c in clients:
         await c.aclose()
-    charged = [x for x in results if isinstance(x, int)]
+    charged = [x for x in results if isinstance(x, float)]
     refused = [x for x in results if isinstance(x, str)]
     assert charged and refused and set(refused) == {"insufficient_quota"}, set(refused)
     with _admin(urls[1]) as a:
         view = a.get(f"/admin/v1/tenants/{tid}").json()
     print(
         f"\n[multinode] 300 concurrent over 2 gateway nodes: served {len(charged)}, refused {len(refused)}; "
-        f"final {view['credits']:g} = {initial:g} - {sum(charged)}"
+        f"final {view['credits']:g} = {initial:g} - {sum(charged):g}"
     )
     assert sum(charged) <= initial
     assert view["credits"] == pytest.approx(initial - sum(charged))
@@ -361,17 +457,18 @@ async def test_metering_is_exact_across_two_gateway_nodes(fleet: dict[str, Any])
 class Stream:
     """One streamed request on its own connection, as the client saw it."""
 
-    def __init__(self, url: str, gpu: str | None, max_tokens: int) -> None:
-        self.url, self.gpu, self.max_tokens = url, gpu, max_tokens
+    def __init__(self, url: str, gpu: str | None, max_tokens: int, model: str = MODEL) -> None:
+        self.url, self.gpu, self.max_tokens, self.model = url, gpu, max_tokens, model
         self.request_id: str | None = None
         self.events = 0
         self.status = "pending"
         self.error: dict[str, Any] | None = None
         self.http_status: int | None = None
         self.node: str | None = None
-        self.ended_at = 0.0
+        self.started_at = self.ended_at = 0.0
 
     async def run(self, key: str) -> None:
+        self.started_at = time.monotonic()
         headers = {"Authorization": f"Bearer {key}"} | ({"x-tokenweir-gpu": self.gpu} if self.gpu else {})
         try:
             async with (
@@ -379,7 +476,7 @@ class Stream:
                 c.stream(
                     "POST",
                     f"{self.url}/v1/chat/completions",
-                    json=_chat(self.max_tokens, True),
+                    json=_chat(self.max_tokens, True, self.model),
                     headers=headers,
                 ) as r,
             ):
@@ -405,14 +502,32 @@ class Stream:
             self.ended_at = time.monotonic()
 
 
+def _cost(usage: dict[str, Any]) -> int:
+    """Micro-credits a response's usage costs at the default prices: a credit per prompt and per
+    completion token, half a credit per prompt token the engine found in its prefix cache."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return (usage["prompt_tokens"] - cached) * U + cached * U // 2 + usage["completion_tokens"] * U
+
+
 def _events(state_dir: Path, tenant: str) -> dict[str, tuple[str, int, int, int]]:
+    """The tenant's usage events: request id -> (outcome, prompt, completion tokens, micro-credits),
+    each event's charge checked against its own token counts (:func:`_cost`)."""
     with sqlite3.connect(f"file:{state_dir / 'ledger.sqlite3'}?mode=ro", uri=True) as db:
         rows = db.execute(
-            "SELECT request_id, outcome, prompt_tokens, completion_tokens, ucredits FROM usage_events"
-            " WHERE tenant_id = ?",
+            "SELECT request_id, outcome, prompt_tokens, completion_tokens, cached_tokens, ucredits"
+            " FROM usage_events WHERE tenant_id = ?",
             (tenant,),
         ).fetchall()
-    return {r: (o, p, c, u) for r, o, p, c, u in rows}
+    out = {}
+    for r, o, p, c, cached, u in rows:
+        usage = {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+        assert u == _cost(usage), (r, o, p, c, cached, u)
+        out[r] = (o, p, c, u)
+    return out
 
 
 async def _until(cond: Any, timeout_s: float, what: str) -> None:
@@ -482,29 +597,16 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
     )
     assert back.status_code == 200 and back.headers["x-tokenweir-node"] == survivor.ip, back.text
 
-    # The books: every request charged exactly what it produced, nothing left reserved.
-    with _admin(urls[1]) as a:
-        await asyncio.to_thread(
-            _wait,
-            lambda: (
-                (v := a.get(f"/admin/v1/tenants/{tid}").json())["in_flight"] == 0
-                and v["reserved_credits"] == 0
-            ),
-            60,
-            "every reservation settled",
-        )
-        view = a.get(f"/admin/v1/tenants/{tid}").json()
+    # The books: every request charged exactly what it produced (each event's charge is checked
+    # against its tokens by _events), nothing left reserved.
+    view = await asyncio.to_thread(_settled, urls[1], tid)
     events = _events(fleet["state"], tid)
     for s in h100:
-        outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
-        assert outcome == "error" and 0 < completion < 3000 and ucredits == (prompt + completion) * U
-    for s in l20:
-        outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
-        assert (outcome, completion, ucredits) == ("completed", 700, (prompt + 700) * U)
-    for s in after:
-        if s.status == "done":
-            outcome, prompt, completion, ucredits = events[s.request_id]  # type: ignore[index]
-            assert (outcome, completion, ucredits) == ("completed", 8, (prompt + 8) * U)
+        outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
+        assert outcome == "error" and 0 < completion < 3000
+    for s in l20 + [s for s in after if s.status == "done"]:
+        outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
+        assert (outcome, completion) == ("completed", s.max_tokens)
     charged = sum(u for *_, u in events.values())
     assert round(view["credits"] * U) == 1_000_000 * U - charged
     by: dict[str, int] = {}
@@ -516,4 +618,111 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
         f"{by}; last affected request answered {last_answer:.1f} s after the kill; the replica back on "
         f"{survivor.name} and every gateway ready {ready_after:.1f} s after the kill; "
         f"balance {view['credits']:g} = 1e6 - {charged / U:g}"
+    )
+
+
+def _readiness(url: str) -> tuple[int, str, int]:
+    """``/readyz/pools``'s status and message (its error's, when not ready), ``/readyz``'s status."""
+    pools = httpx.get(f"{url}/readyz/pools", timeout=5)
+    own = httpx.get(f"{url}/readyz", timeout=5)
+    body = pools.json()
+    return pools.status_code, str(body["error"]["message"] if "error" in body else body), own.status_code
+
+
+async def test_node_loss_without_a_spare(fleet: dict[str, Any]) -> None:
+    """The H100 replica's node goes while the other H100 node is already gone (the previous test):
+    no node of the type is left, so the pool cannot come back until one does."""
+    cluster: NetnsCluster = fleet["cluster"]
+    probe: Probe = fleet["probe"]
+    urls = list(fleet["urls"].values())
+    tid, key = _tenant(urls[0], 1_000_000)
+    (replica,) = probe.replicas("pool-sim-h100")
+    victim: Node = next(n for n in cluster.nodes.values() if n.ip == replica["ip"])
+    assert list(_nodes_with(probe, "accelerator_type:H100").values()) == [victim.ip]  # no spare
+    w1, w4 = cluster.nodes["w1"], cluster.nodes["w4"]
+
+    h100 = [Stream(urls[i % 2], "H100", 3000) for i in range(4)]
+    others = [Stream(urls[i % 2], "L20", 700) for i in range(2)] + [
+        Stream(urls[i % 2], "CPU", 600, TINY) for i in range(2)
+    ]
+    tasks = [asyncio.create_task(s.run(key)) for s in h100 + others]
+    await _until(lambda: all(s.events > 0 for s in h100 + others), 60, "every stream's first tokens")
+    cluster.cut(victim)
+    cluster.kill(victim)
+    killed_at = time.monotonic()
+
+    # Not ready: each gateway's every-pool readiness names the H100 pool; its own stays ready.
+    def h100_down(url: str) -> bool:
+        status, message, _own = _readiness(url)
+        return status == 503 and "'sim-h100': 'not ready" in message
+
+    for url in urls:
+        await asyncio.to_thread(_wait, lambda u=url: h100_down(u), 60, f"{url}: the H100 pool not ready")
+    not_ready_after = time.monotonic() - killed_at
+    for url in urls:
+        status, message, own = _readiness(url)
+        assert (status, own) == (503, 200), (url, status, own, message)
+        assert "'sim-l20': 'ready'" in message and "'tiny-cpu': 'ready'" in message, message
+
+    # Requests pinned to the pool are refused at once (503, OpenAI error body); the others serve on.
+    pinned = [Stream(urls[i % 2], "H100", 8) for i in range(4)]
+    unpinned = [Stream(urls[i % 2], None, 8) for i in range(4)]
+    on_cpu = [Stream(urls[i % 2], "CPU", 8, TINY) for i in range(2)]
+    await asyncio.gather(*tasks, *(s.run(key) for s in pinned + unpinned + on_cpu))
+    last_answer = max(s.ended_at for s in h100 + pinned) - killed_at
+    assert all(s.status == "error" and s.error and s.error["code"] == "service_unavailable" for s in h100), [
+        (s.status, s.error) for s in h100
+    ]
+    assert all(s.status == "done" for s in others), [(s.status, s.error) for s in others]
+    for s in pinned:
+        assert (s.status, s.http_status) == ("refused", 503), (s.status, s.http_status, s.error)
+        assert s.error is not None and set(s.error) == {"message", "type", "param", "code"}
+        assert s.error["code"] == "pool_unavailable" and "sim-h100" in s.error["message"], s.error
+    refusal_s = max(s.ended_at - s.started_at for s in pinned)
+    assert all(s.status == "done" and s.node == w1.ip for s in unpinned), [
+        (s.status, s.node, s.error) for s in unpinned
+    ]
+    assert all(s.status == "done" and s.node == w4.ip for s in on_cpu), [(s.status, s.error) for s in on_cpu]
+
+    # The node returns (a new Ray node at the same address): the replica starts there, ready again.
+    cluster.restart(victim)
+    back_at = time.monotonic()
+    await asyncio.to_thread(
+        _wait,
+        lambda: [r["ip"] for r in probe.replicas("pool-sim-h100")] == [victim.ip],
+        180,
+        f"the H100 replica on {victim.name} again",
+    )
+    for url in urls:
+        await asyncio.to_thread(_wait, lambda u=url: _readiness(u)[0] == 200, 120, f"{url}/readyz/pools")
+    ready_after = time.monotonic() - back_at
+    back = await asyncio.to_thread(
+        httpx.post,
+        f"{urls[1]}/v1/chat/completions",
+        json=_chat(4),
+        headers={"Authorization": f"Bearer {key}", "x-tokenweir-gpu": "H100"},
+        timeout=60,
+    )
+    assert back.status_code == 200 and back.headers["x-tokenweir-node"] == victim.ip, back.text
+
+    # The books: the cut streams charged what they produced, the refusals nothing.
+    view = await asyncio.to_thread(_settled, urls[1], tid)
+    events = _events(fleet["state"], tid)
+    for s in h100:
+        outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
+        assert outcome == "error" and 0 < completion < 3000
+    for s in others + unpinned + on_cpu:
+        outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
+        assert (outcome, completion) == ("completed", s.max_tokens)
+    charged = sum(u for *_, u in events.values())
+    assert round(view["credits"] * U) == 1_000_000 * U - charged
+    print(
+        f"\n[multinode] node loss without a spare ({victim.name}, the last H100 node): the pool not "
+        f"ready on both gateways {not_ready_after:.1f} s after the kill (their own /readyz 200); last "
+        f"affected request answered {last_answer:.1f} s after the kill; {len(pinned)} requests pinned "
+        f"to it refused with 503 pool_unavailable, each within {refusal_s * 1000:.0f} ms; "
+        f"{len(others)} L20/CPU streams and {len(unpinned) + len(on_cpu)} other requests served; "
+        f"{victim.name} back: the pool ready {ready_after:.1f} s after its Ray started "
+        f"({time.monotonic() - killed_at:.1f} s after the kill); balance {view['credits']:g} = "
+        f"1e6 - {charged / U:g}"
     )
