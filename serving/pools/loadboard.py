@@ -2,14 +2,19 @@
 where gateways read them (for routing, at most ~1 s stale, and for a ``/metrics`` that is complete
 across replicas).
 
-One small named Ray actor per cluster. Publishing is fire-and-forget; entries expire when their
-replica stops publishing, so a dead replica's load and stats vanish from routing within seconds.
+One small named Ray actor per cluster, on the head node (Ray's ``node:__internal_head__``), which
+a cluster does not outlive. Anywhere else, the loss of its node would restart it empty elsewhere,
+and gateways reading it before every replica had published again would drop the live replicas it
+did not list yet (and their streams with them). Publishing is fire-and-forget; entries expire when
+their replica stops publishing, so a dead replica's load and stats vanish from routing within seconds.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+from serving.metering import HEAD_NODE_RESOURCE
 
 BOARD_NAME = "tokenweir-loadboard"
 PUBLISH_INTERVAL_S = 0.5
@@ -39,7 +44,8 @@ class LoadBoard:
 
 
 def get_board(namespace: str) -> Any:
-    """The cluster's board actor, created on first use (0 CPUs; detached so replicas can come and go)."""
+    """The cluster's board actor, created on first use (0 CPUs, on the head; detached so replicas
+    can come and go)."""
     import ray
 
     return (
@@ -50,6 +56,7 @@ def get_board(namespace: str) -> Any:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            resources={HEAD_NODE_RESOURCE: 0.001},
             max_restarts=-1,
             max_concurrency=64,
         )

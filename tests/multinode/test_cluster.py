@@ -249,12 +249,16 @@ def test_every_pool_replica_runs_on_a_node_of_its_gpu_type(fleet: dict[str, Any]
     assert built == {"head", "w1", "w4"}, built  # w4: the vLLM pool's weights
 
 
-def test_the_ledger_runs_on_the_head(fleet: dict[str, Any]) -> None:
+def test_the_ledger_and_the_load_board_run_on_the_head(fleet: dict[str, Any]) -> None:
     cluster: NetnsCluster = fleet["cluster"]
     probe: Probe = fleet["probe"]
     (head_id,) = _nodes_with(probe, "node:__internal_head__")
     ledger = probe.ask("ledger")
     assert (ledger["state"], ledger["node_id"], ledger["node_ip"]) == ("ALIVE", head_id, cluster.head.ip)
+    # The load board too: lost with a worker, it would come back empty elsewhere, and gateways
+    # reading it then would drop the replicas it did not list yet (tiny-cpu, in an earlier run).
+    boards = [a for a in probe.ask("actors") if a["class"] == "LoadBoard" and a["state"] == "ALIVE"]
+    assert [b["node_id"] for b in boards] == [head_id], boards
     assert (fleet["state"] / "ledger.sqlite3").exists()
     # What an operator sees: `tokenweir status` on the head says the same.
     config = fleet["config"]
