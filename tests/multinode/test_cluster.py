@@ -34,9 +34,9 @@ What it shows (the test functions run in this order, on one deployment):
    affected answer, and from the return to ready are printed.
 
 Alone: ``flock /tmp/tw-integration.lock .venv/bin/python -m pytest -m multinode
-tests/multinode/test_cluster.py -s`` as root (about 3 minutes on two cores: a minute and a half to
-start the nodes and deploy, vLLM's start on ``w4`` in parallel with the rest, then the requests and
-the two node losses and recoveries). Skipped where network namespaces cannot be made (no root, no
+tests/multinode/test_cluster.py -s`` as root (about 2.5 minutes on two cores: a minute to start the
+nodes and deploy, vLLM's start on ``w4`` in parallel with the rest, then the requests, the two node
+losses and recoveries; the whole tier with ``test_ledger_home.py``, about 3.5 minutes). Skipped where network namespaces cannot be made (no root, no
 iproute2).
 """
 
