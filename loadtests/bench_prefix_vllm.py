@@ -99,7 +99,7 @@ async def session(
 ) -> None:
     prompt = system
     for _ in range(turns):
-        prompt += "\nuser: " + words(rng, 30) + "\nassistant:"
+        prompt += "\nuser: " + words(rng, 6) + "\nassistant:"
         t0 = time.perf_counter()
         ttft = None
         answer = ""
@@ -140,7 +140,7 @@ def _sum(m: dict[str, dict[Any, float]], name: str) -> float:
 async def run(fleet: Fleet, sessions: int, concurrency: int, seed: int) -> dict[str, float]:
     key = fleet.tenant("bench")
     rng = random.Random(seed)
-    systems = [words(random.Random(seed + 100 + a), 700) for a in range(4)]  # 4 agents, ~5 blocks each
+    systems = [words(random.Random(seed + 100 + a), 110) for a in range(4)]  # 4 agents, ~5 blocks each
     before = scrape(fleet.internal_url)
     out: dict[str, list[float]] = {"ttft": [], "prompt": [], "cached": []}
     sem = asyncio.Semaphore(concurrency)
