@@ -212,6 +212,12 @@ class Engine(abc.ABC):
         it started."""
         return None
 
+    def prefix_hashing(self) -> tuple[int, str] | None:
+        """How the started engine names cached blocks: its block size and the seed of its first
+        block's parent hash (vLLM's ``NONE_HASH``); None without a prefix cache. The router hashes
+        prompts the same way (what it assumed from the config is corrected by this)."""
+        return None
+
     def watch_cache(self, sink: CacheSink) -> bool:
         """Report what the prefix cache stores and removes (vLLM's KV-cache events) to ``sink``, on
         the event loop, from now on; False: this engine publishes none (no prefix cache)."""

@@ -53,7 +53,7 @@ from serving.engines.base import (
 from serving.hardware.catalog import GpuProfile
 from serving.hardware.perfmodel import KV_BLOCK_TOKENS, ModelArch, PerfFactors, PerfModel
 from serving.hardware.plan import EngineSettings
-from serving.kvcache import BlockHasher, CacheEventLog, PrefixCacheStats
+from serving.kvcache import DEFAULT_NONE_HASH_SEED, BlockHasher, CacheEventLog, PrefixCacheStats
 
 __all__ = ["Clock", "FakeClock", "LoopClock", "SimEngine", "SimStats"]
 
@@ -132,6 +132,11 @@ class SimEngine(Engine):
         self._work = asyncio.Event()
         self._dead: EngineDeadError | None = None
         self._cache_sink: CacheSink | None = None
+
+    def prefix_hashing(self) -> tuple[int, str] | None:
+        if self._hasher is None:
+            return None
+        return self._hasher.block_tokens, DEFAULT_NONE_HASH_SEED
 
     def watch_cache(self, sink: CacheSink) -> bool:
         """The block pool's stores and evictions, once per step, as vLLM's publisher sends them."""

@@ -32,7 +32,7 @@ from serving.engines.base import (
     deliver,
 )
 from serving.engines.cpu_placement import Placement, place_cpu_engine
-from serving.kvcache import CacheRuns, block_key
+from serving.kvcache import CacheRuns, block_key, vllm_none_hash_seed
 
 log = logging.getLogger("tokenweir.engine")
 
@@ -165,6 +165,12 @@ class VllmEngine(Engine):
         self._llm, engine_cores = await asyncio.get_running_loop().run_in_executor(None, build)
         if self._cpu_placement:
             self.placement = place_cpu_engine(engine_cores)
+
+    def prefix_hashing(self) -> tuple[int, str] | None:
+        cache = self._llm.vllm_config.cache_config
+        if not cache.enable_prefix_caching:
+            return None
+        return int(cache.block_size), vllm_none_hash_seed()  # the engine core inherits this env
 
     def watch_cache(self, sink: CacheSink) -> bool:
         """Subscribe to the engine's KV-cache events (the publisher :meth:`start` configured)."""

@@ -142,6 +142,25 @@ class PoolDirectory:
                 return min(up, key=lambda p: p.in_flight / p.replicas), None
         return chosen, decision
 
+    def _follow_engine_hashing(self, name: str, payloads: list[dict[str, Any]]) -> None:
+        """Hash prompts as the pool's engines say they do (block size and ``NONE_HASH`` seed, read
+        from the started engine): a config that assumed otherwise would never predict a hit."""
+        prefix = self.prefix.get(name)
+        hashing = next((tuple(p["prefix_hashing"]) for p in payloads if p.get("prefix_hashing")), None)
+        if prefix is None or hashing is None or hashing == (prefix.block_tokens, prefix.none_hash_seed):
+            return
+        block, seed = int(hashing[0]), str(hashing[1])
+        capacity_tokens = prefix.index.capacity_blocks * prefix.block_tokens
+        log.warning(
+            "pool %s: its engines hash blocks of %d tokens (seed %r), not %d (%r): the router follows them",
+            name,
+            block,
+            seed,
+            prefix.block_tokens,
+            prefix.none_hash_seed,
+        )
+        self.prefix[name] = PrefixRouter(block, max(capacity_tokens // block, 1), none_hash_seed=seed)
+
     def _apply_cache(self, replica: str, runs: CacheRuns, cleared: bool) -> None:
         """A pool replica's KV-cache events (its engine's own account of what it holds, whoever
         routed there): the router's index of that replica follows them."""
@@ -226,6 +245,7 @@ class PoolDirectory:
             ref.replica_keys = keys
             for k in keys:
                 self._pool_of[k] = name
+            self._follow_engine_hashing(name, payloads)
             snaps: list[LoadSnapshot] = [p["snapshot"] for p in payloads]
             if snaps:
                 self.router.update_snapshot(name, merge_snapshots(snaps))

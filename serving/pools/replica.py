@@ -111,6 +111,7 @@ class PoolReplica:
         self._engine_cores = (self._channel_host, sorted(placement.worker_cores)) if placement else None
         """(node, cores) a same-node gateway keeps off (vLLM CPU build only)."""
         self._id = replica_id()
+        self._hashing = self._engine.prefix_hashing()
         self.host = ReplicaHost(
             self._engine, admission, self._channel_host, self._id, pool.stream_interval_ms
         )
@@ -132,6 +133,7 @@ class PoolReplica:
             "replica": self._id,
             "channel": self._channel_addr,
             "engine_cores": self._engine_cores,
+            "prefix_hashing": self._hashing,
         }
 
     async def _publish_forever(self) -> None:

@@ -142,7 +142,7 @@ class PrefixRoutingStats:
 class PrefixRouter:
     """Prefix-aware replica choice for one pool (see module docstring)."""
 
-    __slots__ = ("block_tokens", "hasher", "index", "load_bound", "load_slack", "stats")
+    __slots__ = ("block_tokens", "hasher", "index", "load_bound", "load_slack", "none_hash_seed", "stats")
 
     def __init__(
         self,
@@ -158,6 +158,7 @@ class PrefixRouter:
         if load_bound < 1 or load_slack < 0:
             raise ValueError(f"need load_bound >= 1 and load_slack >= 0, got {load_bound}, {load_slack}")
         self.block_tokens = block_tokens
+        self.none_hash_seed = none_hash_seed
         self.hasher = BlockHasher(block_tokens, none_hash_seed=none_hash_seed)
         self.index = PrefixIndex(capacity_blocks)
         self.load_bound = load_bound

@@ -40,6 +40,7 @@ async def test_vllm_publishes_the_block_hashes_the_gateway_computes(tiny_model_p
 
     try:
         assert engine.watch_cache(sink)
+        assert engine.prefix_hashing() == (128, vllm_none_hash_seed())  # what the board tells routers
         hasher = BlockHasher(128, none_hash_seed=vllm_none_hash_seed())
         prompt = [(7 * i) % 500 + 3 for i in range(300)]  # two full 128-token blocks
         salt = organization_cache_salt("acme")

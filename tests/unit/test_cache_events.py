@@ -14,18 +14,31 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from serving.admission import AdmissionCore, AdmissionSettings, AsyncAdmission
+from serving.config import parse_config
+from serving.config.resolved import resolve
 from serving.engines.base import EngineChunk, EngineRequest, SamplingSpec
 from serving.engines.sim import SimEngine
+from serving.gateway.pool_directory import PoolDirectory, PoolRef, pool_info
 from serving.gateway.transport import ChannelTransport
 from serving.hardware.catalog import get_gpu
 from serving.hardware.perfmodel import ModelArch
 from serving.hardware.plan import EngineSettings
-from serving.kvcache import BlockHasher, BlockPool, CachedBlocks, CacheEventLog, CacheRuns, block_key
+from serving.kvcache import (
+    DEFAULT_NONE_HASH_SEED,
+    BlockHasher,
+    BlockPool,
+    CachedBlocks,
+    CacheEventLog,
+    CacheRuns,
+    block_key,
+)
 from serving.pools.host import ReplicaHost
+from serving.pools.replica import build_engine
 from serving.routing._prefix import PrefixIndex, PrefixRouter
 
 pytestmark = pytest.mark.timeout(60)
@@ -135,3 +148,31 @@ async def test_a_replica_relays_its_engines_cache_to_every_gateway_and_a_late_on
         await gw_a.close()
         await host.close()
         await engine.shutdown()
+
+
+def test_the_router_hashes_as_the_started_engines_say(tmp_path: Path) -> None:
+    """The block size and NONE_HASH seed come from the engine (on the load board); a config that
+    assumed otherwise is corrected, so predictions and the engine's events keep one naming."""
+    cfg = parse_config(
+        {
+            "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
+            "state_dir": str(tmp_path),
+            "pools": [
+                {"name": "sim-h100", "model": "llama-3.1-8b-instruct", "accelerator": "H100", "engine": "sim"}
+            ],
+        }
+    )
+    pool = resolve(cfg).pools[0]
+    assert build_engine(pool).prefix_hashing() == (16, DEFAULT_NONE_HASH_SEED)
+    ref = PoolRef(pool.name, pool.model, pool.accelerator, 1, None, pool.slo.ttft_ms, pool.slo.tpot_ms)
+    directory = PoolDirectory([ref], [pool_info(pool)], ChannelTransport("gw"))
+    before = directory.prefix["sim-h100"]
+    directory._follow_engine_hashing("sim-h100", [{"prefix_hashing": (16, DEFAULT_NONE_HASH_SEED)}])
+    assert directory.prefix["sim-h100"] is before  # as configured: nothing to do
+    directory._follow_engine_hashing("sim-h100", [{}, {"prefix_hashing": (128, "7")}])
+    after = directory.prefix["sim-h100"]
+    assert (after.block_tokens, after.none_hash_seed) == (128, "7")
+    assert after.index.capacity_blocks * 128 == pytest.approx(before.index.capacity_blocks * 16, abs=128)
+    assert after.keys(list(range(256))) == [
+        block_key(h) for h in BlockHasher(128, none_hash_seed="7").block_hashes(list(range(256)))
+    ]
