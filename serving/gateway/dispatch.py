@@ -19,7 +19,7 @@ from serving.errors import (
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.request import Outcome, Prepared
 from serving.gateway.transport import ChannelLost, PoolFailure, RequestTimeout, TokenStream
-from serving.routing import NoPoolForGpuError
+from serving.routing import NoPoolForGpuError, PromptBlocks
 
 __all__ = ["map_dispatch_error", "open_stream"]
 
@@ -42,10 +42,16 @@ async def open_stream(
     loop = asyncio.get_running_loop()
     failed: str | None = None
     failed_replica: str | None = None
+    blocks = PromptBlocks(p.prompt_ids, request.cache_salt)  # hashed once, for the pool and replica
     for attempt in (1, 2):
         try:
             pool, _decision = pools.choose(
-                p.entry.name, len(p.prompt_ids), p.sampling.max_tokens * p.sampling.n, p.pinned_gpu, failed
+                p.entry.name,
+                len(p.prompt_ids),
+                p.sampling.max_tokens * p.sampling.n,
+                p.pinned_gpu,
+                failed,
+                blocks,
             )
         except NoPoolForGpuError as e:
             raise InvalidRequestError(str(e), param="x-tokenweir-gpu") from e
@@ -56,7 +62,7 @@ async def open_stream(
         replica: str | None = None
         pool.in_flight += 1
         try:
-            replica = await pools.replica(pool, failed_replica, deadline, p.prompt_ids, request.cache_salt)
+            replica = await pools.replica(pool, failed_replica, deadline, blocks)
             stream = pools.transport.submit(replica, request)
             async with asyncio.timeout_at(deadline):
                 first = await stream.next_batch()

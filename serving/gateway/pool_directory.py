@@ -21,7 +21,15 @@ from serving.gateway.transport import ChannelLost, ChannelTransport
 from serving.hardware import PerfModel
 from serving.kvcache import CacheRuns
 from serving.pools.loadboard import PUBLISH_INTERVAL_S
-from serving.routing import PoolInfo, PrefixRouter, RouteDecision, Router, RouteRequest, pick_replica
+from serving.routing import (
+    PoolInfo,
+    PrefixRouter,
+    PromptBlocks,
+    RouteDecision,
+    Router,
+    RouteRequest,
+    pick_replica,
+)
 
 log = logging.getLogger("tokenweir.gateway.pools")
 
@@ -122,18 +130,29 @@ class PoolDirectory:
         max_tokens: int,
         pinned_gpu: str | None,
         exclude: str | None = None,
+        blocks: PromptBlocks | None = None,
     ) -> tuple[PoolRef, RouteDecision | None]:
         """The pool for one request (``exclude``: a pool just failed; take another if any). An
         unpinned request goes to a pool with a replica on the board: the router's last snapshot of
-        a pool whose replicas are all gone is stale, which it reads as an idle pool."""
+        a pool whose replicas are all gone is stale, which it reads as an idle pool. With the
+        prompt's ``blocks``, each prefix-caching pool's predicted TTFT counts only what its best
+        replica has not cached."""
         candidates = self._by_model[model]
         if exclude and len(candidates) > 1 and pinned_gpu is None:
             others = [p for p in candidates if p.name != exclude]
             return min(others, key=lambda p: p.in_flight / p.replicas), None
         slo_ttft = min(p.ttft_slo_ms for p in candidates)
         slo_tpot = min(p.tpot_slo_ms for p in candidates)
+        cached = None
+        if blocks is not None and len(candidates) > 1:
+            cached = {
+                p.name: self.prefix[p.name].cached_tokens(p.replica_keys, blocks)
+                for p in candidates
+                if p.name in self.prefix
+            }
         decision = self.router.route(
-            RouteRequest(model, prompt_tokens, max_tokens, slo_ttft, slo_tpot, pinned_gpu), time.time()
+            RouteRequest(model, prompt_tokens, max_tokens, slo_ttft, slo_tpot, pinned_gpu, cached),
+            time.time(),
         )
         chosen = self.by_name[decision.pool_id]
         if pinned_gpu is None and not chosen.replica_keys:
@@ -184,7 +203,7 @@ class PoolDirectory:
         pool: PoolRef,
         exclude: str | None,
         deadline: float,
-        prompt_ids: Sequence[int] = (),
+        prompt_ids: Sequence[int] | PromptBlocks = (),
         cache_salt: str | None = None,
     ) -> str:
         """A usable replica of ``pool`` (another than ``exclude`` if there is one), waiting for one

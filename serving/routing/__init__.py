@@ -1,12 +1,14 @@
 """Hardware-aware routing across pools of one model on different GPU types: the cheapest pool
 predicted to meet the SLOs, else the fastest; then a replica within the pool. Pure policy, the
 clock passed in. Within a pool, replicas are chosen by cached prefix under a load bound
-(:class:`PrefixRouter`)."""
+(:class:`PrefixRouter`), and a pool's predicted TTFT prefills only what its best replica has not
+cached."""
 
 from serving.routing._prefix import (
     PrefixIndex,
     PrefixRouter,
     PrefixRoutingStats,
+    PromptBlocks,
     ReplicaChoice,
     ReplicaReason,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "PrefixIndex",
     "PrefixRouter",
     "PrefixRoutingStats",
+    "PromptBlocks",
     "ReplicaChoice",
     "ReplicaReason",
     "RouteDecision",

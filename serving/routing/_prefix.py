@@ -27,13 +27,30 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from serving.kvcache import DEFAULT_NONE_HASH_SEED, BlockHasher, block_key
 from serving.routing._replica import pick_replica
 
-__all__ = ["PrefixIndex", "PrefixRouter", "PrefixRoutingStats", "ReplicaChoice", "ReplicaReason"]
+__all__ = [
+    "PrefixIndex",
+    "PrefixRouter",
+    "PrefixRoutingStats",
+    "PromptBlocks",
+    "ReplicaChoice",
+    "ReplicaReason",
+]
+
+
+@dataclass(slots=True)
+class PromptBlocks:
+    """One request's prompt and its block keys, hashed once per way of hashing (block size and
+    seed) however many pools and replicas look at it."""
+
+    token_ids: Sequence[int]
+    cache_salt: str | None = None
+    keys: dict[tuple[int, str], list[int]] = field(default_factory=dict)
 
 
 class PrefixIndex:
@@ -169,21 +186,38 @@ class PrefixRouter:
         """The prompt's full blocks as the index names them (vLLM's event form of each hash)."""
         return [block_key(h) for h in self.hasher.block_hashes(prompt_token_ids, cache_salt=cache_salt)]
 
+    def _usable(self, blocks: PromptBlocks) -> tuple[list[int], list[int]]:
+        """The prompt's keys, and those a hit may cover (vLLM recomputes at least the last token)."""
+        k = (self.block_tokens, self.none_hash_seed)
+        hashes = blocks.keys.get(k)
+        if hashes is None:
+            hashes = blocks.keys[k] = self.keys(blocks.token_ids, blocks.cache_salt)
+        return hashes, hashes[: (len(blocks.token_ids) - 1) // self.block_tokens]
+
+    def cached_tokens(self, candidates: Sequence[str], blocks: PromptBlocks) -> int:
+        """The longest cached prefix of the prompt on any of ``candidates`` (tokens); no effect."""
+        _, usable = self._usable(blocks)
+        return max((self.index.match(c, usable) for c in candidates), default=0) * self.block_tokens
+
     def choose(
         self,
         candidates: Sequence[str],
         load: Mapping[str, int],
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | PromptBlocks,
         rng: random.Random,
         *,
         cache_salt: str | None = None,
     ) -> ReplicaChoice | None:
-        """A replica for this prompt (None without candidates); the choice is recorded in the index."""
+        """A replica for this prompt (None without candidates); the choice is recorded in the index.
+        ``prompt_token_ids`` may come as :class:`PromptBlocks` (then its salt and hashes are used)."""
         if not candidates:
             return None
-        hashes = self.keys(prompt_token_ids, cache_salt)
-        # vLLM reuses at most prompt - 1 tokens: the last one is always computed.
-        usable = hashes[: (len(prompt_token_ids) - 1) // self.block_tokens]
+        blocks = (
+            prompt_token_ids
+            if isinstance(prompt_token_ids, PromptBlocks)
+            else PromptBlocks(prompt_token_ids, cache_salt)
+        )
+        hashes, usable = self._usable(blocks)
         loads = {c: load.get(c, 0) for c in candidates}
         bound = self.load_bound * (sum(loads.values()) + 1) / len(candidates) + self.load_slack
         hits = {c: self.index.match(c, usable) for c in candidates}
@@ -200,5 +234,5 @@ class PrefixRouter:
             reason = ReplicaReason.SPILL if spilled else ReplicaReason.PREFIX_HIT
             choice = ReplicaChoice(best, reason, hits[best] * self.block_tokens)
         self.index.record(choice.replica, hashes)
-        self.stats.count(choice, len(prompt_token_ids))
+        self.stats.count(choice, len(blocks.token_ids))
         return choice

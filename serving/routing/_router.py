@@ -106,8 +106,11 @@ class Router:
         else:
             wait = 0.0
         tpot = m.decode_step_time_uniform_s(max(batch, 1), max(ctx, 1)) * corr
-        chunks = max(1, math.ceil(req.prompt_tokens / pool.chunk_tokens))
-        chunk_s = m.chunked_prefill_time_s(req.prompt_tokens, pool.chunk_tokens) / chunks
+        cached = min((req.cached_tokens or {}).get(pool.pool_id, 0), max(req.prompt_tokens - 1, 0))
+        chunks = max(1, math.ceil((req.prompt_tokens - cached) / pool.chunk_tokens))
+        chunk_s = (
+            m.chunked_prefill_time_s(req.prompt_tokens, pool.chunk_tokens, cached_tokens=cached) / chunks
+        )
         ttft = wait + chunks * max(chunk_s, tpot)
         meets = (
             ttft * 1000.0 <= cfg.slo_margin * req.ttft_slo_ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -16,7 +17,7 @@ class StepTimePredictor(Protocol):
         """One decode step for ``batch`` sequences that each attend over ``context_tokens``."""
         ...
 
-    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
+    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int, cached_tokens: int = 0) -> float:
         """Time to prefill one prompt alone in chunks of ``chunk_tokens``."""
         ...
 
@@ -86,6 +87,9 @@ class RouteRequest:
     tpot_slo_ms: float
     pinned_gpu: str | None = None
     """From the ``x-tokenweir-gpu`` header or the tenant's config, when policy allows."""
+    cached_tokens: Mapping[str, int] | None = None
+    """Per pool: prompt tokens its best replica holds in cache (the prefix index's estimate); the
+    predicted TTFT there prefills only the rest."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,8 @@ class LinearPredictor:
     def decode_step_time_uniform_s(self, batch: int, context_tokens: int) -> float:
         return self.base_s + self.per_seq_s * batch
 
-    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int) -> float:
-        return prompt_tokens / self.rate
+    def chunked_prefill_time_s(self, prompt_tokens: int, chunk_tokens: int, cached_tokens: int = 0) -> float:
+        return (prompt_tokens - cached_tokens) / self.rate
 
 
 CHEAP = PoolInfo("cheap", "m", "L20", 1.0, LinearPredictor(0.020, 0.0002, 20_000), 512, 64, 1.0)
@@ -146,3 +146,19 @@ def test_with_the_performance_model_a_tight_tpot_goes_to_the_h100() -> None:
     assert d.pool_id == "h100"
     a10_pred = next(p for p in d.candidates if p.pool_id == "a10")
     assert 0.030 < a10_pred.tpot_s < 0.05
+
+
+def test_a_pools_cached_prefix_counts_in_its_predicted_ttft() -> None:
+    """A long prompt misses the cheap pool's TTFT SLO cold, so the fast pool takes it; with most of
+    it cached on a cheap replica, only the rest is prefilled there, and the cheap pool meets it."""
+    router = Router([CHEAP, FAST])
+    long = RouteRequest("m", prompt_tokens=24_000, max_tokens=16, ttft_slo_ms=1000.0, tpot_slo_ms=50.0)
+    now = 100.0
+    for p in (CHEAP, FAST):
+        router.update_snapshot(p.pool_id, snap(now, 1, 64))
+    cold = router.route(long, now)
+    assert cold.pool_id == "fast" and cold.reason is RouteReason.CHEAPER_POOLS_MISS_SLO
+    warm_req = RouteRequest("m", 24_000, 16, 1000.0, 50.0, cached_tokens={"cheap": 20_480, "fast": 0})
+    warm = router.route(warm_req, now)
+    assert warm.pool_id == "cheap" and warm.reason is RouteReason.CHEAPEST_MEETS_SLO
+    assert warm.prediction.ttft_s < router.predict(CHEAP, long, now).ttft_s / 5
