@@ -1,6 +1,6 @@
-"""A simulated fleet under overload and under a flooding tenant: the deployment, the load drivers and
-the measurements that ``tests/overload`` (behaviour: counts, statuses, RSS growth, the ledger's
-writes) and ``loadtests/bench_overload.py`` / ``bench_flood.py`` (timings) share.
+"""A simulated fleet under overload: the deployment, the load drivers and the measurements that
+``tests/overload`` (behaviour: counts, statuses, RSS growth, the ledger's writes) and
+``loadtests/bench_overload.py`` (timings) share; the flooding tenant's runs are ``loadtests/flood.py``.
 
 One Tokenweir application in a namespace of its own (its own ledger and load board), on whatever
 local Ray is running (a new one if none), with one gateway replica and two simulated pools:
@@ -131,8 +131,9 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def deployed(state_dir: Path, **config: Any) -> Iterator[Fleet]:
-    """Deploy the application (starting a local Ray if none is up) and remove it afterwards."""
+def deployed(state_dir: Path, cfg: Any = None, **config: Any) -> Iterator[Fleet]:
+    """Deploy the application (``cfg``, else :func:`fleet_config` with ``config``), starting a local
+    Ray if none is up, and remove it afterwards."""
     import ray
     from ray import serve
 
@@ -140,7 +141,7 @@ def deployed(state_dir: Path, **config: Any) -> Iterator[Fleet]:
     from serving.cli import runtime
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    cfg = fleet_config(state_dir, **config)
+    cfg = cfg if cfg is not None else fleet_config(state_dir, **config)
     own_ray = not ray.is_initialized()
     runtime.init_ray(cfg)
     serve.start(http_options={"location": "NoServer"})
@@ -324,16 +325,31 @@ class Closed:
     results: list[Result] = field(default_factory=list)
 
 
-async def closed_loops(url: str, loops: list[Closed], body: dict[str, Any], duration_s: float) -> None:
-    """Run every tenant's closed loop for ``duration_s`` (requests in flight then run to their end)."""
+async def closed_loops(
+    url: str, loops: list[Closed], body: dict[str, Any], duration_s: float, backoff: bool = False
+) -> None:
+    """Run every tenant's closed loop for ``duration_s`` (requests in flight then run to their end);
+    ``backoff``: a client refused with 429/503 waits its ``Retry-After`` (at most 2 s) before the next
+    request, as the OpenAI SDK does."""
     async with session() as s:
         end = time.monotonic() + duration_s
 
         async def client(c: Closed) -> None:
             while time.monotonic() < end:
-                c.results.append(await one_request(s, url, c.key, body, c.tenant))
+                r = await one_request(s, url, c.key, body, c.tenant)
+                c.results.append(r)
+                if backoff and r.status in (429, 503):
+                    await asyncio.sleep(min(2.0, max(0.0, end - time.monotonic()), _seconds(r.retry_after)))
 
         await asyncio.gather(*(client(c) for c in loops for _ in range(c.concurrency)))
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A ``Retry-After`` header's seconds (1 when it is missing or not a number)."""
+    try:
+        return max(0.0, float(retry_after or "1"))
+    except ValueError:
+        return 1.0
 
 
 def served_tokens(results: list[Result], since: float, until: float) -> int:
@@ -457,70 +473,3 @@ async def run_overload(fleet: Fleet, key: str, duration_s: float, recovery_s: fl
         refusal_durations_s=[x["duration_s"] for x in lines if x["status"] in (429, 503)],
         normal_durations_s=[x["duration_s"] for x in normal_lines if x["status"] == 200],
     )
-
-
-# -- the flooding tenant ---------------------------------------------------------------------------
-FLOOD_FACTOR = 5
-"""The heavy tenant keeps this many times the light one's requests at the gateway."""
-
-
-@dataclass
-class FloodRun:
-    """Two tenants of equal weight, closed loops of 32-token streams on the fast ``sim-h100`` pool
-    (never the bottleneck), the heavy one with :data:`FLOOD_FACTOR` times the light one's clients."""
-
-    heavy: Closed
-    light: Closed
-    since: float
-    until: float
-    """The measured window (``time.monotonic()``): after a warm-up, to the end of the sending."""
-    gate_waited: float
-    """Requests that waited at the gateway's fair gate during the run."""
-    gate_limits: list[float]
-    """The gate's limit, sampled every second."""
-
-    def tokens(self, c: Closed) -> int:
-        return served_tokens(c.results, self.since, self.until)
-
-    @property
-    def ratio(self) -> float:
-        """Heavy's served tokens over light's."""
-        return self.tokens(self.heavy) / max(1, self.tokens(self.light))
-
-    def ttft_s(self, c: Closed) -> list[float]:
-        return [r.ttft_s for r in c.results if r.ok and r.ttft_s is not None and r.sent >= self.since]
-
-    def failed(self) -> list[Result]:
-        return [r for c in (self.heavy, self.light) for r in c.results if not r.ok]
-
-
-def _gate_metric(internal_url: str, name: str) -> float:
-    return sum(scrape(internal_url).get(name, {}).values())
-
-
-async def run_flood(
-    fleet: Fleet, heavy_key: str, light_key: str, light_clients: int, duration_s: float, warmup_s: float = 4.0
-) -> FloodRun:
-    """Both closed loops for ``duration_s``; tokens counted after ``warmup_s``."""
-    heavy = Closed("heavy", heavy_key, FLOOD_FACTOR * light_clients)
-    light = Closed("light", light_key, light_clients)
-    waited0 = await asyncio.to_thread(_gate_metric, fleet.internal_url, "tokenweir_gateway_gate_waited_total")
-    limits: list[float] = []
-    done = asyncio.Event()
-
-    async def watch() -> None:
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 1.0)  # one sample a second until the run ends
-            limits.append(
-                await asyncio.to_thread(_gate_metric, fleet.internal_url, "tokenweir_gateway_gate_limit")
-            )
-
-    watcher = asyncio.create_task(watch())
-    t0 = time.monotonic()
-    await closed_loops(fleet.url, [heavy, light], stream_body(FLOOD_MODEL), duration_s)
-    done.set()
-    await watcher
-    await asyncio.sleep(1.1)  # the gateway publishes its counters every second
-    waited1 = await asyncio.to_thread(_gate_metric, fleet.internal_url, "tokenweir_gateway_gate_waited_total")
-    return FloodRun(heavy, light, t0 + warmup_s, t0 + duration_s, waited1 - waited0, limits)

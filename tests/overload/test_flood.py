@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from loadtests.overload import FLOOD_TTFT_SLO_MS, Fleet, quantile, run_flood
+from loadtests.flood import run_flood
+from loadtests.overload import FLOOD_TTFT_SLO_MS, Fleet, quantile
 
 pytestmark = [pytest.mark.flood, pytest.mark.integration, pytest.mark.timeout(300)]
 
