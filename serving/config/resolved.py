@@ -10,6 +10,8 @@ the catalog again, re-plans, or re-validates a dict.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +96,11 @@ class ResolvedPool:
     cpu_core_placement: bool
     cpu_model_in_engine_core: bool
     sim_speedup: float
+    prefix_routed: bool = False
+    """Requests to this pool are routed by cached prefix (its engines cache prefixes,
+    ``gateway.prefix_routing`` is on, and there is a choice to make: more than one replica, or
+    another pool of the model); only then do its engines publish KV-cache events and the gateway
+    hash its prompts."""
 
     @property
     def model(self) -> str:
@@ -171,6 +178,16 @@ def resolve(
     gpus = with_prices(cfg.gpu_prices)
     on_cluster = cfg.ray.address is not None if cluster is None else cluster
     pools = tuple(_resolve_pool(p, entries[p.model], gpus[p.accelerator], on_cluster) for p in cfg.pools)
+    per_model = Counter(p.model for p in pools)
+    pools = tuple(
+        dataclasses.replace(
+            p,
+            prefix_routed=cfg.gateway.prefix_routing
+            and bool(p.engine_args.get("enable_prefix_caching", True))
+            and (p.replicas > 1 or per_model[p.model] > 1),
+        )
+        for p in pools
+    )
     unplanned = [f"pools.{p.name}: cannot plan: {p.plan_error}" for p in pools if p.plan_error]
     if unplanned and require_plans:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(unplanned))

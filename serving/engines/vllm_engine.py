@@ -87,6 +87,7 @@ class VllmEngine(Engine):
         *,
         cpu_placement: bool = False,
         cpu_model_in_engine_core: bool = False,
+        kv_events: bool = True,
     ):
         """``cpu_placement``: after start, separate the CPU build's processes by core
         (:mod:`serving.engines.cpu_placement`); ``placement`` then says where they went.
@@ -102,6 +103,8 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._dispatch: _Dispatch | None = None
         self._registry: Any = None
+        self._kv_events = kv_events
+        """Publish KV-cache events (for gateways that route by cached prefix)."""
         self._kv_events_dir: str | None = None
         self._kv_events_task: asyncio.Task[None] | None = None
 
@@ -116,7 +119,7 @@ class VllmEngine(Engine):
             args.setdefault("distributed_executor_backend", "mp")
         args.setdefault("disable_log_stats", True)
         args.setdefault("max_model_len", self._max_model_len)
-        if args.get("enable_prefix_caching", True) and "kv_events_config" not in args:
+        if self._kv_events and args.get("enable_prefix_caching", True) and "kv_events_config" not in args:
             from vllm.config.kv_events import KVEventsConfig
 
             # The engine's KV-cache events on a socket only this process can reach (a private

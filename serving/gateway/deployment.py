@@ -122,9 +122,7 @@ class Gateway:
         infos = [pool_info(p) for p in deployment.pools]
         self._replica = replica_id()
         self.transport = ChannelTransport(self._replica)
-        self.pools = PoolDirectory(
-            refs, infos, self.transport, node=node_ip(), prefix_routing=self.cfg.gateway.prefix_routing
-        )
+        self.pools = PoolDirectory(refs, infos, self.transport, node=node_ip())
         self.app = FastAPI(title="Tokenweir", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(self.app)
         self.meter = self._make_meter()

@@ -62,7 +62,7 @@ class PoolRef:
 
 def pool_info(pool: ResolvedPool) -> PoolInfo:
     """Static routing facts of a pool: its performance model, price per token, batch bounds, and
-    its engines' prefix cache (on unless ``enable_prefix_caching: false``, as in vLLM)."""
+    whether its replicas are chosen by cached prefix (:attr:`ResolvedPool.prefix_routed`)."""
     args = pool.engine_args
     perf = PerfModel(pool.arch, pool.gpu)
     chunk = int(args.get("max_num_batched_tokens", 2048))
@@ -78,7 +78,7 @@ def pool_info(pool: ResolvedPool) -> PoolInfo:
         max_num_seqs=int(args.get("max_num_seqs", 256)),
         queue_deadline_s=pool.admission.queue_deadline_s_at(pool.slo.ttft_ms),
         replicas=pool.replicas,
-        prefix_caching=bool(args.get("enable_prefix_caching", True)) and kv > 0,
+        prefix_caching=pool.prefix_routed and kv > 0,
         block_tokens=block,
         kv_capacity_tokens=kv,
     )
@@ -94,7 +94,6 @@ class PoolDirectory:
         transport: ChannelTransport,
         node: str | None = None,
         rng: random.Random | None = None,
-        prefix_routing: bool = True,
     ) -> None:
         """``node``: this gateway's node address; it keeps off the cores of same-node vLLM CPU
         workers that pools publish (:mod:`serving.engines.cpu_placement`)."""
@@ -111,7 +110,7 @@ class PoolDirectory:
         self.prefix = {
             i.pool_id: PrefixRouter(i.block_tokens, max(i.kv_capacity_tokens // i.block_tokens, 1))
             for i in infos
-            if i.prefix_caching and prefix_routing
+            if i.prefix_caching
         }
         """Per pool with a prefix cache: replica choice by cached prefix (this gateway's estimate)."""
         self._by_model: dict[str, list[PoolRef]] = defaultdict(list)

@@ -47,6 +47,8 @@ class ReplicaHost:
         host: str,
         replica: str,
         stream_interval_ms: float = 0.0,
+        *,
+        cache_events: bool = True,
     ) -> None:
         self.engine = engine
         self.admission = admission
@@ -62,11 +64,13 @@ class ReplicaHost:
         self.requests_aborted = 0
         self._cache_log = CacheEventLog()
         self._cache_flush_due = False
+        self._cache_events = cache_events
+        """Relay the engine's KV-cache events to gateways (only where they route by them)."""
 
     async def start(self) -> tuple[str, int, bytes]:
         """Listen on the channel; ``(host, port, secret)`` for the load board. When the engine
         publishes KV-cache events, gateways get them (:meth:`ChannelServer.send_cache`)."""
-        if self.engine.watch_cache(self._on_cache):
+        if self._cache_events and self.engine.watch_cache(self._on_cache):
             self.channel.cache = CachedBlocks()
         return await self.channel.start()
 

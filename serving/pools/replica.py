@@ -42,6 +42,7 @@ def build_engine(pool: ResolvedPool) -> Engine:
             pool.engine_args,
             cpu_placement=cpu and pool.cpu_core_placement,
             cpu_model_in_engine_core=cpu and pool.cpu_model_in_engine_core,
+            kv_events=pool.prefix_routed,
         )
     from serving.engines.sim import SimEngine
     from serving.hardware import EngineSettings, PerfModel
@@ -113,7 +114,12 @@ class PoolReplica:
         self._id = replica_id()
         self._hashing = self._engine.prefix_hashing()
         self.host = ReplicaHost(
-            self._engine, admission, self._channel_host, self._id, pool.stream_interval_ms
+            self._engine,
+            admission,
+            self._channel_host,
+            self._id,
+            pool.stream_interval_ms,
+            cache_events=pool.prefix_routed,
         )
         self._channel_addr = await self.host.start()
         self._board = get_board(namespace)

@@ -71,7 +71,8 @@ class PoolInfo:
     """The pool's admission queue deadline: a longer predicted wait means a refusal."""
     replicas: int = 1
     prefix_caching: bool = False
-    """Whether the engines cache prompt prefixes (then replicas are chosen by cached prefix)."""
+    """Whether requests are routed by cached prefix: the engines cache prompt prefixes and there is
+    a choice to make (several replicas, or several pools of the model)."""
     block_tokens: int = 16
     """The engines' KV block size (vLLM's ``block_size``: 16 on GPUs, 128 in the CPU build)."""
     kv_capacity_tokens: int = 0

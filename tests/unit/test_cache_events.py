@@ -158,11 +158,20 @@ def test_the_router_hashes_as_the_started_engines_say(tmp_path: Path) -> None:
             "models": {"llama-3.1-8b-instruct": {"tokenizer": "builtin:tiny-llama"}},
             "state_dir": str(tmp_path),
             "pools": [
-                {"name": "sim-h100", "model": "llama-3.1-8b-instruct", "accelerator": "H100", "engine": "sim"}
+                {
+                    "name": "sim-h100",
+                    "model": "llama-3.1-8b-instruct",
+                    "accelerator": "H100",
+                    "engine": "sim",
+                    "replicas": 2,  # a choice to make: routed by cached prefix
+                }
             ],
         }
     )
     pool = resolve(cfg).pools[0]
+    assert pool.prefix_routed
+    one = resolve(cfg.model_copy(update={"pools": [cfg.pools[0].model_copy(update={"replicas": 1})]}))
+    assert not one.pools[0].prefix_routed  # one replica, one pool: nothing to choose, nothing hashed
     assert build_engine(pool).prefix_hashing() == (16, DEFAULT_NONE_HASH_SEED)
     ref = PoolRef(pool.name, pool.model, pool.accelerator, 1, None, pool.slo.ttft_ms, pool.slo.tpot_ms)
     directory = PoolDirectory([ref], [pool_info(pool)], ChannelTransport("gw"))
