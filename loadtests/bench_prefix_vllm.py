@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's serving and loadtests
-from loadtests.overload import ADMIN_KEY, Fleet, free_port, quantile, scrape
-
-APP = "tokenweir-bench-prefix"
+from loadtests.overload import ADMIN_KEY, Fleet, deployed, free_port, quantile, scrape
 
 
 def config(state_dir: Path, aware: bool) -> Any:
@@ -64,30 +60,6 @@ def config(state_dir: Path, aware: bool) -> Any:
             ],
         }
     )
-
-
-@contextlib.contextmanager
-def deployed(state_dir: Path, aware: bool) -> Iterator[Fleet]:
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-    from serving.cli import runtime
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    cfg = config(state_dir, aware)
-    runtime.init_ray(cfg)
-    serve.start(http_options={"location": "NoServer"})
-    try:
-        serve.run(build_app(cfg), name=APP, route_prefix=None, blocking=False)
-        url = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
-        runtime.wait_ready(url, timeout_s=600)
-        yield Fleet(url, f"http://{cfg.gateway.internal_host}:{cfg.gateway.internal_port}", state_dir)
-    finally:
-        with contextlib.suppress(Exception):
-            serve.delete(APP)
-        if ray.is_initialized():
-            runtime.shutdown()
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -181,7 +153,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for name, aware in (("cache-blind", False), ("cache-aware", True)):
-        with deployed(Path(tempfile.mkdtemp(prefix="tw-bench-prefix-")), aware) as fleet:
+        state_dir = Path(tempfile.mkdtemp(prefix="tw-bench-prefix-"))
+        with deployed(state_dir, config(state_dir, aware)) as fleet:
             r = asyncio.run(run(fleet, args.sessions, args.concurrency, args.seed))
         rate = r["hits"] / r["queries"] if r["queries"] else 0.0
         pred = (
