@@ -128,6 +128,8 @@ class FloodRun:
     """The gate's limit, sampled every second."""
     demands: list[float]
     """The gateway loop's demand (``tokenweir_gateway_loop_demand_ratio``), sampled every second."""
+    inside: list[float]
+    """Requests past the gateway's gate (``tokenweir_gateway_gate_inside``), every second."""
 
     def tokens(self, c: Closed) -> int:
         return served_tokens(c.results, self.since, self.until)
@@ -175,6 +177,7 @@ async def run_flood(
     waited0 = await asyncio.to_thread(_metric, url, "tokenweir_gateway_gate_waited_total")
     limits: list[float] = []
     demands: list[float] = []
+    inside: list[float] = []
     done = asyncio.Event()
 
     async def watch() -> None:
@@ -183,6 +186,7 @@ async def run_flood(
                 await asyncio.wait_for(done.wait(), 1.0)  # one sample a second until the run ends
             limits.append(await asyncio.to_thread(_metric, url, "tokenweir_gateway_gate_limit"))
             demands.append(await asyncio.to_thread(_metric, url, "tokenweir_gateway_loop_demand_ratio"))
+            inside.append(await asyncio.to_thread(_metric, url, "tokenweir_gateway_gate_inside"))
 
     watcher = asyncio.create_task(watch())
     t0 = time.monotonic()
@@ -192,4 +196,4 @@ async def run_flood(
     await watcher
     await asyncio.sleep(1.1)  # the gateway publishes its counters every second
     waited1 = await asyncio.to_thread(_metric, url, "tokenweir_gateway_gate_waited_total")
-    return FloodRun(heavy, light, t0 + warmup_s, t0 + duration_s, waited1 - waited0, limits, demands)
+    return FloodRun(heavy, light, t0 + warmup_s, t0 + duration_s, waited1 - waited0, limits, demands, inside)

@@ -159,9 +159,10 @@ class FairQueue:
             w += extra.weight
         return w
 
-    def only_active(self, tenant_id: str) -> bool:
-        """Whether no organization but this one (if any) is active (backlogged or running)."""
-        return not self._active or (len(self._active) == 1 and tenant_id in self._active)
+    @property
+    def active_count(self) -> int:
+        """Organizations active (backlogged or running)."""
+        return len(self._active)
 
     def backlogged_tenants(self) -> list[TenantState]:
         return list(self._backlogged.values())

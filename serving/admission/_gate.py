@@ -14,17 +14,25 @@ The limit follows the loop's capacity. ``demand`` is the share of wall time the 
 running or ready to run (the caller samples it: run-queue wait counts, idle time does not),
 smoothed:
 
-* ``demand >= saturated``: the loop never idles, so more requests inside only make each slower and
-  share it by concurrency: ``limit = max(min_requests, decrease * min(limit, past))``;
-* ``demand < idle`` while requests wait: the loop has room: ``limit += max(1, increase * limit)``;
-* otherwise it holds. Between ``min_requests`` and ``max_requests`` always.
+* ``demand >= saturated`` while more than one organization is active (past the gate or waiting):
+  the loop never idles, so more requests inside only make each slower and share it by concurrency:
+  ``limit = max(min_requests, decrease * min(limit, past))``;
+* requests wait and either the loop has room (``demand < idle``) or one organization alone is
+  active: ``limit += max(1, increase * limit)``;
+* otherwise it holds. Between ``min_requests`` and ``max_requests`` always; it starts at
+  ``max_requests``.
 
 So a gateway that is not the bottleneck (its pools are) keeps its limit where requests never wait,
-and one that is settles near the fewest requests that keep its loop busy, where the waiting happens
-at the gate. The limit binds only while more than one organization is active (past the gate or
-waiting): a single one is served in arrival order anyway, and bounding its concurrency would only
-cost it throughput (fewer requests to share each group commit, frame and write). A request waits at
-most ``timeout_s`` (then it is refused, 503); at most ``max_queued`` wait.
+and one that is settles, while organizations compete, near the fewest requests that keep its loop
+busy, where the waiting happens at the gate. The limit always binds, but it only shrinks while
+organizations compete: a lone one is served in arrival order anyway, and bounding its concurrency
+would only cost it throughput (fewer requests to share each group commit, frame and write), so
+alone it gets its places back within about two seconds. It is not let past the limit at once,
+though: a lone organization's requests finish together often enough (a pool's batch ends them in
+the same step), and if the one that then had nobody inside were to flood the gate, the other, when
+its clients sent again, would wait until all of that had drained (the flood tier saw served tokens
+2.3 times the light tenant's where they should be alike). A request waits at most ``timeout_s``
+(then it is refused, 503); at most ``max_queued`` wait.
 """
 
 from __future__ import annotations
@@ -114,7 +122,7 @@ class GateCore:
     def enter(self, ticket: str, tenant_id: str, weight: float, now: float) -> bool | None:
         """A request arrives: True, it is past the gate; False, it waits (for :meth:`release` or
         :meth:`expire` to name it); None, refused (too many wait already)."""
-        if (self.past < self.limit and not self._queue) or self._queue.only_active(tenant_id):
+        if self.past < self.limit and not self._queue:
             self._queue.start(self._queue.tenant(tenant_id, weight))
             self.past += 1
             return True
@@ -130,9 +138,7 @@ class GateCore:
     def release(self) -> list[str]:
         """Waiting requests that may pass now, in fair order (they count as past the gate)."""
         out = []
-        while (item := self._queue.peek()) is not None and (
-            self.past < self.limit or self._queue.only_active(item.tenant_id)
-        ):
+        while self.past < self.limit and (item := self._queue.peek()) is not None:
             self._queue.release(item.req_id)
             self.past += 1
             out.append(item.req_id)
@@ -169,9 +175,10 @@ class GateCore:
         s = self.settings
         prev = self.demand
         demand = self.demand = sample if prev is None else prev + s.smoothing * (sample - prev)
-        if demand >= s.saturated:
+        competing = self._queue.active_count > 1
+        if demand >= s.saturated and competing:
             self._limit = max(float(s.min_requests), s.decrease * min(self._limit, float(self.past)))
-        elif demand < s.idle and self._queue:
+        elif self._queue and (demand < s.idle or not competing):
             self._limit = min(float(s.max_requests), self._limit + max(1.0, s.increase * self._limit))
 
     def stats(self) -> GateStats:

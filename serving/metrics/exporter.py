@@ -319,6 +319,11 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
     gate_waiting = GaugeMetricFamily(
         f"{P}_gateway_gate_waiting", "Requests waiting at the replica's fair gate.", labels=["gateway"]
     )
+    gate_inside = GaugeMetricFamily(
+        f"{P}_gateway_gate_inside",
+        "Requests past the replica's fair gate (being read, metered or streamed).",
+        labels=["gateway"],
+    )
     gate_waited = CounterMetricFamily(
         f"{P}_gateway_gate_waited",
         "Requests that waited at the fair gate before passing.",
@@ -359,6 +364,7 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
         if gs is not None:
             gate_limit.add_metric([gw], float(gs.limit))
             gate_waiting.add_metric([gw], float(gs.waiting))
+            gate_inside.add_metric([gw], float(gs.past))
             gate_waited.add_metric([gw], float(gs.waited_total))
             gate_refused.add_metric([gw], float(gs.refused_total))
             demand.add_metric([gw], float(getattr(g, "loop_demand", 0.0)))
@@ -389,6 +395,7 @@ def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metr
         inflight,
         gate_limit,
         gate_waiting,
+        gate_inside,
         gate_waited,
         gate_refused,
         demand,

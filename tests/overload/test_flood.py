@@ -34,7 +34,8 @@ async def test_a_flooding_tenant_does_not_take_a_saturated_gateway(fleet: Fleet)
         f"tokens heavy {run.tokens(run.heavy)} light {run.tokens(run.light)} (ratio {run.ratio:.2f}); "
         f"TTFT p50/p99 heavy {quantile(heavy_ttft, 0.5) * 1e3:.0f}/{quantile(heavy_ttft, 0.99) * 1e3:.0f} ms, "
         f"light {quantile(light_ttft, 0.5) * 1e3:.0f}/{quantile(light_ttft, 0.99) * 1e3:.0f} ms; "
-        f"{run.gate_waited:g} waited at the gate, limit {run.gate_limits}"
+        f"{run.gate_waited:g} waited at the gate, limit {run.gate_limits}, "
+        f"inside {run.inside}, loop demand {[round(d, 2) for d in run.demands]}"
     )
     assert not run.failed(), [(r.tenant, r.status, r.error) for r in run.failed()[:10]]
     assert run.gate_waited > 0  # the gateway was the bottleneck, and the waiting happened at its gate

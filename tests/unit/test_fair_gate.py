@@ -17,14 +17,60 @@ def core(**kw: object) -> GateCore:
     return GateCore(GateSettings(**{"min_requests": 2, "max_requests": 64, **kw}))  # type: ignore[arg-type]
 
 
-def test_a_single_tenant_is_never_held_whatever_the_limit() -> None:
+def test_a_tenant_alone_keeps_its_places_and_gets_them_back() -> None:
     g = core()
     for i in range(40):
         assert g.enter(f"a{i}", "A", 1.0, 0.0) is True
     for _ in range(60):
-        g.on_demand(1.0)  # saturated: the limit shrinks toward its floor
-    assert g.limit == 2 and g.past == 40
-    assert g.enter("a40", "A", 1.0, 0.0) is True  # alone, it is served in arrival order anyway
+        g.on_demand(1.0)  # saturated, but nobody competes: the limit does not shrink
+    assert g.limit == 64 and g.past == 40
+    assert g.enter("b0", "B", 1.0, 0.0) is True  # under the limit: in at once
+    for _ in range(30):
+        g.on_demand(1.0)  # two compete: the limit shrinks toward its floor
+    assert g.limit == 2
+    g.leave("B")
+    assert g.enter("a40", "A", 1.0, 0.0) is False  # alone again, it is still held by the limit
+    for _ in range(40):
+        g.leave("A")
+    assert g.release() == ["a40"]
+    assert g.enter("a41", "A", 1.0, 0.0) is True and g.enter("a42", "A", 1.0, 0.0) is False
+    grown = []
+    for _ in range(40):
+        g.on_demand(1.0)  # saturated and waiting, alone: its places come back
+        grown.append(g.limit)
+    assert grown[-1] == 64 and grown == sorted(grown)
+    assert g.release() == ["a42"]
+
+
+def test_a_tenant_whose_requests_end_together_is_not_flooded_out() -> None:
+    """Both tenants' requests end in batches (a pool's step ends them together): L's four, then
+    H's. The moment L has nobody inside, H alone must not take every place: when L's clients send
+    again, they would wait until all of H's had drained (before, served tokens H/L were 2.5)."""
+    g = core(min_requests=4, max_requests=4)
+    past: list[tuple[str, str]] = []
+    n = 0
+
+    def send(tenant: str) -> None:
+        nonlocal n
+        n += 1
+        if g.enter(f"{tenant}{n}", tenant, 1.0, 0.0):
+            past.append((f"{tenant}{n}", tenant))
+
+    for tenant, k in (("L", 4), ("H", 20)):
+        for _ in range(k):
+            send(tenant)
+    served: Counter[str] = Counter()
+    for _ in range(100):
+        batch, past[:] = list(past), []  # everything inside ends in the same step
+        for _, tenant in batch:
+            g.leave(tenant, 0, 32)
+            served[tenant] += 32
+            past.extend((t, t[0]) for t in g.release())
+        for _, tenant in batch:  # the clients send again
+            send(tenant)
+        past.extend((t, t[0]) for t in g.release())
+        assert g.past == len(past) <= 4
+    assert served["H"] == pytest.approx(served["L"], rel=0.1), served
 
 
 def test_the_limit_shrinks_when_the_loop_is_saturated_and_grows_when_it_has_room() -> None:
@@ -88,8 +134,6 @@ def test_a_tenant_behind_is_next_and_weights_count() -> None:
         released = g.release()
         order += released
         tenant = "A" if released[0].startswith("a") else "B"
-        for _ in released[1:]:  # the last tenant left waiting is alone: all of it passes
-            g.leave(tenant, 0, 30)
     # B (weight 3) gains a third of A's counter per request: it is picked until it is ahead.
     assert order.index("a1") > order.index("b2"), order
 
