@@ -10,7 +10,10 @@ projects' weights; a request without a project (``None``) is in its organization
 project, where this is exactly flat VTC over organizations.
 
 Idle time banks no credit at either level. An organization that becomes active again (backlogged or
-with requests in flight) is lifted to the smallest counter among the active organizations. A
+with requests in flight) is lifted to the smallest counter among the active organizations; nor does
+service owe a debt when nobody else wanted it: one that comes back ahead of every active
+organization (it was served alone, and the others arrived since) is brought down to the largest of
+their counters, or it would wait until they had caught up with everything it got alone. A
 project's state lives only while it is active: an idle project is dropped, and one arriving starts
 at the smallest counter among its organization's active projects. (VTC would lift it to the larger
 of that and its old counter; an idle project can be ahead by at most what it was served since it was
@@ -124,11 +127,13 @@ class FairQueue:
         return iter(self._tenants.values())
 
     def lifted_counter(self, t: TenantState) -> float:
-        """The organization's counter once active: lifted to the smallest active counter if idle."""
+        """The organization's counter once active: if idle, lifted to the smallest active counter and
+        brought down to the largest (no credit banked while idle, no debt for what it was served
+        while the others were idle)."""
         if t.tenant_id in self._active:
             return t.counter
         active = self.active_counters(exclude=t)
-        return max(t.counter, min(active)) if active else t.counter
+        return min(max(t.counter, min(active)), max(active)) if active else t.counter
 
     def active_counters(self, exclude: TenantState) -> list[float]:
         """The counters of the other active organizations (backlogged or running)."""

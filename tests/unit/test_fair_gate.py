@@ -189,3 +189,17 @@ def test_loop_demand_counts_a_busy_thread() -> None:
     for i in range(200_000):
         x += i
     assert loop_busy_ns() > t0
+
+
+def test_service_alone_owes_no_debt_when_others_arrive() -> None:
+    """B was served alone (its counter far ahead), went idle, and came back after A had arrived:
+    it starts level with A, not behind everything it got alone (it used to wait until A caught up)."""
+    g = core(min_requests=1, max_requests=1)
+    for i in range(50):  # B alone: 50 requests of 32 tokens
+        assert g.enter(f"b{i}", "B", 1.0, 0.0)
+        g.leave("B", 0, 32)
+    assert g.enter("x", "A", 1.0, 0.0)  # A arrives, nobody else active: its counter stays 0
+    assert g.enter("bb", "B", 1.0, 0.0) is False  # B comes back while A is active
+    assert g.enter("a0", "A", 1.0, 0.0) is False
+    g.leave("A", 0, 32)
+    assert g.release() == ["bb"]  # level with A, then behind it by A's request: served next
