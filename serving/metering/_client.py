@@ -77,7 +77,7 @@ from ._ops import (
 )
 from ._policy import utc_day
 from ._stats import LedgerStats
-from ._storage import EXPORT_COLUMNS
+from ._storage import EXPORT_COLUMNS, REPORT_SUMS
 
 __all__ = ["LedgerClient", "LedgerTransport", "LocalTransport", "connect", "local_ledger"]
 
@@ -351,7 +351,7 @@ class LedgerClient:
             after = tuple(rows[-1][:n])
 
     def usage_report(self, query: UsageQuery, fmt: ExportFormat, page_rows: int = 5000) -> AsyncIterator[str]:
-        columns = (*query.group_by, "requests", "prompt_tokens", "completion_tokens", "ucredits")
+        columns = (*query.group_by, *REPORT_SUMS)
         return render_rows(columns, self._report_pages(query, page_rows), fmt)
 
     async def tenant_figures(self, tenant_id: str) -> dict[str, Any]:

@@ -641,9 +641,10 @@ class LedgerCore:
                     requests=n,
                     prompt_tokens=pt,
                     completion_tokens=c,
+                    cached_tokens=ct,
                     credits=ucredits_to_credits(u),
                 )
-                for d, pid, m, n, pt, c, u in rows
+                for d, pid, m, n, pt, c, ct, u in rows
             ],
         )
 

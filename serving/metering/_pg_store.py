@@ -117,11 +117,11 @@ _SCHEMA = [
         day {_TEXT} NOT NULL, tenant_id {_TEXT} NOT NULL, project_id {_TEXT} NOT NULL,
         model {_TEXT} NOT NULL, requests BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL,
         completion_tokens BIGINT NOT NULL, ucredits BIGINT NOT NULL,
-        PRIMARY KEY (tenant_id, project_id, day, model))""",
+        cached_tokens BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (tenant_id, project_id, day, model))""",
     "CREATE INDEX usage_daily_day ON usage_daily(day)",
 ]
 """The current schema, created directly (the SQLite file reaches it by migrations)."""
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _UPGRADES: dict[int, list[str]] = {
     2: [
         "ALTER TABLE usage_events ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0",
@@ -129,6 +129,15 @@ _UPGRADES: dict[int, list[str]] = {
         "DROP INDEX IF EXISTS usage_events_project_time",
         "CREATE INDEX usage_events_tenant ON usage_events(tenant_id, event_id)",
         "CREATE INDEX usage_events_project ON usage_events(tenant_id, project_id, event_id)",
+    ],
+    3: [
+        "ALTER TABLE usage_daily ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0",
+        # The day of an event as the ledger writes it (utc_day: the UTC date, ISO format).
+        "UPDATE usage_daily SET cached_tokens = e.cached_tokens FROM (SELECT"
+        " to_char(to_timestamp(settled_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, tenant_id,"
+        " project_id, model, sum(cached_tokens) AS cached_tokens FROM usage_events GROUP BY 1, 2, 3, 4) AS e"
+        " WHERE usage_daily.tenant_id = e.tenant_id AND usage_daily.project_id = e.project_id"
+        " AND usage_daily.day = e.day AND usage_daily.model = e.model",
     ],
 }
 """From schema ``v`` to ``v + 1`` (a database created by an older ledger); append, never edit."""
@@ -158,7 +167,8 @@ _DAILY = (
     " requests = usage_daily.requests + excluded.requests,"
     " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
-    " ucredits = usage_daily.ucredits + excluded.ucredits"
+    " ucredits = usage_daily.ucredits + excluded.ucredits,"
+    " cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens"
 )
 _SESSION_KEEPALIVE = (
     # A writer whose node vanished holds its lock until the server drops its connection: detect a

@@ -22,6 +22,7 @@ from ._policy import utc_day
 __all__ = [
     "EXPORT_COLUMNS",
     "REPORT_DIMENSIONS",
+    "REPORT_SUMS",
     "SCHEMA_VERSION",
     "TABLE_COLUMNS",
     "EventRow",
@@ -41,7 +42,7 @@ __all__ = [
     "render_row_op",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema both stores are at (SQLite reaches it by its migrations, PostgreSQL creates it)."""
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -73,7 +74,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "grant_events": ("event_id", "tenant_id", "grant_id", "kind", "ucredits", "ts", "request_id", "actor"),
     "usage_daily": (
         "day", "tenant_id", "project_id", "model", "requests", "prompt_tokens", "completion_tokens",
-        "ucredits",
+        "ucredits", "cached_tokens",
     ),
 }  # fmt: skip
 """Every table of the schema and its columns, parents before children (the order a copy takes)."""
@@ -85,6 +86,9 @@ EXPORT_COLUMNS = (
 )  # fmt: skip
 REPORT_DIMENSIONS = ("tenant_id", "project_id", "model", "day")
 """What a usage report may group by (its rows come from the daily roll-up)."""
+REPORT_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "ucredits")
+"""The columns of a usage report after its group key (the order of :func:`report_query`'s sums;
+``cached_tokens`` after ``completion_tokens``, as in :data:`EXPORT_COLUMNS`)."""
 
 
 class LedgerLockedError(RuntimeError):
@@ -225,7 +229,8 @@ class WriteBatch:
         self.grant_events: list[tuple[str, str, str, int, float, str | None, str]] = []
         self.projects: dict[tuple[str, str], tuple[int, float]] = {}
         self.daily: dict[tuple[str, str, str, str], list[int]] = {}
-        """(day, tenant, project, model) -> [requests, prompt tokens, completion tokens, ucredits]."""
+        """(day, tenant, project, model) -> [requests, prompt tokens, completion tokens, ucredits,
+        cached tokens] (the roll-up's columns after its key, in :data:`TABLE_COLUMNS` order)."""
         self.num_ops = 0
 
     def __bool__(self) -> bool:
@@ -264,12 +269,13 @@ class WriteBatch:
         k = (day, tenant_id, event[14], event[3])
         d = self.daily.get(k)
         if d is None:
-            self.daily[k] = [1, event[6], event[7], event[10]]
+            self.daily[k] = [1, event[6], event[7], event[10], event[15]]
         else:
             d[0] += 1
             d[1] += event[6]
             d[2] += event[7]
             d[3] += event[10]
+            d[4] += event[15]
 
     def set_balance(self, tenant_id: str, balance_ucredits: int) -> None:
         self.balances[tenant_id] = balance_ucredits
@@ -355,7 +361,7 @@ class LedgerStore(Protocol):
     def usage_by_day(
         self, tenant_id: str, project_id: str | None, since_ts: float | None
     ) -> list[tuple[Any, ...]]:
-        """``(day, project, model, requests, prompt, completion, ucredits)`` from the roll-up."""
+        """``(day, project, model, requests, prompt, completion, cached, ucredits)`` from the roll-up."""
         ...
 
     def export_page(
@@ -402,7 +408,7 @@ def usage_by_day_query(
     tenant_id: str, project_id: str | None, since_ts: float | None, ph: str
 ) -> tuple[str, list[Any]]:
     sql = (
-        "SELECT day, project_id, model, requests, prompt_tokens, completion_tokens, ucredits"
+        "SELECT day, project_id, model, requests, prompt_tokens, completion_tokens, cached_tokens, ucredits"
         f" FROM usage_daily WHERE tenant_id = {ph} AND day >= {ph}"
     )
     params: list[Any] = [tenant_id, utc_day(since_ts if since_ts is not None else 0.0)]
@@ -445,9 +451,9 @@ def report_query(
     limit: int,
     ph: str,
 ) -> tuple[str, list[Any]]:
-    """Sums of requests, tokens and credits from the daily roll-up grouped by ``group_by`` (a subset
-    of :data:`REPORT_DIMENSIONS`), keyset-paged on the group key, which leads the roll-up's primary
-    key or its day index."""
+    """Sums of requests, prompt, completion and cached tokens, and credits (:data:`REPORT_SUMS`) from
+    the daily roll-up grouped by ``group_by`` (a subset of :data:`REPORT_DIMENSIONS`), keyset-paged
+    on the group key, which leads the roll-up's primary key or its day index."""
     if (
         not group_by
         or not all(g in REPORT_DIMENSIONS for g in group_by)
@@ -457,7 +463,8 @@ def report_query(
     cols = ", ".join(group_by)
     sql = (
         f"SELECT {cols}, CAST(sum(requests) AS BIGINT), CAST(sum(prompt_tokens) AS BIGINT),"
-        " CAST(sum(completion_tokens) AS BIGINT), CAST(sum(ucredits) AS BIGINT)"
+        " CAST(sum(completion_tokens) AS BIGINT), CAST(sum(cached_tokens) AS BIGINT),"
+        " CAST(sum(ucredits) AS BIGINT)"
         f" FROM usage_daily WHERE day >= {ph} AND day <= {ph}"
     )
     params: list[Any] = [since_day or "0000-00-00", until_day or "9999-99-99"]

@@ -155,6 +155,15 @@ _MIGRATIONS: list[Migration] = [
         "CREATE INDEX usage_events_tenant ON usage_events(tenant_id, event_id)",
         "CREATE INDEX usage_events_project ON usage_events(tenant_id, project_id, event_id)",
     ],
+    # 4: the daily roll-up sums cached prompt tokens too; existing days get the sums of their
+    # events (a day whose events retention already deleted keeps 0: the events were its only record).
+    [
+        "ALTER TABLE usage_daily ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+        "UPDATE usage_daily SET cached_tokens = e.cached_tokens FROM (SELECT date(settled_at, 'unixepoch')"
+        " AS day, tenant_id, project_id, model, sum(cached_tokens) AS cached_tokens FROM usage_events"
+        " GROUP BY 1, 2, 3, 4) AS e WHERE usage_daily.tenant_id = e.tenant_id"
+        " AND usage_daily.project_id = e.project_id AND usage_daily.day = e.day AND usage_daily.model = e.model",
+    ],
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION, "a schema step is missing here or in _storage.SCHEMA_VERSION"
 
@@ -177,11 +186,13 @@ _GRANT_EVENT = f"INSERT INTO grant_events ({', '.join(GRANT_EVENT_COLUMNS)}) VAL
 _PROJECT = "UPDATE projects SET spent_ucredits = ?, period_start = ? WHERE tenant_id = ? AND project_id = ?"
 _DAILY = (
     "INSERT INTO usage_daily (day, tenant_id, project_id, model, requests, prompt_tokens,"
-    " completion_tokens, ucredits) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (tenant_id, project_id, day, model)"
+    " completion_tokens, ucredits, cached_tokens) VALUES (?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (tenant_id, project_id, day, model)"
     " DO UPDATE SET requests = requests + excluded.requests,"
     " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " ucredits = ucredits + excluded.ucredits"
+    " ucredits = ucredits + excluded.ucredits,"
+    " cached_tokens = cached_tokens + excluded.cached_tokens"
 )
 
 
@@ -345,7 +356,7 @@ class SqliteStore:
     def usage_by_day(
         self, tenant_id: str, project_id: str | None, since_ts: float | None
     ) -> list[tuple[Any, ...]]:
-        """``(day, project, model, requests, prompt, completion, ucredits)`` from the roll-up."""
+        """``(day, project, model, requests, prompt, completion, cached, ucredits)`` from the roll-up."""
         return self._r.execute(*usage_by_day_query(tenant_id, project_id, since_ts, "?")).fetchall()
 
     def export_page(

@@ -373,6 +373,8 @@ class UsageRow(BaseModel):
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the engine found in its prefix cache (charged at the cached price)."""
     credits: float
 
 

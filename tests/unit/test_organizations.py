@@ -114,7 +114,7 @@ async def test_schema_1_file_migrates_to_organizations_with_a_default_project(
     await core.start()
     try:
         c = LedgerClient(LocalTransport(core))
-        assert q(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
+        assert q(tmp_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 4
         assert await c.audit() == []
         for tid, balance in before.items():
             t = await c.get_tenant(tid)
@@ -132,8 +132,8 @@ async def test_schema_1_file_migrates_to_organizations_with_a_default_project(
         assert r.project_id == "default"
         await Meter(c).settle(r, 10, 5, "completed", "p", "sim")
         assert await c.audit() == []
-        daily = q(tmp_path, "SELECT sum(requests), sum(ucredits) FROM usage_daily")
-        events = q(tmp_path, "SELECT count(*), sum(ucredits) FROM usage_events")
+        daily = q(tmp_path, "SELECT sum(requests), sum(ucredits), sum(cached_tokens) FROM usage_daily")
+        events = q(tmp_path, "SELECT count(*), sum(ucredits), sum(cached_tokens) FROM usage_events")
         assert daily == events and events[0][0] == 8
         usage = await c.usage_summary("acme", "default")
         assert sum(row.requests for row in usage.usage) == 7
@@ -374,7 +374,7 @@ async def test_export_streams_in_pages_and_the_rollup_outlives_retention(
     report = "".join(
         [c async for c in client.usage_report(UsageQuery(tenant_id="acme", group_by=("project_id",)), "csv")]
     )
-    assert report.splitlines()[1:] == ["default,20,60,80,140000000", "lab,5,15,20,35000000"]
+    assert report.splitlines()[1:] == ["default,20,60,80,0,140000000", "lab,5,15,20,0,35000000"]
     core.config = core.config.model_copy(update={"usage_event_retention_days": 2.0})
     pruned = await core.prune_usage_events(step=3)
     assert 0 < pruned < 25
