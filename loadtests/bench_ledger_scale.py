@@ -140,7 +140,11 @@ def build(path: Path, orgs: int, projects: int, keys: int, events: int, seed: in
             " project_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             batch,
         )
-    db.executemany("INSERT INTO usage_daily VALUES (?,?,?,?,?,?,?,?)", ((*k, *v) for k, v in daily.items()))
+    db.executemany(
+        "INSERT INTO usage_daily (day, tenant_id, project_id, model, requests, prompt_tokens,"
+        " completion_tokens, ucredits) VALUES (?,?,?,?,?,?,?,?)",
+        ((*k, *v) for k, v in daily.items()),
+    )
     charged: dict[str, int] = {}
     for (_, tid, _, _), v in daily.items():
         charged[tid] = charged.get(tid, 0) + v[3]
