@@ -89,7 +89,11 @@ async def test_dead_gateway_is_charged_its_progress_when_its_lease_ends(ledger_t
     for produced in (3, 40, 77):  # the gateway's once-a-second flushes
         meter.note_progress("streaming", produced)
         meter.flush_progress()
-    await asyncio.sleep(0.05)
+    for _ in range(200):  # the flushes are sent without waiting; the ledger has the last one when
+        r = core._state.open.get("streaming")
+        if r is not None and r.progress_tokens == 77:
+            break
+        await asyncio.sleep(0.01)
     await link.close()  # the gateway dies: its connection drops, nothing is settled
     for _ in range(100):
         if not core._state.open:
