@@ -215,6 +215,11 @@ def _scraped(prom: Prom, admin: httpx.Client, load: Load) -> Callable[[], bool]:
             got_refused = prom.value(f'sum(tokenweir_requests_refused_total{{tenant="{tid}"}})') or 0
             if got_refused != ledger_refused:
                 return False
+            served = prom.value(
+                f'sum(tokenweir_tenant_served_tokens_total{{tenant="{tid}", kind="completion"}})'
+            )
+            if want["completion"] and served != want["completion"]:
+                return False  # the pools publish what they served on their own beat
         return True
 
     return check
