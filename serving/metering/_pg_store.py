@@ -48,7 +48,6 @@ from ._storage import (
     WriteBatch,
     audit_problems,
     export_query,
-    grant_row,
     render_row_op,
     report_query,
     reservation_row,
@@ -419,7 +418,7 @@ class PostgresStore:
             if batch.balances:
                 cur.executemany(_BALANCE, [(v, k) for k, v in batch.balances.items()])
             if batch.grants:
-                cur.executemany(_GRANT, [grant_row(k, g) for k, g in batch.grants.items()])
+                cur.executemany(_GRANT, list(batch.grants.values()))
             if batch.grant_events:
                 cur.executemany(_GRANT_EVENT, batch.grant_events)
             if batch.projects:

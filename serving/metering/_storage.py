@@ -225,7 +225,8 @@ class WriteBatch:
         self.deletes: set[str] = set()
         self.events: list[EventRow] = []
         self.balances: dict[str, int] = {}
-        self.grants: dict[tuple[str, str], GrantRecord] = {}
+        self.grants: dict[tuple[str, str], tuple[Any, ...]] = {}
+        """(tenant, grant) -> its update's parameters (:func:`grant_row`)."""
         self.grant_events: list[tuple[str, str, str, int, float, str | None, str]] = []
         self.projects: dict[tuple[str, str], tuple[int, float]] = {}
         self.daily: dict[tuple[str, str, str, str], list[int]] = {}
@@ -281,8 +282,12 @@ class WriteBatch:
         self.balances[tenant_id] = balance_ucredits
 
     def set_grant(self, g: GrantRecord) -> None:
-        """Write the grant's remaining credits (its final value in this batch)."""
-        self.grants[(g.tenant_id, g.grant_id)] = g
+        """Write the grant's remaining credits (its final value in this batch), as they are now: the
+        row is taken here, not at commit, because the operations of the next batch go on changing
+        the grant while this one commits (a crash then must not leave the grants ahead of the
+        balance written with them)."""
+        key = (g.tenant_id, g.grant_id)
+        self.grants[key] = grant_row(key, g)
 
     def grant_event(
         self,

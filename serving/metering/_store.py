@@ -30,7 +30,6 @@ from ._storage import (
     WriteBatch,
     audit_problems,
     export_query,
-    grant_row,
     render_row_op,
     report_query,
     reservation_row,
@@ -318,7 +317,7 @@ class SqliteStore:
             if batch.balances:
                 w.executemany(_BALANCE, ((v, k) for k, v in batch.balances.items()))
             if batch.grants:
-                w.executemany(_GRANT, (grant_row(k, g) for k, g in batch.grants.items()))
+                w.executemany(_GRANT, batch.grants.values())
             if batch.grant_events:
                 w.executemany(_GRANT_EVENT, batch.grant_events)
             if batch.projects:
