@@ -7,8 +7,13 @@ with 100 organizations; then, for each:
 * ledger start time and resident memory (the ledger opened in this process: load of every
   organization, project, grant and key, and the recent settlements);
 * durable reserve+settle pairs/s from 4 gateway-replica actors on the ledger socket (as
-  ``bench_ledger.py``), keys spread over many organizations and projects, runs alternated
-  small/large so drift hits both alike;
+  ``bench_ledger.py``), runs alternated small/large so drift hits both alike. Both ledgers get the
+  same workload: ``--hot`` keys (default 100, each of its own organization and project: all the
+  small ledger has), so the comparison changes only the ledger's size. How many organizations a
+  commit touches is a property of the workload, and it costs on any ledger: every one adds a row to
+  each of the commit's balance, grant, project and roll-up writes and an index page to the usage
+  events' per-organization and per-project indexes. ``--wide`` adds a run of the large ledger with
+  64 keys per replica (256 organizations hot) to show that cost;
 * key lookup on the request path: p50/p99 of one :class:`KeyDirectory` check (the gateway's) and one
   ledger key-table lookup, at 1,000 and at ``--keys`` keys;
 * ``/metrics``: the ledger's families rendered (size, series, time) with every project loaded.
@@ -309,6 +314,19 @@ def main() -> None:
         "--rounds", type=int, default=2, help="alternated small/large runs of the pairs benchmark"
     )
     ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument(
+        "--hot",
+        type=int,
+        default=100,
+        help="keys (each of its own organization) the request loops use, the same number on both"
+        " ledgers (the small one has 100); a commit writes one row per organization, project and"
+        " index page it touches, so this and not the ledger's size sets most of a commit's work",
+    )
+    ap.add_argument(
+        "--wide",
+        action="store_true",
+        help="also run the large ledger with 64 keys per replica (256 organizations hot at 4 replicas)",
+    )
     args = ap.parse_args()
     root = Path(args.dir)
     small_dir, small_keys = cached(root, "small", orgs=100, projects=100, keys=100, events=10_000)
@@ -378,12 +396,16 @@ def run(
     rates: dict[str, list[float]] = {"small": [], "large": []}
     try:
         rng = random.Random(3)
+        runs = [("small", small_dir, small_keys, args.hot), ("large", large_dir, large_keys, args.hot)]
+        if args.wide:
+            rates["wide"] = []
+            runs.append(("wide", large_dir, large_keys, 64 * args.replicas))
         for r in range(args.rounds):
-            for name, d, keys in (("small", small_dir, small_keys), ("large", large_dir, large_keys)):
-                picked = rng.sample(keys, min(len(keys), 64 * args.replicas))
+            for name, d, keys, hot in runs:
+                picked = rng.sample(keys, min(len(keys), hot))
                 rate = pairs_per_s(
                     d,
-                    stores[name],
+                    stores["large" if name == "wide" else name],
                     picked,
                     args.replicas,
                     args.pairs,
@@ -391,12 +413,22 @@ def run(
                     f"{name}{r}-{time.time_ns()}",
                 )
                 rates[name].append(rate)
-                print(f"round {r} {name}: {rate:,.0f} durable reserve+settle pairs/s")
+                print(
+                    f"round {r} {name}: {rate:,.0f} durable reserve+settle pairs/s"
+                    f" ({len(picked)} organizations hot)"
+                )
     finally:
         ray.shutdown()
     s, g = statistics.median(rates["small"]), statistics.median(rates["large"])
+    wide = (
+        f", large with {64 * args.replicas} organizations hot {statistics.median(rates['wide']):,.0f}"
+        if args.wide
+        else ""
+    )
+    paired = statistics.median(b / a for a, b in zip(rates["small"], rates["large"], strict=True))
     print(
         f"pairs/s median: small {s:,.0f}, large {g:,.0f}, large/small {g / s:.3f}"
+        f" (median of the rounds' ratios {paired:.3f}){wide}"
         f" ({args.replicas} gateway replicas x {args.concurrency} loops,"
         f" {'PostgreSQL synchronous_commit=on' if args.store == 'postgres' else 'SQLite synchronous=FULL'})"
     )
