@@ -504,7 +504,8 @@ def copy_sqlite_to_postgres(path: Path | str, dsn: str) -> MigrationReport:
     no ledger may run on either meanwhile). Verified before it commits: every table's row count
     equals the file's and the audit finds nothing on either side. Raises
     :class:`MigrationRefusedError` (nothing written) when the target already holds ledger rows,
-    the file does not pass its audit, or the copy does not verify."""
+    the file does not pass its audit, or the copy does not verify. The copied tables are then
+    vacuumed and analyzed (outside the transaction; the copy is committed by then)."""
     from ._store import SqliteStore
 
     source = SqliteStore(path)
@@ -522,7 +523,13 @@ def copy_sqlite_to_postgres(path: Path | str, dsn: str) -> MigrationReport:
                     f"the target database is in use by a ledger writer ({_lock_holder(lock)}'s advisory lock)"
                 )
             with _connect(dsn, autocommit=True, setup=("SET synchronous_commit = on",)) as dst:
-                return _copy(src, dst, audit_sqlite)
+                report = _copy(src, dst, audit_sqlite)
+                # After a bulk load (PostgreSQL's "Populating a Database"): planner statistics, and
+                # the visibility map and hint bits set now rather than by the first requests' reads
+                # and an insert-triggered autovacuum over every copied row while the ledger serves.
+                for table in TABLE_COLUMNS:
+                    dst.execute(f"VACUUM (ANALYZE) {table}")
+                return report
         finally:
             lock.close()
     finally:

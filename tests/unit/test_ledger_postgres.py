@@ -247,6 +247,9 @@ async def test_migrate_a_schema_1_file_to_postgres_and_run_on_it(
     assert counts["tenants"] > 1 and counts["usage_events"] == 6 and counts["reservations"] == 1
     pg = LedgerTarget("postgres", tmp_path / "pg", postgres_dsn)
     assert dict(pg.rows("SELECT tenant_id, balance_ucredits FROM tenants")) == balances
+    done = pg.rows("SELECT relname, last_vacuum, last_analyze FROM pg_stat_user_tables")
+    unvacuumed = [t for t, v, a in done if t in TABLE_COLUMNS and (v is None or a is None)]
+    assert unvacuumed == []  # vacuumed and analyzed after the bulk copy, not left to autovacuum
 
     clock = Clock()
     clock.wall = 1_767_330_100.0  # within the open reservation's TTL (as the schema test does)
