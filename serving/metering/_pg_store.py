@@ -23,7 +23,7 @@ lock is then taken again and the epoch checked, so a writer that nobody replaced
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -143,26 +143,51 @@ _UPGRADES: dict[int, list[str]] = {
 assert _SCHEMA_VERSION == SCHEMA_VERSION, "the PostgreSQL schema lags _storage.SCHEMA_VERSION"
 
 
-def _insert(table: str, columns: tuple[str, ...]) -> str:
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+def _copy_rows(cur: psycopg.Cursor[Any], sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    with cur.copy(sql) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
-_INSERT_RES = _insert("reservations", INSERT_RES_COLUMNS)
-_PROGRESS = "UPDATE reservations SET progress_tokens = %s WHERE request_id = %s"
-_DELETE_RES = "DELETE FROM reservations WHERE request_id = %s"
-_INSERT_EVENT = _insert("usage_events", INSERT_EVENT_COLUMNS)
-_BALANCE = "UPDATE tenants SET balance_ucredits = %s WHERE tenant_id = %s"
-_GRANT = (
-    "UPDATE grants SET remaining_ucredits = %s, written_off_ucredits = %s, expired_at = %s"
-    " WHERE tenant_id = %s AND grant_id = %s"
+def _columns(rows: Iterable[Sequence[Any]]) -> tuple[list[Any], ...]:
+    """Rows as one list per column (the arrays an ``unnest`` statement takes)."""
+    return tuple(list(c) for c in zip(*rows, strict=True))
+
+
+# A commit's rows go in one statement per table (COPY for the inserts, UPDATE ... FROM unnest of
+# one array per column for the rest): a statement per row, even pipelined, left the server parsing,
+# planning and executing ~1,200 of them per commit of 500 operations.
+def _copy_in(table: str, columns: tuple[str, ...]) -> str:
+    return f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+
+
+_COPY_RES = _copy_in("reservations", INSERT_RES_COLUMNS)
+_COPY_EVENTS = _copy_in("usage_events", INSERT_EVENT_COLUMNS)
+_COPY_GRANT_EVENTS = _copy_in("grant_events", GRANT_EVENT_COLUMNS)
+_PROGRESS = (
+    "UPDATE reservations AS r SET progress_tokens = v.p FROM unnest(%s::text[], %s::bigint[]) AS v(id, p)"
+    " WHERE r.request_id = v.id"
 )
-_GRANT_EVENT = _insert("grant_events", GRANT_EVENT_COLUMNS)
+_DELETE_RES = "DELETE FROM reservations WHERE request_id = ANY(%s::text[])"
+_BALANCE = (
+    "UPDATE tenants AS t SET balance_ucredits = v.b FROM unnest(%s::bigint[], %s::text[]) AS v(b, id)"
+    " WHERE t.tenant_id = v.id"
+)
+_GRANT = (
+    "UPDATE grants AS g SET remaining_ucredits = v.r, written_off_ucredits = v.w, expired_at = v.e"
+    " FROM unnest(%s::bigint[], %s::bigint[], %s::double precision[], %s::text[], %s::text[])"
+    " AS v(r, w, e, t, id) WHERE g.tenant_id = v.t AND g.grant_id = v.id"
+)
 _PROJECT = (
-    "UPDATE projects SET spent_ucredits = %s, period_start = %s WHERE tenant_id = %s AND project_id = %s"
+    "UPDATE projects AS p SET spent_ucredits = v.s, period_start = v.ps"
+    " FROM unnest(%s::bigint[], %s::double precision[], %s::text[], %s::text[]) AS v(s, ps, t, id)"
+    " WHERE p.tenant_id = v.t AND p.project_id = v.id"
 )
 _DAILY = (
-    _insert("usage_daily", TABLE_COLUMNS["usage_daily"])
-    + " ON CONFLICT (tenant_id, project_id, day, model) DO UPDATE SET"
+    f"INSERT INTO usage_daily ({', '.join(TABLE_COLUMNS['usage_daily'])}) SELECT * FROM"
+    " unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[])"
+    " ON CONFLICT (tenant_id, project_id, day, model) DO UPDATE SET"
     " requests = usage_daily.requests + excluded.requests,"
     " prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
@@ -406,23 +431,23 @@ class PostgresStore:
             for op in batch.statements:
                 cur.execute(*render_row_op(op, "%s"))
             if batch.inserts:
-                cur.executemany(_INSERT_RES, [reservation_row(r) for r in batch.inserts.values()])
+                _copy_rows(cur, _COPY_RES, (reservation_row(r) for r in batch.inserts.values()))
             if batch.progress:
-                cur.executemany(_PROGRESS, [(v, k) for k, v in batch.progress.items()])
+                cur.execute(_PROGRESS, (list(batch.progress), list(batch.progress.values())))
             if batch.deletes:
-                cur.executemany(_DELETE_RES, [(r,) for r in batch.deletes])
+                cur.execute(_DELETE_RES, (list(batch.deletes),))
             if batch.events:
-                cur.executemany(_INSERT_EVENT, batch.events)
+                _copy_rows(cur, _COPY_EVENTS, batch.events)
             if batch.daily:
-                cur.executemany(_DAILY, [(*k, *v) for k, v in batch.daily.items()])
+                cur.execute(_DAILY, _columns((*k, *v) for k, v in batch.daily.items()))
             if batch.balances:
-                cur.executemany(_BALANCE, [(v, k) for k, v in batch.balances.items()])
+                cur.execute(_BALANCE, (list(batch.balances.values()), list(batch.balances)))
             if batch.grants:
-                cur.executemany(_GRANT, list(batch.grants.values()))
+                cur.execute(_GRANT, _columns(batch.grants.values()))
             if batch.grant_events:
-                cur.executemany(_GRANT_EVENT, batch.grant_events)
+                _copy_rows(cur, _COPY_GRANT_EVENTS, batch.grant_events)
             if batch.projects:
-                cur.executemany(_PROJECT, [(s, ps, t, p) for (t, p), (s, ps) in batch.projects.items()])
+                cur.execute(_PROJECT, _columns((s, ps, t, p) for (t, p), (s, ps) in batch.projects.items()))
 
     def recent_settled(self, limit: int) -> list[tuple[str, int]]:
         """The ``limit`` most recent settlements as ``(request_id, ucredits)``, oldest first."""
