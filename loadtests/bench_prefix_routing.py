@@ -11,7 +11,9 @@ replica ends up caching every system prompt on its own).
    90% of turns are good;
 2. at 70% of it: TTFT p50/p99, goodput, hit rate, load balance for the three policies;
 3. at saturation, and at 1.2x it: goodput for the three;
-4. routing cost: CPU per ``PrefixRouter.choose`` with 10,000 cached prefixes indexed.
+4. goodput capacity, as DistServe defines goodput: for each policy, the highest session rate (on a
+   0.25 grid from 1 below cache-blind's saturation) at which at least 90% of turns are good;
+5. routing cost: CPU per ``PrefixRouter.choose`` with 10,000 cached prefixes indexed.
 
     .venv/bin/python loadtests/bench_prefix_routing.py [--quick]
 """
