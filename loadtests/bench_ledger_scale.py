@@ -399,12 +399,13 @@ def run(
         log_to_driver=False,
     )
     rates: dict[str, list[float]] = {"small": [], "large": []}
+    wide_hot = 64 * args.replicas
     try:
         rng = random.Random(3)
         runs = [("small", small_dir, small_keys, args.hot), ("large", large_dir, large_keys, args.hot)]
         if args.wide:
             rates["wide"] = []
-            runs.append(("wide", large_dir, large_keys, 64 * args.replicas))
+            runs.append(("wide", large_dir, large_keys, wide_hot))
         for r in range(args.rounds):
             for name, d, keys, hot in runs:
                 picked = rng.sample(keys, min(len(keys), hot))
@@ -426,7 +427,7 @@ def run(
         ray.shutdown()
     s, g = statistics.median(rates["small"]), statistics.median(rates["large"])
     wide = (
-        f", large with {64 * args.replicas} organizations hot {statistics.median(rates['wide']):,.0f}"
+        f", large with {wide_hot} organizations hot {statistics.median(rates['wide']):,.0f}"
         if args.wide
         else ""
     )

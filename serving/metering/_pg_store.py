@@ -143,6 +143,9 @@ _UPGRADES: dict[int, list[str]] = {
 assert _SCHEMA_VERSION == SCHEMA_VERSION, "the PostgreSQL schema lags _storage.SCHEMA_VERSION"
 
 
+# A commit's rows go in one statement per table (COPY for the inserts, UPDATE ... FROM unnest of
+# one array per column for the rest): a statement per row, even pipelined, left the server parsing,
+# planning and executing ~1,200 of them per commit of 500 operations.
 def _copy_rows(cur: psycopg.Cursor[Any], sql: str, rows: Iterable[Sequence[Any]]) -> None:
     with cur.copy(sql) as copy:
         for row in rows:
@@ -154,9 +157,6 @@ def _columns(rows: Iterable[Sequence[Any]]) -> tuple[list[Any], ...]:
     return tuple(list(c) for c in zip(*rows, strict=True))
 
 
-# A commit's rows go in one statement per table (COPY for the inserts, UPDATE ... FROM unnest of
-# one array per column for the rest): a statement per row, even pipelined, left the server parsing,
-# planning and executing ~1,200 of them per commit of 500 operations.
 def _copy_in(table: str, columns: tuple[str, ...]) -> str:
     return f"COPY {table} ({', '.join(columns)}) FROM STDIN"
 
