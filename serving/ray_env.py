@@ -28,23 +28,32 @@ class NodeAddressError(RuntimeError):
 
 def listen_host(host: str) -> str:
     """The address to bind for a configured ``host``: as written, or for :data:`NODE_HOST` this
-    process's Ray node address (``ray.util.get_node_ip_address()`` of the connected node). Raises
-    :class:`NodeAddressError` when the process is not connected to Ray or Ray has no address for
-    it: a gateway on a cluster must not quietly listen on 127.0.0.1, where no client reaches it."""
+    process's Ray node address (:func:`node_address`): a gateway on a cluster must not quietly
+    listen on 127.0.0.1, where no client reaches it."""
     if host != NODE_HOST:
         return host
+    return node_address("gateway.host is `node`")
+
+
+def node_address(what: str) -> str:
+    """This process's Ray node address (``ray.util.get_node_ip_address()`` of the connected node:
+    loopback on a local Ray, the node's own address on a cluster), for a listener other nodes reach
+    (the gateways', a pool replica's token channel, the ledger socket). Raises
+    :class:`NodeAddressError` (``what`` says who asked) when the process is not connected to Ray or
+    Ray has no address for it, never falls back to 127.0.0.1: on a cluster a listener there is out of
+    every other node's reach, and would fail later and far from the cause."""
     try:
         import ray
 
         if not ray.is_initialized():
             raise NodeAddressError(
-                "gateway.host is `node` but this process is not connected to Ray, so it has no node address"
+                f"{what} but this process is not connected to Ray, so it has no node address"
             )
         address = str(ray.util.get_node_ip_address() or "")
     except NodeAddressError:
         raise
     except Exception as e:
-        raise NodeAddressError(f"gateway.host is `node` but Ray gave no node address: {e!r}") from e
+        raise NodeAddressError(f"{what} but Ray gave no node address: {e!r}") from e
     if not address:
-        raise NodeAddressError("gateway.host is `node` but Ray gave an empty node address")
+        raise NodeAddressError(f"{what} but Ray gave an empty node address")
     return address

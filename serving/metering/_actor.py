@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError
 
 from serving.errors import LedgerUnavailableError
 from serving.priority import run_at_normal_priority
+from serving.ray_env import node_address
 
 from ._config import MeteringConfig
 from ._core import LedgerCore
@@ -93,11 +94,9 @@ class LedgerActor:
 
 
 def _node_ip() -> str:
-    """The ledger socket listens on the Ray node's address (loopback on a local cluster)."""
-    try:
-        return str(ray.util.get_node_ip_address())
-    except Exception:
-        return "127.0.0.1"
+    """The ledger socket listens on the Ray node's address (loopback on a local cluster);
+    :class:`~serving.ray_env.NodeAddressError` if Ray has none for it."""
+    return node_address("the ledger socket listens on its node")
 
 
 def get_or_create_ledger_actor(config: MeteringConfig, *, namespace: str = "tokenweir") -> Any:

@@ -24,6 +24,7 @@ from serving.logs import route_logs_to_serve
 from serving.pools.host import ReplicaHost
 from serving.pools.loadboard import PUBLISH_INTERVAL_S, get_board
 from serving.priority import run_at_normal_priority
+from serving.ray_env import node_address
 
 log = logging.getLogger("tokenweir.pool")
 
@@ -60,6 +61,7 @@ def build_engine(pool: ResolvedPool) -> Engine:
         enable_prefix_caching=bool(args.get("enable_prefix_caching", True)),
         block_tokens=pool.block_tokens,
         kv_capacity_tokens=pool.kv_capacity_tokens(PerfModel(pool.arch, pool.gpu)),
+        served_name=pool.model,
     )
 
 
@@ -77,13 +79,9 @@ def replica_id() -> str:
 
 
 def node_ip() -> str:
-    """Where this replica's token channel listens: the Ray node's address (loopback locally)."""
-    try:
-        import ray
-
-        return str(ray.util.get_node_ip_address())
-    except Exception:
-        return "127.0.0.1"
+    """Where this replica's token channel listens: the Ray node's address (loopback locally);
+    :class:`~serving.ray_env.NodeAddressError` if Ray has none for it."""
+    return node_address("a pool replica's token channel listens on its node")
 
 
 class PoolReplica:

@@ -55,6 +55,25 @@ def test_node_without_ray_fails_loudly_instead_of_binding_loopback() -> None:
     assert "127.0.0.1" not in out.stdout
 
 
+def test_the_pool_and_ledger_listeners_fail_loudly_without_a_node_address() -> None:
+    # A pool replica's token channel and the ledger socket are reached from other nodes too: where
+    # Ray gives no address they refuse to start rather than listen on loopback.
+    code = (
+        "from serving.ray_env import NodeAddressError\n"
+        "from serving.pools.replica import node_ip\n"
+        "from serving.metering._actor import _node_ip\n"
+        "for f in (node_ip, _node_ip):\n"
+        "    try:\n        print('bound', f())\n"
+        "    except NodeAddressError as e:\n        print('refused:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused:") for line in lines), out.stdout
+    assert "token channel" in lines[0] and "ledger socket" in lines[1]
+
+
 def test_cli_default_url_for_node(monkeypatch: pytest.MonkeyPatch) -> None:
     import serving.cli.runtime as runtime_mod
 
