@@ -2,7 +2,9 @@
 streams, the heavy one with five times the light one's clients, through one gateway replica, in each
 setup of ``loadtests/flood.py`` (``gateway``: a fast simulated pool, the gateway is the bottleneck;
 ``pool``: a simulated A10 is; ``vllm``: the tiny model on vLLM's CPU build, the gateway saturated),
-each with the gateway's fair gate and without it (``gateway.fair_gate: false``), one deployment each.
+each with the gateway's fair gate and without it (``gateway.fair_gate: false``), and (side ``share``,
+not in the ``gateway`` setup) with the gate and the pool's batch shared by served tokens
+(``pools[].admission.batch_share``), one deployment each.
 
 Prints, for each setup, side and light concurrency: each tenant's served tokens (after a 4 s warm-up)
 and their ratio, the total tokens/s, TTFT p50/p99 of each tenant (client side, the gate's wait
@@ -10,7 +12,7 @@ included), refusals (429/503, waited out by the clients where the pool refuses b
 failures, and the median of the gate's limit and of the loop's demand.
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python loadtests/bench_flood.py \\
-        [--setups gateway,pool,vllm] [--light 16,8] [--duration-s 20]
+        [--setups gateway,pool,vllm] [--light 16,8] [--duration-s 20] [--sides gate,nogate,share]
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def _line(setup: Setup, side: str, run: FloodRun) -> str:
     )
 
 
+_SIDES = {"gate": "fair gate", "nogate": "no gate", "share": "share"}
+
 HEADER = (
     "setup   gateway   heavy/light clients, served tokens heavy/light (their ratio), total, TTFT, "
     "refusals heavy/light, other failures, the gate's median limit and the loop's median demand"
@@ -57,17 +61,26 @@ def main() -> None:
     ap.add_argument("--setups", default="gateway,pool,vllm", help=f"of {', '.join(SETUPS)}")
     ap.add_argument("--light", default="16,8", help="the light tenant's clients, one run each")
     ap.add_argument("--duration-s", type=float, default=20.0, help="length of each run")
-    ap.add_argument("--sides", default="gate,nogate", help="with the fair gate, without, or both")
+    ap.add_argument(
+        "--sides",
+        default="gate,nogate",
+        help="of gate (the fair gate), nogate, share (the gate and the pool's batch_share)",
+    )
     ap.add_argument("--alone", action="store_true", help="first run the light tenant alone (its baseline)")
     args = ap.parse_args()
     lights = [int(x) for x in args.light.split(",")]
     sides = [s for s in args.sides.split(",") if s]
+    if unknown := set(sides) - set(_SIDES):
+        ap.error(f"unknown sides {sorted(unknown)}: of {', '.join(_SIDES)}")
     lines = []
     for name in args.setups.split(","):
         setup = SETUPS[name]
         for side in sides:
+            if side == "share" and name == "gateway":
+                continue  # its pool is never the bottleneck
             root = Path(tempfile.mkdtemp(prefix=f"tw-bench-flood-{name}-"))
-            cfg = setup_config(root, setup, {"fair_gate": side == "gate"})
+            share = {"batch_share": True} if side == "share" else None
+            cfg = setup_config(root, setup, {"fair_gate": side != "nogate"}, share)
             with deployed(root, cfg) as fleet:
                 for n in lights:
                     heavy, light = fleet.tenant(f"heavy-{n}"), fleet.tenant(f"light-{n}")
@@ -76,7 +89,7 @@ def main() -> None:
                         lines.append(_line(setup, "alone", run))
                         print(lines[-1], flush=True)
                     run = asyncio.run(run_flood(fleet, heavy, light, n, args.duration_s, setup))
-                    lines.append(_line(setup, "fair gate" if side == "gate" else "no gate", run))
+                    lines.append(_line(setup, _SIDES[side], run))
                     print(lines[-1], flush=True)
     print("\n".join(["", HEADER, *lines]))
 

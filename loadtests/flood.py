@@ -62,10 +62,11 @@ SETUPS = {
 }
 
 
-def _pool(setup: Setup) -> dict[str, Any]:
+def _pool(setup: Setup, admission: dict[str, Any]) -> dict[str, Any]:
     slo = {"ttft_ms": setup.ttft_slo_ms}
     if setup.name == "pool":
         return {
+            "admission": admission,
             "name": "sim-a10",
             "model": setup.model,
             "accelerator": "A10",
@@ -80,13 +81,23 @@ def _pool(setup: Setup) -> dict[str, Any]:
         "accelerator": "CPU",
         "engine": "vllm",
         "engine_args": {"kv_cache_space_gib": 1},
+        "admission": admission,
         "slo": {**slo, "tpot_ms": 200},
     }
 
 
-def setup_config(state_dir: Path, setup: Setup, gateway_extra: dict[str, Any] | None = None) -> Any:
-    """The application's config for a setup (a :class:`serving.config.TokenweirConfig`)."""
+def setup_config(
+    state_dir: Path,
+    setup: Setup,
+    gateway_extra: dict[str, Any] | None = None,
+    pool_admission: dict[str, Any] | None = None,
+) -> Any:
+    """The application's config for a setup (a :class:`serving.config.TokenweirConfig`);
+    ``pool_admission``: the flood pool's `admission` settings (not for the ``gateway`` setup, whose
+    pool is never the bottleneck)."""
     if setup.name == "gateway":
+        if pool_admission:
+            raise ValueError("the gateway setup's pool is never the bottleneck: no pool admission settings")
         return fleet_config(state_dir, gateway_extra=gateway_extra)
     from serving.config import parse_config
 
@@ -108,7 +119,7 @@ def setup_config(state_dir: Path, setup: Setup, gateway_extra: dict[str, Any] | 
             "models": {OVERLOAD_MODEL: {"tokenizer": "builtin:tiny-llama"}},
             "ray": {"num_cpus": 8, "namespace": NAMESPACE},
             "state_dir": str(state_dir),
-            "pools": [_pool(setup)],
+            "pools": [_pool(setup, pool_admission or {})],
         }
     )
 

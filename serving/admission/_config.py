@@ -76,6 +76,24 @@ class AdmissionSettings(BaseModel):
     """Finished requests kept for the recent TTFT/TPOT figures and SLO attainment."""
     min_retry_after_s: float = Field(default=0.1, ge=0)
     """Smallest `retry_after_s` a refusal carries."""
+    batch_share: bool = False
+    """Share the engine's batch by served tokens: while more than one organization is active, one
+    more than `batch_share_lead_tokens` ahead of the active organization with the smallest counter
+    starts nothing, even where the limit has room; its requests wait in the fair queue until the
+    others catch up. A batch serves every sequence one token a step, whatever its organization, so
+    without this an engine below its limit serves organizations by how many requests each keeps in
+    it (VTC, work-conserving, shares only what queues). On, a flood is held to the pace of the
+    others, and the engine may run below its limit: throughput lost wherever a larger batch is more
+    throughput, and one organization with a single long stream holds every other to about one
+    stream's pace. For engines that a few organizations each keep busy (agents, closed loops)."""
+    batch_share_lead_tokens: float = Field(default=2048.0, gt=0)
+    """With `batch_share`: how far (weighted tokens, as the fair queue counts them) an organization
+    may run ahead of the smallest active counter before it waits."""
+    batch_share_idle_s: float = Field(default=1.0, ge=0)
+    """With `batch_share`: an organization whose last request ended less than this long ago still
+    counts as active: the others stay held to its counter, and it is not lifted to theirs when it
+    comes back (a client's pause between two requests costs it no share; idle longer, it banks no
+    credit, as VTC)."""
 
     @model_validator(mode="after")
     def _check_settings(self) -> AdmissionSettings:

@@ -5,6 +5,11 @@ A request starts at once when nothing is queued and the in-flight limit (``_limi
 otherwise the back-pressure rules (``_backpressure``) queue it in fair order (``_fair_queue``) or
 refuse it, on arrival when it may wait past the queue deadline. Released requests feed their
 latencies back to the limit; the queue's drain is measured (``_meters``) to predict waits.
+
+With ``batch_share`` (off by default) an organization too far ahead of the others waits even where
+the limit has room, so the batch, not only the queue, is shared by served tokens (see
+:class:`~serving.admission.AdmissionSettings`); a request of an organization behind it in fair
+order then starts at once past the ones held.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 from serving.admission._backpressure import BackPressure
 from serving.admission._config import AdmissionConfig
-from serving.admission._fair_queue import FairQueue, QueuedRequest
+from serving.admission._fair_queue import FairQueue, QueuedRequest, TenantState
 from serving.admission._interface import AdmissionPolicy
 from serving.admission._limit import AdaptiveLimit
 from serving.admission._meters import DrainMeter, FinishedSample, LatencyWindow
@@ -61,6 +66,9 @@ class AdmissionCore(AdmissionPolicy):
         self._deadlines: list[tuple[float, int, str]] = []
         self._seq = 0
         self._refused: list[tuple[str, Refused]] = []
+        self._linger_until: dict[str, float] = {}
+        self._lingering: list[tuple[float, str]] = []
+        """Batch sharing: organizations counted active though idle, until when (a heap)."""
         self._stats = AdmissionStats()
         self._bp = BackPressure(config, self._queue, self._drain, self._limit)
 
@@ -110,7 +118,7 @@ class AdmissionCore(AdmissionPolicy):
         self._meter(now)
         t = self._queue.tenant(tenant_id, weight)
         cost = prompt_tokens + max_tokens
-        if len(self._queue) == 0 and self._fits(prompt_tokens):
+        if self._may_start_now(t, prompt_tokens):
             self._queue.start(t, project_id, project_weight)
             self._start(req_id, t.tenant_id, project_id, prompt_tokens, cost, now, now)
             self._meter(now)
@@ -147,17 +155,73 @@ class AdmissionCore(AdmissionPolicy):
             and self._in_flight_tokens + prompt_tokens <= self._limit.token_limit
         )
 
+    def _may_start_now(self, t: TenantState, prompt_tokens: int) -> bool:
+        """Whether a new request of organization ``t`` starts without queueing: the limit has room and
+        nothing queued comes before it in fair order (with batch sharing, what is queued may be
+        only organizations held back, behind ``t``; ``t`` itself must not be too far ahead)."""
+        if not self._fits(prompt_tokens):
+            return False
+        if not self.config.batch_share:
+            return len(self._queue) == 0
+        if self._held_back(t):
+            return False
+        head = self._queue.peek()
+        return head is None or self._queue.tenant(head.tenant_id).counter > self._queue.lifted_counter(t)
+
+    def _held_back(self, t: TenantState) -> bool:
+        """Batch sharing: whether organization ``t`` is too far ahead of the active organization with
+        the smallest counter to start anything now."""
+        if not self.config.batch_share:
+            return False
+        others = self._queue.active_counters(exclude=t)
+        return bool(others) and (
+            self._queue.lifted_counter(t) - min(others) > self.config.batch_share_lead_tokens
+        )
+
+    def _sharing_holds(self) -> bool:
+        """Batch sharing, not the limit, is what keeps the next queued request waiting."""
+        if not self.config.batch_share:
+            return False
+        head = self._queue.peek()
+        return (
+            head is not None
+            and self._fits(head.prompt_tokens)
+            and self._held_back(self._queue.tenant(head.tenant_id))
+        )
+
+    @property
+    def releases_on_tokens(self) -> bool:
+        return self.config.batch_share and len(self._queue) > 0
+
     def _count_refusal(self, r: Refused) -> None:
         d = self._stats.refused_total
         d[r.reason.value] = d.get(r.reason.value, 0) + 1
 
     # ---- release and measurements -----------------------------------------------------------
     def _saturated(self) -> bool:
-        """Whether a new request of the usual size would have to wait (the limit binds)."""
+        """Whether a new request of the usual size would have to wait (the queue's drain is
+        measured over such time)."""
         return len(self._queue) > 0 or not self._fits(round(self._drain.mean_prompt_tokens()))
 
+    def _limit_binds(self) -> bool:
+        """Whether the limit is what holds requests back (only then may it grow): saturated, and not
+        only because batch sharing holds the queue."""
+        if not self._fits(round(self._drain.mean_prompt_tokens())):
+            return True
+        return len(self._queue) > 0 and not self._sharing_holds()
+
     def _meter(self, now: float) -> None:
+        if self._lingering:
+            self._end_lingering(now)
         self._drain.advance(now, self._saturated())
+
+    def _end_lingering(self, now: float) -> None:
+        heap = self._lingering
+        while heap and heap[0][0] <= now:
+            until, tid = heapq.heappop(heap)
+            if self._linger_until.get(tid) == until:
+                del self._linger_until[tid]
+                self._queue.linger(tid, False)
 
     def _start(
         self,
@@ -190,6 +254,8 @@ class AdmissionCore(AdmissionPolicy):
             item = self._queue.peek()
             if item is None or not self._fits(item.prompt_tokens):
                 break
+            if self._held_back(self._queue.tenant(item.tenant_id)):
+                break  # the smallest counter queued is too far ahead: so is every queued one
             self._queue.release(item.req_id)
             self._drain.on_release()
             self._start(
@@ -230,7 +296,8 @@ class AdmissionCore(AdmissionPolicy):
         self._queue.charge(r.tenant_id, completion_tokens=n, project_id=r.project_id)
         saturated = self._saturated()
         if not first:
-            self._tpot_sample(r, n, now, saturated)
+            binds = self._limit_binds() if self.config.batch_share else saturated
+            self._tpot_sample(r, n, now, binds)
         self._drain.advance(now, saturated)
 
     def _tpot_sample(self, r: _Running, n: int, now: float, saturated: bool) -> None:
@@ -257,10 +324,17 @@ class AdmissionCore(AdmissionPolicy):
             self.on_first_token(req_id, now)
             reported = 1  # the first token carries no TPOT
         if completion_tokens > reported:
-            self._tpot_sample(r, completion_tokens - reported, now, self._saturated())
+            self._tpot_sample(r, completion_tokens - reported, now, self._limit_binds())
         del self._running[req_id]
         self._in_flight_tokens -= r.prompt_tokens + r.generated
         self._queue.finish(r.tenant_id, r.project_id)
+        if self.config.batch_share:
+            t = self._queue.tenant(r.tenant_id)
+            if t.in_flight == 0 and not t.backlogged and self.config.batch_share_idle_s > 0:
+                until = now + self.config.batch_share_idle_s
+                self._linger_until[r.tenant_id] = until
+                heapq.heappush(self._lingering, (until, r.tenant_id))
+                self._queue.linger(r.tenant_id, True)
         self._meter(now)
         if r.first_token_at_s is None:
             return
@@ -315,7 +389,12 @@ class AdmissionCore(AdmissionPolicy):
         dl = self._deadlines
         while dl and dl[0][2] not in self._queue:
             heapq.heappop(dl)
-        return dl[0][0] if dl else None
+        at = dl[0][0] if dl else None
+        if at is not None and self._lingering:
+            # An organization held back by an idle one's counter may start when that one stops
+            # counting as active: a time to call release at, whatever else happens.
+            at = min(at, self._lingering[0][0])
+        return at
 
     # ---- reporting -------------------------------------------------------------------------------
     def snapshot(self, now: float) -> LoadSnapshot:

@@ -86,6 +86,9 @@ class TenantState:
     projects: dict[str | None, ProjectState] = field(default_factory=dict)
     """Its active projects (backlogged or in flight); an idle one is dropped."""
     project_arrivals: int = 0
+    lingering: bool = False
+    """Counted as active though idle (set by :meth:`FairQueue.linger`): a short pause between two
+    of its requests does not lift it on its return."""
 
     @property
     def backlogged(self) -> bool:
@@ -179,10 +182,17 @@ class FairQueue:
             self._backlogged[tid] = t
         else:
             self._backlogged.pop(tid, None)
-        if t.backlogged or t.in_flight > 0:
+        if t.backlogged or t.in_flight > 0 or t.lingering:
             self._active[tid] = t
         else:
             self._active.pop(tid, None)
+
+    def linger(self, tenant_id: str, on: bool) -> None:
+        """Keep an organization active while idle (``on``), or stop: the caller (the admission core,
+        which has the clock) decides for how long."""
+        t = self._tenants[tenant_id]
+        t.lingering = on
+        self._sync(t)
 
     # ---- projects --------------------------------------------------------------------------
     def _activate(self, t: TenantState, project_id: str | None, project_weight: float) -> ProjectState:

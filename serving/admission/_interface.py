@@ -6,7 +6,9 @@ The caller (the async shell) feeds events in and acts on what comes out:
 1. ``submit`` a request. ``Admitted``: start it now. ``Queued``: wait until ``release`` returns its id
    or ``expire`` refuses it. ``Refused``: answer the client at once (429/503 + Retry-After).
 2. After any event that may free capacity (a finish, a cancel, a submit that queued) call ``release``
-   and start every id it returns. The core counts them as in flight from then on.
+   and start every id it returns. The core counts them as in flight from then on. Where
+   ``releases_on_tokens`` is true, tokens may free capacity too (a core sharing its batch by
+   served tokens releases as the others catch up): call ``release`` after ``on_tokens`` as well.
 3. Feed measurements of every started request: ``on_first_token`` (optional if ``on_tokens`` comes
    with the first token), ``on_tokens`` per chunk, and exactly one ``on_finish`` (also on error or
    abort, with the tokens actually produced).
@@ -44,6 +46,11 @@ class AdmissionPolicy(abc.ABC):
         ``project_weight`` the project within it and its weight there (None: the organization's
         one implicit project; fair order is then flat over organizations)."""
 
+    @property
+    def releases_on_tokens(self) -> bool:
+        """Whether ``on_tokens`` may let queued requests start (then call ``release`` after it)."""
+        return False
+
     @abc.abstractmethod
     def release(self, now: float) -> list[str]:
         """Queued requests that may start now, in fair order; they count as in flight."""
@@ -70,7 +77,8 @@ class AdmissionPolicy(abc.ABC):
 
     @abc.abstractmethod
     def next_deadline(self) -> float | None:
-        """The earliest queue deadline, or None if nothing is queued."""
+        """The earliest queue deadline (or, sharing the batch, an earlier time a held request may
+        start at), or None if nothing is queued."""
 
     @abc.abstractmethod
     def snapshot(self, now: float) -> LoadSnapshot:

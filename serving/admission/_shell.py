@@ -100,6 +100,8 @@ class AsyncAdmission:
 
     def on_tokens(self, req_id: str, n: int) -> None:
         self.core.on_tokens(req_id, n, self.now())
+        if self.core.releases_on_tokens:
+            self._process()
 
     def done(self, req_id: str, prompt_tokens: int, completion_tokens: int) -> None:
         """The request ended (any way); frees its slot and feeds back its latency."""

@@ -388,3 +388,133 @@ def test_a_tenant_owed_service_may_queue_on_the_expected_releases() -> None:
     assert kinds == ["Queued"] * 9 + ["Refused"] * 3
     core.on_finish("a-0", 50, 400, 0.6)
     assert core.release(0.6) == ["b-1"]
+
+
+# ---- batch sharing ----------------------------------------------------------------------------------
+
+
+def closed_loops(
+    core: AdmissionCore, clients: dict[str, int], steps: int, out_tokens: int = 32, think_steps: int = 0
+) -> dict[str, int]:
+    """Closed loops of ``clients[org]`` requests each against a batch engine far below its limit
+    (every running request gains one token a step, a client sends its next request
+    ``think_steps`` steps after its last one ended, all of them at once if they ended together);
+    returns the completion tokens served per org after the first quarter of the steps."""
+    now = 0.0
+    running: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    served = dict.fromkeys(clients, 0)
+    thinking: list[tuple[int, str]] = []
+    n = 0
+
+    def send(org: str) -> None:
+        nonlocal n
+        rid = f"{org}-{n}"
+        n += 1
+        owner[rid] = org
+        d = core.submit(rid, org, 1.0, 16, out_tokens, now)
+        assert not isinstance(d, Refused), d
+        if isinstance(d, Admitted):
+            running[rid] = 0
+
+    for org, k in clients.items():
+        for i in range(k):
+            send(org)
+            if not think_steps:  # staggered: the clients do not end together
+                running[f"{org}-{n - 1}"] = i % out_tokens
+    for step in range(steps):
+        now += 0.010 + 0.001 * len(running)
+        for due, org in [x for x in thinking if x[0] <= step]:
+            thinking.remove((due, org))
+            send(org)
+        for rid in list(running):
+            running[rid] += 1
+            core.on_tokens(rid, 1, now)
+            if running[rid] >= out_tokens:
+                del running[rid]
+                core.on_finish(rid, 16, out_tokens, now)
+                if step >= steps // 4:
+                    served[owner[rid]] += out_tokens
+                if think_steps:
+                    thinking.append((step + think_steps, owner[rid]))
+                else:
+                    send(owner[rid])
+            for started in core.release(now):  # the tokens may have let held requests go
+                running[started] = 0
+    return served
+
+
+def test_without_batch_sharing_a_batch_serves_organizations_by_their_requests() -> None:
+    # Far below the limit nothing queues: VTC (work-conserving) has nothing to order, and every
+    # sequence in the batch gets a token a step.
+    core = make_core(max_num_seqs=256, tpot_slo_ms=1e6, queue_deadline_ms=1e9)
+    served = closed_loops(core, {"heavy": 40, "light": 8}, 2000)
+    assert 4.5 <= served["heavy"] / served["light"] <= 5.5, served
+    assert core.queued_requests == 0
+
+
+def test_batch_sharing_holds_a_flood_to_the_pace_of_the_others() -> None:
+    core = make_core(max_num_seqs=256, tpot_slo_ms=1e6, queue_deadline_ms=1e9, batch_share=True)
+    served = closed_loops(core, {"heavy": 40, "light": 8}, 2000)
+    assert 0.9 <= served["heavy"] / served["light"] <= 1.1, served
+    # The flood waits in the queue (so the batch runs below the limit), the light tenant never does.
+    assert core.queued_requests > 0
+    assert core.stats().tenants["light"].queued_requests == 0
+    assert core.seq_limit == 256  # holding back is not the limit binding: it neither grew nor shrank
+
+
+def test_batch_sharing_alone_or_within_the_lead_holds_nothing() -> None:
+    core = make_core(max_num_seqs=256, tpot_slo_ms=1e6, batch_share=True, batch_share_lead_tokens=10_000)
+    for i in range(100):  # one organization: nobody to share with, the batch takes what it sends
+        assert isinstance(core.submit(f"a-{i}", "a", 1.0, 16, 32, 0.0), Admitted)
+    for i in range(100):
+        core.on_tokens(f"a-{i}", 32, 1.0)  # a: 100 x (16 + 2 x 32) = 8,000 weighted tokens
+    assert isinstance(core.submit("b-0", "b", 1.0, 16, 32, 1.0), Admitted)
+    # b arrived at a's counter (lifted to the smallest active); a is within 10,000 of it and may go on.
+    assert isinstance(core.submit("a-100", "a", 1.0, 16, 32, 1.0), Admitted)
+
+
+def test_batch_sharing_starts_a_lagging_organization_past_the_held_ones() -> None:
+    core = make_core(max_num_seqs=256, tpot_slo_ms=1e6, batch_share=True, batch_share_lead_tokens=50)
+    assert isinstance(core.submit("b-0", "b", 1.0, 16, 32, 0.0), Admitted)  # b: 16
+    assert isinstance(core.submit("a-0", "a", 1.0, 16, 32, 0.0), Admitted)  # a: lifted to 16, 32
+    core.on_tokens("a-0", 32, 0.5)  # a: 32 + 2 x 32 = 96, 80 ahead of b
+    assert isinstance(core.submit("a-1", "a", 1.0, 16, 32, 0.5), Queued)  # held, the limit has room
+    assert core.releases_on_tokens
+    assert isinstance(core.submit("b-1", "b", 1.0, 16, 32, 0.5), Admitted)  # behind a: starts at once
+    assert core.release(0.5) == []  # a is still 64 ahead of b's 32
+    core.on_tokens("b-0", 32, 1.0)  # b catches up: 96
+    assert core.release(1.0) == ["a-1"]
+    assert not core.releases_on_tokens  # nothing queued any more
+
+
+def test_batch_sharing_keeps_the_place_of_an_organization_between_its_requests() -> None:
+    # The light clients end together and think for three steps (about 0.1 s): all that time the light
+    # organization has nothing in flight. Counted as gone, it would come back lifted to the heavy
+    # one's counter and the heavy one would have run ahead again; it still counts as active for
+    # batch_share_idle_s.
+    kw: dict[str, object] = {"max_num_seqs": 256, "tpot_slo_ms": 1e6, "queue_deadline_ms": 1e9}
+    clients = {"heavy": 40, "light": 8}
+    lingering = closed_loops(make_core(**kw, batch_share=True), clients, 3000, think_steps=3)
+    assert 0.9 <= lingering["heavy"] / lingering["light"] <= 1.1, lingering
+    forgetting = closed_loops(
+        make_core(**kw, batch_share=True, batch_share_idle_s=0), clients, 3000, think_steps=3
+    )
+    assert forgetting["heavy"] / forgetting["light"] > 1.3, forgetting
+
+
+def test_an_idle_organization_stops_holding_the_others_back_after_batch_share_idle_s() -> None:
+    core = make_core(max_num_seqs=256, tpot_slo_ms=1e6, batch_share=True, batch_share_lead_tokens=50)
+    assert isinstance(core.submit("b-0", "b", 1.0, 16, 32, 0.0), Admitted)
+    assert isinstance(core.submit("a-0", "a", 1.0, 16, 32, 0.0), Admitted)
+    core.on_tokens("a-0", 32, 0.5)
+    core.on_finish("a-0", 16, 32, 0.5)  # a: 96, lingering (idle, still active)
+    core.on_tokens("b-0", 4, 0.5)
+    core.on_finish("b-0", 16, 4, 0.5)  # b: 24 and idle too, 72 behind a
+    assert isinstance(core.submit("a-1", "a", 1.0, 16, 32, 0.6), Queued)  # held by idle b's counter
+    assert core.next_deadline() == pytest.approx(1.5)  # when b stops counting as active
+    assert core.release(1.4) == []
+    assert core.release(1.5) == ["a-1"]
+    # b comes back after its idle time: lifted to a's counter (VTC: idle time banks no credit).
+    assert isinstance(core.submit("b-1", "b", 1.0, 16, 32, 1.6), Admitted)
+    assert core.stats().tenants["b"].virtual_counter == pytest.approx(112 + 16)
