@@ -53,6 +53,7 @@ from typing import Any, assert_never
 
 from serving.errors import APIError, LedgerUnavailableError
 from serving.tenancy import (
+    UCREDITS_PER_CREDIT,
     Page,
     ProjectUsage,
     RateLimitState,
@@ -98,7 +99,7 @@ from ._ops import (
 from ._policy import ModelPrice
 from ._state import RECENT_SETTLED as _RECENT_SETTLED
 from ._state import LedgerState
-from ._stats import LedgerStats, fold_tenants, low_credit
+from ._stats import LedgerStats, fold_tenants, low_credit, run_out
 from ._storage import LedgerLockedError, LedgerStore
 from ._store import SqliteStore
 
@@ -218,9 +219,10 @@ class LedgerCore:
         old, new = self._state, self._new_state()
         load_state(new, rows, self._clock(), self._wall(), grace_s)
         new.recent_settled.update(settled)
-        for tid, t in new.tenants.items():  # buckets and the duration estimate live only in memory
+        for tid, t in new.tenants.items():  # buckets, the duration estimate, the burn rate: memory only
             if (o := old.tenants.get(tid)) is not None:
                 t.rpm, t.tpm, t.ewma_duration_s = o.rpm or t.rpm, o.tpm or t.tpm, o.ewma_duration_s
+                t.burn = o.burn
                 t.apply_limits(t.limits, self._clock(), new.default_limits)
         self._state, self._admin = new, AdminOps(new)
         # 100,000 projects and 150,000 keys are a million long-lived objects: keep them out of the
@@ -691,6 +693,8 @@ class LedgerCore:
         charged = st.counters.credits
         snap.credits_charged = {t: ucredits_to_credits(charged.get(t, 0)) for t in st.tenants}
         snap.low_credit, snap.tenants_below_ratio = low_credit(snap.credits_remaining, snap.credits_granted)
+        burn = {t.tenant_id: t.burn.per_s(now) / UCREDITS_PER_CREDIT for t in st.tenants.values()}
+        snap.run_out, snap.tenants_running_out = run_out(snap.credits_remaining, burn)
         c = self.config
         tracked = None if c.tracked_tenants is None else frozenset(c.tracked_tenants)
         return fold_tenants(snap, tracked, c.metrics_series_budget)

@@ -1,4 +1,4 @@
-"""Quota arithmetic: token buckets, prices, reservation sizes and rate-limit headers.
+"""Quota arithmetic: token buckets, burn rates, prices, reservation sizes and rate-limit headers.
 
 Pure and clock-free: every call takes ``now`` (seconds on a monotonic clock). No I/O.
 """
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 __all__ = [
+    "BURN_RATE_TAU_S",
+    "BurnRate",
     "ModelPrice",
     "TokenBucket",
     "bucket_rate",
@@ -78,6 +80,43 @@ class TokenBucket:
         self.capacity = capacity
         self.rate_per_s = capacity / period_s
         self._level = fraction * capacity
+
+
+BURN_RATE_TAU_S = 3600.0
+"""Time constant of :class:`BurnRate`: a charge weighs ``exp(-age / tau)``, so the rate is about the
+last hour's (a steady rate that began ``t`` ago reads ``1 - exp(-t / tau)`` of itself: 63% after an
+hour, like a one-hour window's ``t / 3600`` it stays below the truth at first, never above)."""
+
+
+class BurnRate:
+    """An organization's charge rate, exponentially decayed: the sum of its charges, each weighed
+    ``exp(-age / tau_s)``, divided by ``tau_s``. One multiply and one ``exp`` per charge and per read,
+    two floats of state: cheap enough to keep for every organization and update on every settlement
+    (a sliding window would keep every charge in it). A decayed sum below one micro-credit reads as
+    idle (no rate), so an organization quiet for about half a day (``ln(1e6)`` time constants after a
+    one-credit charge) stops being projected at all. Lives in memory only: it starts at zero with
+    the ledger."""
+
+    __slots__ = ("_at", "_sum")
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._at = 0.0
+
+    def _decayed(self, now: float, tau_s: float) -> float:
+        age = now - self._at
+        return self._sum if age <= 0 else self._sum * math.exp(-age / tau_s)
+
+    def add(self, amount: float, now: float, tau_s: float = BURN_RATE_TAU_S) -> None:
+        """Record a charge of ``amount`` at ``now`` (an earlier ``now`` than the last counts at the
+        last one's time)."""
+        self._sum = self._decayed(now, tau_s) + amount
+        self._at = max(self._at, now)
+
+    def per_s(self, now: float, tau_s: float = BURN_RATE_TAU_S) -> float:
+        """The rate at ``now``, in the unit of the amounts per second; 0.0 when idle."""
+        s = self._decayed(now, tau_s)
+        return 0.0 if s < 1.0 else s / tau_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from serving.tenancy import DEFAULT_PROJECT, TenantLimits
 from ._budget import TokenBudget
 from ._ops import Refusal, Reservation, Reserve, Settle, Settlement
 from ._policy import (
+    BurnRate,
     ModelPrice,
     TokenBucket,
     bucket_rate,
@@ -142,6 +143,8 @@ class TenantRecord:
     ewma_duration_s: float = 1.0
     granted_ucredits: int = 0
     """Credits granted since creation, for the low-credit metrics."""
+    burn: BurnRate = field(default_factory=BurnRate)
+    """Micro-credits charged per second, decayed (in memory only), for the run-out metrics."""
     grants: list[GrantRecord] = field(default_factory=list)
     """Soonest expiry first (:attr:`GrantRecord.order`)."""
     grants_by_id: dict[str, GrantRecord] = field(default_factory=dict)
@@ -501,6 +504,8 @@ class LedgerState:
         charged = min(p_cost + c_cost, r.reserved_ucredits)
         self._charge_slices(t, r, charged, ts)
         t.balance_ucredits -= charged
+        if charged:
+            t.burn.add(charged, now)
         unused = r.reserved_tokens - prompt_tokens - completion_tokens
         duration = max(0.0, now - r.started)
         for level in (t, p):

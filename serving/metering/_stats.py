@@ -3,6 +3,13 @@
 The ledger fills :class:`LedgerStats`; the gateway fetches a snapshot and hands it to
 :class:`LedgerCollector`, registered on the gateway's registry. Tenant labels come from the tenant
 table, model labels from charged requests of allowed models; nothing comes from request content.
+
+Credit alerts must see every organization, yet per-organization series exist only for the tracked
+ones (:func:`fold_tenants`). So the ledger, which sees all of them, ranks them itself and exports a
+bounded few: the :data:`LOW_CREDIT_TENANTS` with the least share of their credits left and the
+:data:`RUN_OUT_TENANTS` that run out soonest at their burn rate (any organization, tracked or not),
+with counts over all of them below each ratio and within each horizon. That is at most 40 tenant
+series plus 9 counts however many organizations there are.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ __all__ = [
     "COMMIT_LATENCY_BOUNDS_S",
     "LOW_CREDIT_RATIOS",
     "LOW_CREDIT_TENANTS",
+    "RUN_OUT_HORIZONS_H",
+    "RUN_OUT_TENANTS",
     "LatencyHistogram",
     "LedgerCollector",
     "LedgerStats",
     "fold_tenants",
     "low_credit",
+    "run_out",
 ]
 
 COMMIT_LATENCY_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -34,6 +44,11 @@ LOW_CREDIT_TENANTS = 20
 LOW_CREDIT_RATIOS = (0.01, 0.05, 0.1, 0.25, 0.5)
 """Thresholds of the count gauge ``tokenweir_tenants_below_credit_ratio{ratio=...}`` (share of the
 credits granted that is left)."""
+RUN_OUT_TENANTS = 20
+"""How many tenants the bounded run-out gauge names: those that run out of credits soonest at their
+burn rate."""
+RUN_OUT_HORIZONS_H = (1, 6, 24, 72)
+"""Horizons, in hours, of the count gauge ``tokenweir_tenants_running_out{within="24h"}``."""
 
 
 @dataclass(slots=True)
@@ -73,6 +88,11 @@ class LedgerStats:
     credits left, as (tenant, remaining / granted): bounded whatever the number of tenants."""
     tenants_below_ratio: dict[float, int] = field(default_factory=dict)
     """For each of :data:`LOW_CREDIT_RATIOS`, how many tenants have less than that share left."""
+    run_out: list[tuple[str, float]] = field(default_factory=list)
+    """The (at most :data:`RUN_OUT_TENANTS`) tenants that run out of credits soonest at their
+    decayed burn rate, as (tenant, seconds left): every organization is ranked, tracked or not."""
+    tenants_running_out: dict[int, int] = field(default_factory=dict)
+    """For each of :data:`RUN_OUT_HORIZONS_H`, how many tenants run out within that many hours."""
     commit_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     commits_total: int = 0
     ops_total: int = 0
@@ -96,6 +116,18 @@ def low_credit(
     ratios = sorted((max(0.0, remaining.get(t, 0.0)) / g, t) for t, g in granted.items() if g > 0)
     below = {r: bisect.bisect_left(ratios, (r, "")) for r in LOW_CREDIT_RATIOS}
     return [(t, ratio) for ratio, t in ratios[:n]], below
+
+
+def run_out(
+    remaining: dict[str, float], burn_per_s: dict[str, float], n: int = RUN_OUT_TENANTS
+) -> tuple[list[tuple[str, float]], dict[int, int]]:
+    """The ``n`` tenants with the fewest seconds of credits left at their burn rate (remaining
+    credits, at least 0, over credits per second; ties by id), and a count of tenants that run out
+    within each of :data:`RUN_OUT_HORIZONS_H`. Tenants burning nothing are left out (they never run
+    out). Pure: O(tenants log tenants), a few milliseconds at 5,000 organizations."""
+    left = sorted((max(0.0, remaining.get(t, 0.0)) / r, t) for t, r in burn_per_s.items() if r > 0)
+    within = {h: bisect.bisect_left(left, (h * 3600.0, "")) for h in RUN_OUT_HORIZONS_H}
+    return [(t, seconds) for seconds, t in left[:n]], within
 
 
 def fold_tenants(s: LedgerStats, tracked: frozenset[str] | None, budget: int) -> LedgerStats:
@@ -150,6 +182,8 @@ def fold_tenants(s: LedgerStats, tracked: frozenset[str] | None, budget: int) ->
         credits_charged=fold1(s.credits_charged),
         low_credit=s.low_credit,
         tenants_below_ratio=s.tenants_below_ratio,
+        run_out=s.run_out,
+        tenants_running_out=s.tenants_running_out,
         commit_latency=s.commit_latency,
         commits_total=s.commits_total,
         ops_total=s.ops_total,
@@ -220,6 +254,21 @@ class LedgerCollector(Collector):
         )
         for ratio, n in sorted(s.tenants_below_ratio.items()):
             below.add_metric([str(ratio)], n)
+        soonest = GaugeMetricFamily(
+            f"{p}_credits_run_out_seconds",
+            f"Seconds until the credits run out at the decayed burn rate (about the last hour's),"
+            f" for the {RUN_OUT_TENANTS} tenants that run out soonest, tracked or not.",
+            labels=["tenant"],
+        )
+        for tenant, v in s.run_out:
+            soonest.add_metric([tenant], v)
+        running_out = GaugeMetricFamily(
+            f"{p}_tenants_running_out",
+            "Tenants whose credits run out `within` that many hours at their decayed burn rate.",
+            labels=["within"],
+        )
+        for hours, n in sorted(s.tenants_running_out.items()):
+            running_out.add_metric([f"{hours}h"], n)
         h = s.commit_latency
         buckets, acc = [], 0
         for bound, n in zip([*map(str, h.bounds_s), "+Inf"], h.counts, strict=True):
@@ -246,5 +295,6 @@ class LedgerCollector(Collector):
             f'Organizations without their own tenant label (summed under tenant="{OTHER_TENANTS}").',
             value=s.aggregated_tenants,
         )
-        yield from (tokens, refused, remaining, reserved, granted, charged, lowest, below, util, aggregated)
+        yield from (tokens, refused, remaining, reserved, granted, charged, util, aggregated)
+        yield from (lowest, below, soonest, running_out)
         yield from (latency, commits, ops, writes)

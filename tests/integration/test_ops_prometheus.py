@@ -449,6 +449,12 @@ def test_recording_rules_produce_series_and_every_rule_is_healthy(prometheus: Pr
         lambda: prometheus.query('ALERTS{alertname="TokenweirTenantCreditsLow", tenant="ops-poor"}'),
     )
     assert not prometheus.query('ALERTS{alertname="TokenweirTenantCreditsLow", tenant="ops-rich"}')
+    # and at its burn rate it runs out within minutes: the ledger's own projection, which ranks every
+    # organization (tracked or not), puts its run-out alert pending (for: 15m)
+    wait_for(
+        "the run-out alert for ops-poor",
+        lambda: prometheus.query('ALERTS{alertname="TokenweirTenantCreditsRunningOut", tenant="ops-poor"}'),
+    )
 
 
 def test_the_engine_preempts_with_its_kv_cache_near_full_and_the_kv_alert_goes_pending(

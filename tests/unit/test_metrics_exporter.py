@@ -1,10 +1,13 @@
 """The /metrics exposition: per-origin series (no pre-summed counters that drop when a replica goes),
-the configured pools' series, and the ledger's bounded low-credit gauges on a real SQLite ledger."""
+the configured pools' series, and the ledger's bounded low-credit and run-out gauges (the burn rate
+behind them with a hand-moved clock) on a real SQLite ledger."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.admission import AdmissionStats
@@ -12,7 +15,15 @@ from serving.config import parse_config, resolve
 from serving.metering import LedgerClient, Meter, MeteringConfig
 from serving.metering._client import LocalTransport
 from serving.metering._core import LedgerCore
-from serving.metering._stats import LOW_CREDIT_RATIOS, LedgerCollector, low_credit
+from serving.metering._policy import BURN_RATE_TAU_S, BurnRate
+from serving.metering._stats import (
+    LOW_CREDIT_RATIOS,
+    RUN_OUT_HORIZONS_H,
+    LedgerCollector,
+    LedgerStats,
+    low_credit,
+    run_out,
+)
 from serving.metrics import BoardCollector, GatewayStats, render
 from serving.tenancy import TenantCreate, TopUp
 
@@ -124,6 +135,60 @@ def test_low_credit_is_bounded_and_counts_below_each_ratio() -> None:
     assert low_credit({"x": -5.0}, {"x": 10.0}) == ([("x", 0.0)], dict.fromkeys(LOW_CREDIT_RATIOS, 1))
 
 
+def test_burn_rate_is_a_decayed_rate_that_goes_idle() -> None:
+    tau = BURN_RATE_TAU_S
+    b = BurnRate()
+    assert b.per_s(0.0) == 0.0
+    for i in range(int(10 * tau)):  # 1,000 micro-credits a second for ten time constants
+        b.add(1000.0, float(i))
+    assert b.per_s(10 * tau) == pytest.approx(1000.0, rel=1e-3)  # steady state: the true rate
+    assert b.per_s(11 * tau) == pytest.approx(1000.0 / math.e, rel=1e-3)  # an hour idle: 1/e of it
+    assert b.per_s(30 * tau) == 0.0  # a decayed sum below one micro-credit reads as idle
+    fresh = BurnRate()
+    for i in range(int(tau)):  # a steady rate begun an hour ago reads 1 - 1/e of it: never above
+        fresh.add(1000.0, 1e6 + i)
+    assert fresh.per_s(1e6 + tau) == pytest.approx(1000.0 * (1 - 1 / math.e), rel=1e-3)
+    late = BurnRate()
+    late.add(5e6, 100.0)
+    late.add(5e6, 50.0)  # out of order: counted at the latest time seen
+    assert late.per_s(100.0) == pytest.approx(1e7 / tau)
+
+
+def test_run_out_ranks_5000_organizations_bounded_and_counts_each_horizon() -> None:
+    """Every organization is ranked (none is tracked here); 20 are named, the counts cover all."""
+    orgs = [f"org-{i:04d}" for i in range(5000)]
+    remaining = dict.fromkeys(orgs, 100.0)
+    # org-i has 10 * (i + 1) minutes of credits left: 6 within 1 h, 36 within 6 h, 144 within a day
+    burn = {t: 100.0 / (600.0 * (i + 1)) for i, t in enumerate(orgs)}
+    burn["org-0042"] = 0.0  # idle: never runs out
+    remaining["broke"], burn["broke"] = -3.0, 1.0  # overdrawn and still burning: out already
+    burn["no-balance-series"] = 1.0  # no balance known: out already
+    soonest, within = run_out(remaining, burn)
+    assert len(soonest) == 20
+    assert soonest[:2] == [("broke", 0.0), ("no-balance-series", 0.0)]
+    assert [t for t, _ in soonest[2:5]] == ["org-0000", "org-0001", "org-0002"]
+    assert soonest[2][1] == pytest.approx(600.0)
+    assert [s for _, s in soonest] == sorted(s for _, s in soonest)
+    # a horizon counts those strictly within it (org-0005 has exactly 1 h left)
+    assert within == {1: 2 + 5, 6: 2 + 35, 24: 2 + 143 - 1, 72: 2 + 431 - 1}  # org-0042 is idle
+    assert set(within) == set(RUN_OUT_HORIZONS_H)
+    stats = LedgerStats(run_out=soonest, tenants_running_out=within)
+    collector = LedgerCollector()
+    collector.update(stats)
+    ss = samples(render([collector]))
+    named = {dict(k[1])["tenant"] for k in ss if k[0] == "tokenweir_credits_run_out_seconds"}
+    assert len(named) == 20 and "org-0000" in named
+    assert value(ss, "tokenweir_credits_run_out_seconds", tenant="org-0000") == pytest.approx(600.0)
+    assert value(ss, "tokenweir_tenants_running_out", within="24h") == 144
+    assert {dict(k[1])["within"] for k in ss if k[0] == "tokenweir_tenants_running_out"} == {
+        "1h",
+        "6h",
+        "24h",
+        "72h",
+    }
+    assert run_out({}, {}) == ([], dict.fromkeys(RUN_OUT_HORIZONS_H, 0))
+
+
 async def test_ledger_exports_granted_charged_and_low_credit(tmp_path: Path) -> None:
     """Granted credits follow creation and top-ups, survive a restart (from the grants table), and
     the charged counter equals the usage the ledger recorded."""
@@ -142,6 +207,10 @@ async def test_ledger_exports_granted_charged_and_low_credit(tmp_path: Path) -> 
     assert st.credits_granted == {"rich": 1000.0, "poor": 20.0}
     assert st.credits_charged == {"rich": 0.0, "poor": s.charged_ucredits / 1_000_000}
     assert st.low_credit[0] == ("poor", (20 - s.charged_ucredits / 1_000_000) / 20)
+    # the burn rate behind the run-out gauge: this one charge, decayed over milliseconds
+    charged = s.charged_ucredits / 1_000_000
+    ((who, left_s),) = st.run_out
+    assert who == "poor" and left_s == pytest.approx((20 - charged) / (charged / BURN_RATE_TAU_S), rel=1e-3)
     collector = LedgerCollector()
     collector.update(st)
     ss = samples(render([collector]))

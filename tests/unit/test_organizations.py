@@ -8,6 +8,7 @@ PostgreSQL database (marker ``postgres``); the gateway side is the real :class:`
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import shutil
 import sqlite3
@@ -27,7 +28,7 @@ from serving.errors import (
 from serving.metering import LedgerClient, Meter, MeteringConfig, PriceConfig, Reservation
 from serving.metering._client import LocalTransport
 from serving.metering._core import LedgerCore
-from serving.metering._ops import Reserve, Settle
+from serving.metering._ops import CreateTenant, Reserve, Settle
 from serving.metering._policy import period_start
 from serving.metering._store import SCHEMA_VERSION
 from serving.tenancy import (
@@ -425,10 +426,63 @@ async def test_metrics_budget_labels_tracked_organizations_and_sums_the_rest(
             s.labels["tenant"]
             for fam in text_string_to_metric_families(render([collector]).decode())
             for s in fam.samples
-            if "tenant" in s.labels and fam.name != "tokenweir_credits_low_remaining_ratio"
+            if "tenant" in s.labels
+            and fam.name not in ("tokenweir_credits_low_remaining_ratio", "tokenweir_credits_run_out_seconds")
         }
         assert tenants == {"org-03", "org-07", "_other"}
         figures = await client.tenant_figures("org-21")  # any organization's live figures
         assert figures["charged_credits"] == 5 and figures["projects"][0]["project_id"] == "default"
+    finally:
+        await core.close()
+
+
+async def test_run_out_gauge_ranks_all_5000_organizations_tracked_or_not(
+    ledger_target: LedgerTarget, clock: Clock
+) -> None:
+    """5,000 organizations, one tracked: an untracked one burning fast is named first in the bounded
+    run-out gauge (its other series are summed under _other), the counts cover every organization,
+    and the rate decays with the hand-moved clock until an idle organization is no longer projected."""
+    from serving.metering._policy import BURN_RATE_TAU_S
+    from serving.metering._stats import RUN_OUT_TENANTS, LedgerCollector
+    from serving.metrics import render
+
+    core = make_core(ledger_target, clock, tracked_tenants=["org-0001"])
+    await core.start()
+    try:
+        specs = [TenantCreate(tenant_id=f"org-{i:04d}", name="o", credits=100) for i in range(5000)]
+        specs[1] = TenantCreate(tenant_id="org-0001", name="o", credits=1000)
+        await core.apply([CreateTenant(spec) for spec in specs])
+        client = LedgerClient(LocalTransport(core))
+        meter = Meter(client)
+
+        async def burn(tenant_id: str, credits: int) -> None:
+            key = (await client.create_key(tenant_id)).api_key
+            r = await reserve(client, key, f"r-{tenant_id}", credits // 2, credits // 2)
+            await meter.settle(r, credits // 2, credits // 2, "completed", "p", "sim")
+
+        await burn("org-4711", 60)  # 40 left at 60 an hour: 40 minutes
+        for i in range(1000, 1030):
+            await burn(f"org-{i}", 10)  # 90 left at 10 an hour: 9 hours
+        await burn("org-0001", 10)  # tracked: 990 left at 10 an hour, 99 hours
+        stats = await client.stats()
+        assert stats.labelled_tenants == frozenset({"org-0001"}) and stats.aggregated_tenants == 4999
+        assert len(stats.run_out) == RUN_OUT_TENANTS
+        assert stats.run_out[0] == ("org-4711", pytest.approx(40 / (60 / BURN_RATE_TAU_S)))
+        assert {t for t, _ in stats.run_out[1:]} < {f"org-{i}" for i in range(1000, 1030)}
+        assert stats.tenants_running_out == {1: 1, 6: 1, 24: 31, 72: 31}
+        collector = LedgerCollector()
+        collector.update(stats)
+        text = render([collector]).decode()
+        assert 'tokenweir_credits_run_out_seconds{tenant="org-4711"}' in text
+        assert 'tokenweir_credits_remaining{tenant="org-4711"}' not in text  # folded under _other
+        assert 'tokenweir_tenants_running_out{within="1h"} 1.0' in text
+        assert text.count("tokenweir_credits_run_out_seconds{") == RUN_OUT_TENANTS
+        clock.advance(BURN_RATE_TAU_S)  # an hour idle: each rate is 1/e of what it was
+        stats = await client.stats()
+        assert stats.run_out[0] == ("org-4711", pytest.approx(40 / (60 / BURN_RATE_TAU_S) * math.e))
+        assert stats.tenants_running_out == {1: 0, 6: 1, 24: 1, 72: 31}  # 9 h became 24.5 h
+        clock.advance(24 * 3600)  # a day idle: the decayed sums are below a micro-credit
+        stats = await client.stats()
+        assert stats.run_out == [] and stats.tenants_running_out == {1: 0, 6: 0, 24: 0, 72: 0}
     finally:
         await core.close()
