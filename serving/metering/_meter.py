@@ -36,12 +36,11 @@ PROGRESS_INTERVAL_S = 1.0
 class _Live:
     """Progress of one live reservation: what the gateway saw and what the ledger has."""
 
-    __slots__ = ("age", "noted", "sent")
+    __slots__ = ("noted", "sent")
 
     def __init__(self) -> None:
         self.noted = 0
         self.sent = 0
-        self.age = 0
 
 
 class Meter:
@@ -129,16 +128,17 @@ class Meter:
             live.noted = completion_tokens
 
     def flush_progress(self) -> int:
-        """Send one progress record per live request that produced tokens since the last flush and
-        is at least one flush old (shorter ones settle before it matters); returns how many. Run
-        every :data:`PROGRESS_INTERVAL_S` (:meth:`record_progress`), so a request whose gateway
-        dies is charged at least what it produced minus one interval."""
+        """Send one progress record per live request that produced tokens since the last flush;
+        returns how many. Run every :data:`PROGRESS_INTERVAL_S` (:meth:`record_progress`), so a
+        request whose gateway dies is charged at least what it produced minus one interval: its
+        first record comes at the first flush after its first token, however young it is then
+        (waiting a flush more for the short ones to settle first would leave up to two intervals
+        unrecorded)."""
         if not self.enabled or self.client is None:
             return 0
         n = 0
         for request_id, live in self._live.items():
-            live.age += 1
-            if live.age > 1 and live.noted > live.sent:
+            if live.noted > live.sent:
                 live.sent = live.noted
                 self.client.submit(Progress(request_id, live.noted)).add_done_callback(_log_failure)
                 n += 1
