@@ -1,6 +1,6 @@
 """Engines a pool replica can drive: vLLM (``vllm_engine``) and the simulated engine (``sim``)."""
 
-from serving.engines._metrics import EngineMetrics, HistogramSnapshot
+from serving.engines._metrics import EngineMetrics, HistogramSnapshot, MetricFamily, MetricSample
 from serving.engines.base import (
     ChoiceDelta,
     Engine,
@@ -23,6 +23,8 @@ __all__ = [
     "EngineMetrics",
     "EngineRequest",
     "HistogramSnapshot",
+    "MetricFamily",
+    "MetricSample",
     "SamplingSpec",
     "TokenLogprob",
 ]

@@ -1,13 +1,26 @@
-"""An engine's own metrics as plain data, under vLLM's names and meanings (``vllm:*``).
+"""An engine's own metrics as plain data: vLLM's Prometheus families, shipped as they are.
 
 A pool replica ships one :class:`EngineMetrics` per load-board publication; the gateway's exporter
-renders it as vLLM's Prometheus logger would, labelled with the pool, replica and GPU type
-(``serving.metrics``). The vLLM engine fills it from its own Prometheus logger's registry in the
-replica's process (:func:`from_prometheus`, what vLLM's ``get_metrics_snapshot()`` reads); the
-simulated engine from its scheduler and a :class:`EngineMetricsRecorder` it feeds step by step,
-with vLLM's bucket boundaries, so a simulated fleet reads like a real one.
+(``serving.metrics``) emits each of its families as is, with ``pool``, ``replica`` and ``gpu``
+added to every sample's labels. Why families and not figures: the exposition is then vLLM's own
+(every ``vllm:*`` family its logger registers, its names, types, help, labels and bucket bounds,
+``custom_histogram_buckets`` and a new vLLM's families included), with nothing copied by hand that
+could drift from it.
 
-What each figure means is vLLM v1's (0.32):
+* The vLLM engine fills it from its Prometheus logger's registry in the replica's process
+  (:func:`from_prometheus`): every ``vllm:*`` family, every sample with its labels (vLLM's
+  ``model_name`` and ``engine`` among them) and value. Only the ``_created`` samples are left out
+  (registration times, which the text format turns into extra gauge series; Prometheus does not
+  read them there).
+* The simulated engine, vLLM's stand-in, builds the same structure (:class:`EngineMetricsRecorder`)
+  for the families it can model, under vLLM 0.32's names, help and default buckets, labelled
+  ``model_name`` and ``engine="0"`` as one vLLM engine is.
+
+Bounded: vLLM's families are fixed when its logger starts, and their label values are the served
+model name, the engine index (data-parallel rank) and vLLM's enums, so a payload holds at most
+vLLM's families x engines samples (a few hundred per engine), never request data.
+
+What the simulated figures mean is vLLM v1's (0.32):
 
 * ``num_requests_running`` / ``num_requests_waiting``: sequences in the scheduler's running list
   and queue (vLLM schedules each of ``n`` choices as its own request);
@@ -29,19 +42,139 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, get_args
+
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "E2E_REQUEST_LATENCY_BUCKETS_S",
     "INTER_TOKEN_LATENCY_BUCKETS_S",
     "TIME_TO_FIRST_TOKEN_BUCKETS_S",
-    "VLLM_SAMPLE_NAMES",
+    "VLLM_PREFIX",
     "EngineMetrics",
     "EngineMetricsRecorder",
     "Histogram",
     "HistogramSnapshot",
+    "MetricFamily",
+    "MetricSample",
+    "MetricType",
     "from_prometheus",
 ]
+
+VLLM_PREFIX = "vllm:"
+"""The families a replica ships: vLLM's own."""
+
+MetricType = Literal[
+    "counter", "gauge", "histogram", "gaugehistogram", "summary", "info", "stateset", "unknown"
+]
+"""A family's type, as ``prometheus_client`` names it (vLLM's logger uses the first three)."""
+_TYPES: frozenset[str] = frozenset(get_args(MetricType))
+_CREATED = "_created"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One sample as the engine's registry exposes it: its full name (``vllm:prompt_tokens_total``,
+    ``vllm:time_to_first_token_seconds_bucket``), its labels in the engine's order (a bucket's
+    ``le`` among them, as the exposition writes it) and its value."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+    def __reduce__(self) -> tuple[Any, ...]:  # positional on the wire: smaller pickles
+        return (MetricSample, (self.name, self.labels, self.value))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    """One Prometheus family: ``name`` without a counter's ``_total``, as ``prometheus_client``
+    collects it."""
+
+    name: str
+    type: MetricType
+    documentation: str
+    samples: tuple[MetricSample, ...]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MetricFamily, (self.name, self.type, self.documentation, self.samples))
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A Prometheus histogram's state: ``counts[i]`` observations were <= ``bounds[i]``
+    (cumulative, as exposed), ``count`` in all (the ``+Inf`` bucket)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int
+    sum: float
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...]) -> HistogramSnapshot:
+        return cls(bounds, (0,) * len(bounds), 0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """One engine's families at one moment (gauges) and since it started (counters, histograms),
+    what a replica ships and the exporter emits. ``family``, ``total`` and ``histogram`` read it
+    back (tests and tools; Tokenweir's routing and admission use their own figures)."""
+
+    families: tuple[MetricFamily, ...]
+
+    def family(self, name: str) -> MetricFamily | None:
+        return next((f for f in self.families if f.name == name), None)
+
+    def total(self, sample: str) -> float:
+        """The sum of the samples named ``sample`` (over engines and any other label); 0 if none."""
+        return sum(s.value for f in self.families for s in f.samples if s.name == sample)
+
+    def histogram(self, name: str) -> HistogramSnapshot | None:
+        """Histogram ``name`` summed over its series (engines share their bucket bounds)."""
+        fam = self.family(name)
+        if fam is None or fam.type != "histogram":
+            return None
+        buckets: dict[float, float] = {}
+        count = total = 0.0
+        for s in fam.samples:
+            if s.name == f"{name}_bucket":
+                le = float(dict(s.labels)["le"])
+                if not math.isinf(le):
+                    buckets[le] = buckets.get(le, 0.0) + s.value
+            elif s.name == f"{name}_count":
+                count += s.value
+            elif s.name == f"{name}_sum":
+                total += s.value
+        bounds = tuple(sorted(buckets))
+        return HistogramSnapshot(bounds, tuple(int(buckets[b]) for b in bounds), int(count), total)
+
+
+def from_prometheus(families: Iterable[Any]) -> EngineMetrics:
+    """Every ``vllm:*`` family among ``families`` (``prometheus_client`` metric families, as a
+    registry collects them in the engine's process), with its samples as they are but for
+    ``_created``. Equal names and label sets are one object each, so a pickle holds them once."""
+    out = []
+    shared: dict[Any, Any] = {}
+    for fam in families:
+        if not fam.name.startswith(VLLM_PREFIX) or fam.type not in _TYPES:
+            continue
+        created = f"{fam.name}{_CREATED}"
+        samples = []
+        for s in fam.samples:
+            if s.name == created:
+                continue
+            labels = tuple(shared.setdefault(kv, kv) for kv in s.labels.items())
+            samples.append(
+                MetricSample(
+                    shared.setdefault(s.name, s.name), shared.setdefault(labels, labels), float(s.value)
+                )
+            )
+        out.append(MetricFamily(fam.name, cast(MetricType, fam.type), fam.documentation, tuple(samples)))
+    return EngineMetrics(tuple(out))
+
+
+# ---- the simulated engine's stand-in for vLLM's logger ----------------------------------------------
 
 # vLLM 0.32's defaults (vllm/v1/metrics/buckets.py); the live test compares them with the real
 # engine's exposition.
@@ -58,20 +191,21 @@ E2E_REQUEST_LATENCY_BUCKETS_S: tuple[float, ...] = (
     40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 
-
-@dataclass(frozen=True, slots=True)
-class HistogramSnapshot:
-    """A Prometheus histogram's state: ``counts[i]`` observations were <= ``bounds[i]``
-    (cumulative, as exposed), ``count`` in all (the ``+Inf`` bucket)."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[int, ...]
-    count: int
-    sum: float
-
-    @classmethod
-    def empty(cls, bounds: tuple[float, ...]) -> HistogramSnapshot:
-        return cls(bounds, (0,) * len(bounds), 0, 0.0)
+# The families the simulated engine models, with vLLM 0.32's help (vllm/v1/metrics/loggers.py);
+# the live test compares names, types and help with the real engine's.
+_HELP = {
+    "vllm:num_requests_running": "Number of requests in model execution batches.",
+    "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
+    "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "vllm:prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+    "vllm:prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
+    "vllm:num_preemptions": "Cumulative number of preemption from the engine.",
+    "vllm:prompt_tokens": "Number of prefill tokens processed.",
+    "vllm:generation_tokens": "Number of generation tokens processed.",
+    "vllm:time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+    "vllm:inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+    "vllm:e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
+}
 
 
 class Histogram:
@@ -99,31 +233,15 @@ class Histogram:
         return HistogramSnapshot(self._bounds, tuple(cumulative), n + self._counts[-1], self._sum)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineMetrics:
-    """One engine's figures at one moment (gauges) and since it started (counters, histograms)."""
-
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage_perc: float
-    num_preemptions: int
-    prompt_tokens: int
-    generation_tokens: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    time_to_first_token_seconds: HistogramSnapshot
-    inter_token_latency_seconds: HistogramSnapshot
-    e2e_request_latency_seconds: HistogramSnapshot
-
-
 class EngineMetricsRecorder:
-    """The per-request figures of :class:`EngineMetrics` that a scheduler does not keep (token
-    counters and latency histograms), fed with times on the engine's own clock. Pure: no clock,
-    no I/O."""
+    """The per-request figures a scheduler does not keep (token counters and latency histograms),
+    fed with times on the engine's own clock, and :meth:`snapshot`: them with the scheduler's
+    figures as vLLM's logger would expose them. Pure: no clock, no I/O."""
 
-    __slots__ = ("e2e", "generation_tokens", "itl", "prompt_tokens", "ttft")
+    __slots__ = ("_labels", "e2e", "generation_tokens", "itl", "prompt_tokens", "ttft")
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str) -> None:
+        self._labels: tuple[tuple[str, str], ...] = (("model_name", model_name), ("engine", "0"))
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = Histogram(TIME_TO_FIRST_TOKEN_BUCKETS_S)
@@ -155,98 +273,47 @@ class EngineMetricsRecorder:
         prefix_cache_queries: int,
         prefix_cache_hits: int,
     ) -> EngineMetrics:
-        """These counters with the scheduler's own figures."""
-        return EngineMetrics(
-            num_requests_running=running,
-            num_requests_waiting=waiting,
-            kv_cache_usage_perc=kv_cache_usage,
-            num_preemptions=preemptions,
-            prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens,
-            prefix_cache_queries=prefix_cache_queries,
-            prefix_cache_hits=prefix_cache_hits,
-            time_to_first_token_seconds=self.ttft.snapshot(),
-            inter_token_latency_seconds=self.itl.snapshot(),
-            e2e_request_latency_seconds=self.e2e.snapshot(),
+        """These counters with the scheduler's own figures, as vLLM's families."""
+        gauges = {
+            "vllm:num_requests_running": running,
+            "vllm:num_requests_waiting": waiting,
+            "vllm:kv_cache_usage_perc": kv_cache_usage,
+        }
+        counters = {
+            "vllm:prefix_cache_queries": prefix_cache_queries,
+            "vllm:prefix_cache_hits": prefix_cache_hits,
+            "vllm:num_preemptions": preemptions,
+            "vllm:prompt_tokens": self.prompt_tokens,
+            "vllm:generation_tokens": self.generation_tokens,
+        }
+        hists = {
+            "vllm:time_to_first_token_seconds": self.ttft,
+            "vllm:inter_token_latency_seconds": self.itl,
+            "vllm:e2e_request_latency_seconds": self.e2e,
+        }
+        lb = self._labels
+        fams = [self._family(n, "gauge", (MetricSample(n, lb, float(v)),)) for n, v in gauges.items()]
+        fams += [
+            self._family(n, "counter", (MetricSample(f"{n}_total", lb, float(v)),))
+            for n, v in counters.items()
+        ]
+        fams += [self._family(n, "histogram", self._histogram(n, h.snapshot())) for n, h in hists.items()]
+        return EngineMetrics(tuple(fams))
+
+    @staticmethod
+    def _family(name: str, typ: MetricType, samples: tuple[MetricSample, ...]) -> MetricFamily:
+        return MetricFamily(name, typ, _HELP[name], samples)
+
+    def _histogram(self, name: str, h: HistogramSnapshot) -> tuple[MetricSample, ...]:
+        lb = self._labels
+        les = [*(floatToGoString(b) for b in h.bounds), "+Inf"]
+        counts = [*h.counts, h.count]
+        buckets = [
+            MetricSample(f"{name}_bucket", (*lb, ("le", le)), float(n))
+            for le, n in zip(les, counts, strict=True)
+        ]
+        return (
+            *buckets,
+            MetricSample(f"{name}_count", lb, float(h.count)),
+            MetricSample(f"{name}_sum", lb, h.sum),
         )
-
-
-_GAUGES = {
-    "vllm:num_requests_running": "num_requests_running",
-    "vllm:num_requests_waiting": "num_requests_waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
-}
-_COUNTERS = {
-    "vllm:num_preemptions": "num_preemptions",
-    "vllm:prompt_tokens": "prompt_tokens",
-    "vllm:generation_tokens": "generation_tokens",
-    "vllm:prefix_cache_queries": "prefix_cache_queries",
-    "vllm:prefix_cache_hits": "prefix_cache_hits",
-}
-_HISTOGRAMS = {
-    "vllm:time_to_first_token_seconds": ("time_to_first_token_seconds", TIME_TO_FIRST_TOKEN_BUCKETS_S),
-    "vllm:inter_token_latency_seconds": ("inter_token_latency_seconds", INTER_TOKEN_LATENCY_BUCKETS_S),
-    "vllm:e2e_request_latency_seconds": ("e2e_request_latency_seconds", E2E_REQUEST_LATENCY_BUCKETS_S),
-}
-VLLM_SAMPLE_NAMES: frozenset[str] = frozenset(
-    [*_GAUGES, *(f"{n}_total" for n in _COUNTERS)]
-    + [f"{n}{suffix}" for n in _HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")]
-)
-"""The samples of vLLM's Prometheus logger that :class:`EngineMetrics` holds (for
-``REGISTRY.restricted_registry``: a scrape of those alone)."""
-
-
-def from_prometheus(families: Iterable[Any]) -> EngineMetrics:
-    """:class:`EngineMetrics` from metric families of vLLM's Prometheus logger, as
-    ``prometheus_client`` collects them in the engine's process (``vllm:*`` names, labels
-    ``model_name`` and ``engine``). Summed over vLLM's engine indexes (data parallel); the KV
-    usage is the fullest engine's. Bucket bounds are the engine's own (its
-    ``custom_histogram_buckets`` included). A figure the registry lacks is 0."""
-    kw: dict[str, Any] = {k: 0 for k in (*_GAUGES.values(), *_COUNTERS.values())}
-    kw["kv_cache_usage_perc"] = 0.0
-    for key, bounds in _HISTOGRAMS.values():
-        kw[key] = HistogramSnapshot.empty(bounds)
-    for fam in families:
-        name = fam.name
-        if name in _GAUGES or name in _COUNTERS:
-            key = _GAUGES.get(name) or _COUNTERS[name]
-            wanted = name if name in _GAUGES else f"{name}_total"
-            for s in fam.samples:
-                if s.name != wanted:
-                    continue
-                if key == "kv_cache_usage_perc":
-                    kw[key] = max(kw[key], float(s.value))
-                else:
-                    kw[key] += int(s.value)
-        elif name in _HISTOGRAMS:
-            key = _HISTOGRAMS[name][0]
-            per_engine: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
-            for s in fam.samples:
-                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
-                h = per_engine.setdefault(labels, {"buckets": [], "count": 0, "sum": 0.0})
-                if s.name == f"{name}_bucket":
-                    le = float(s.labels["le"])
-                    if not math.isinf(le):
-                        h["buckets"].append((le, int(s.value)))
-                elif s.name == f"{name}_count":
-                    h["count"] = int(s.value)
-                elif s.name == f"{name}_sum":
-                    h["sum"] = float(s.value)
-            merged: HistogramSnapshot | None = None
-            for h in per_engine.values():
-                finite = sorted(h["buckets"])
-                one = HistogramSnapshot(
-                    tuple(b for b, _ in finite), tuple(n for _, n in finite), h["count"], h["sum"]
-                )
-                if merged is None:
-                    merged = one
-                else:  # engines of one vLLM share their bucket bounds
-                    merged = HistogramSnapshot(
-                        merged.bounds,
-                        tuple(a + b for a, b in zip(merged.counts, one.counts, strict=True)),
-                        merged.count + one.count,
-                        merged.sum + one.sum,
-                    )
-            if merged is not None:
-                kw[key] = merged
-    return EngineMetrics(**kw)

@@ -208,8 +208,8 @@ class Engine(abc.ABC):
         """Batch and KV-cache bounds of the started engine."""
 
     def engine_metrics(self) -> EngineMetrics | None:
-        """The engine's own figures under vLLM's names (plain data, safe to ship), or None before
-        it started."""
+        """The engine's own metric families, vLLM's as its logger exposes them (plain data, safe to
+        ship), or None before it started."""
         return None
 
     def prefix_hashing(self) -> tuple[int, str] | None:

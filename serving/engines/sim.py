@@ -14,10 +14,11 @@ prefix and prefills only the rest, and cached blocks are evicted LRU within the 
 (:class:`~serving.kvcache.BlockPool`). ``stats.prefix_cache`` counts queried and hit prompt
 tokens, exported as ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``.
 
-:meth:`SimEngine.engine_metrics` gives vLLM's engine metrics (:mod:`serving.engines._metrics`)
-from the scheduler (running, waiting, KV usage, preemptions, prefix cache) and from the steps as
-they end: prompt and generation tokens, TTFT, inter-token and end-to-end latency per sequence, in
-seconds on the engine's clock (wall time; with ``speedup`` the hardware's times divided by it).
+:meth:`SimEngine.engine_metrics` gives the vLLM families it models, as vLLM's logger exposes them
+(:mod:`serving.engines._metrics`; labelled with ``served_name`` and engine 0), from the scheduler
+(running, waiting, KV usage, preemptions, prefix cache) and from the steps as they end: prompt and
+generation tokens, TTFT, inter-token and end-to-end latency per sequence, in seconds on the
+engine's clock (wall time; with ``speedup`` the hardware's times divided by it).
 
 ``speedup`` divides every step time (a test fleet can run 100x faster than the hardware it models).
 ``record_lag`` keeps, per delivered token, how late the consumer got it against the model's
@@ -95,11 +96,13 @@ class SimEngine(Engine):
         record_lag: bool = False,
         enable_prefix_caching: bool = True,
         block_tokens: int = KV_BLOCK_TOKENS,
+        served_name: str | None = None,
     ) -> None:
         """``kv_capacity_tokens`` defaults to the model's prediction at the settings' utilisation;
         ``max_model_len`` (prompt + max_tokens) to that capacity; ``eos_mean_tokens`` sets where
         the deterministic EOS falls (uniform in 1..2x, None: never); ``block_tokens`` is vLLM's
-        ``block_size`` (16 on GPUs, 128 in the CPU build)."""
+        ``block_size`` (16 on GPUs, 128 in the CPU build); ``served_name`` is the ``model_name`` of
+        its metrics, as vLLM's served model name (default: the architecture's name)."""
         if speedup <= 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
         self.perf = PerfModel(arch, gpu, factors)
@@ -125,7 +128,7 @@ class SimEngine(Engine):
             enable_prefix_caching=enable_prefix_caching,
         )
         self.stats.prefix_cache = self._sched.prefix_cache_stats
-        self._metrics = EngineMetricsRecorder()
+        self._metrics = EngineMetricsRecorder(served_name if served_name is not None else arch.name)
         self._hasher = BlockHasher(block_tokens) if enable_prefix_caching else None
         self._streams: dict[str, SimStream] = {}
         self._task: asyncio.Task[None] | None = None

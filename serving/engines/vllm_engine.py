@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from serving.engines._metrics import VLLM_SAMPLE_NAMES, EngineMetrics, from_prometheus
+from serving.engines._metrics import EngineMetrics, from_prometheus
 from serving.engines.base import (
     Abort,
     CacheSink,
@@ -145,8 +145,8 @@ class VllmEngine(Engine):
             args["distributed_executor_backend"] = UniProcExecutor
         engine_args = AsyncEngineArgs(model=self._model_path, served_model_name=[self._served_name], **args)
         usage = UsageContext.OPENAI_API_SERVER
-        # vLLM's Prometheus logger alone (no periodic log lines): engine_metrics() reads its
-        # registry in this process, where the front end records every step's stats.
+        # vLLM's Prometheus logger alone (no periodic log lines): engine_metrics() ships its
+        # families from the registry in this process, where the front end records every step's stats.
         loggers: list[Any] = [PrometheusStatLogger]
 
         def build() -> tuple[Any, frozenset[int] | None]:
@@ -266,13 +266,14 @@ class VllmEngine(Engine):
         return EngineCapacity(int(cfg.scheduler_config.max_num_seqs), kv_tokens)
 
     def engine_metrics(self) -> EngineMetrics | None:
-        """vLLM's own figures, from its Prometheus logger's registry in this process."""
+        """Every family of vLLM's Prometheus logger, from its registry in this process."""
         if self._llm is None or self._llm.logger_manager is None:
             return None
         if self._registry is None:
             from prometheus_client import REGISTRY  # where vLLM's logger registers (not multiprocess)
 
-            self._registry = REGISTRY.restricted_registry(VLLM_SAMPLE_NAMES)
+            self._registry = REGISTRY
+        # the whole registry: its other collectors (process, GC) cost ~0.2 ms of the ~1.5 ms a read
         return from_prometheus(self._registry.collect())
 
     def num_unfinished(self) -> int:

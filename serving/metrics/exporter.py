@@ -23,16 +23,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from serving.admission import GateStats, RefusalReason
 from serving.config.resolved import ResolvedPool
-from serving.engines import EngineMetrics, HistogramSnapshot
+from serving.engines import EngineMetrics
 from serving.tenancy import OTHER_TENANTS
 
 P = "tokenweir"
@@ -231,69 +229,33 @@ def _pool_families(
     yield t_served
 
 
-_ENGINE_LABELS = ["model_name", "pool", "replica", "gpu"]
-_ENGINE_GAUGES = (
-    ("vllm:num_requests_running", "num_requests_running", "Number of requests in model execution batches."),
-    ("vllm:num_requests_waiting", "num_requests_waiting", "Number of requests waiting to be processed."),
-    ("vllm:kv_cache_usage_perc", "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
-)
-_ENGINE_COUNTERS = (
-    (
-        "vllm:prefix_cache_queries",
-        "prefix_cache_queries",
-        "Prefix cache queries, in terms of number of queried tokens.",
-    ),
-    (
-        "vllm:prefix_cache_hits",
-        "prefix_cache_hits",
-        "Prefix cache hits, in terms of number of cached tokens.",
-    ),
-    ("vllm:num_preemptions", "num_preemptions", "Cumulative number of preemption from the engine."),
-    ("vllm:prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
-    ("vllm:generation_tokens", "generation_tokens", "Number of generation tokens processed."),
-)
-_ENGINE_HISTOGRAMS = (
-    (
-        "vllm:time_to_first_token_seconds",
-        "time_to_first_token_seconds",
-        "Histogram of time to first token in seconds.",
-    ),
-    (
-        "vllm:inter_token_latency_seconds",
-        "inter_token_latency_seconds",
-        "Histogram of inter-token latency in seconds.",
-    ),
-    (
-        "vllm:e2e_request_latency_seconds",
-        "e2e_request_latency_seconds",
-        "Histogram of e2e request latency in seconds.",
-    ),
-)
+_ENGINE_ORIGIN = ("pool", "replica", "gpu")
 
 
 def _engine_families(pools: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
-    """Each pool replica's engine metrics (:class:`~serving.engines.EngineMetrics`) under vLLM's
-    names, help and bucket bounds, as vLLM's Prometheus logger exposes them, relabelled: vLLM's
-    ``model_name`` kept, its ``engine`` index (summed in the replica) replaced by ``pool``,
-    ``replica`` and ``gpu``. Replicas are bounded by the deployment."""
-    gauges = [(GaugeMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_GAUGES]
-    counters = [(CounterMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_COUNTERS]
-    hists = [(HistogramMetricFamily(n, h, labels=_ENGINE_LABELS), f) for n, f, h in _ENGINE_HISTOGRAMS]
+    """Each pool replica's engine families (:class:`~serving.engines.EngineMetrics`: vLLM's
+    logger's own, or the simulated engine's under vLLM's names) emitted as they are, every sample
+    relabelled with the replica's ``pool``, ``replica`` and ``gpu`` on top of its engine's labels
+    (``model_name``, ``engine``, ...). An engine label of one of those names is kept as
+    ``exported_<name>``, as Prometheus relabels a scraped target's. A family is one per name: the
+    first replica's type and help, a replica whose family of that name has another type (another
+    vLLM) is left out of it. Replicas are bounded by the deployment, samples by each engine."""
+    fams: dict[str, Metric] = {}
     for key, p in pools:
         em: EngineMetrics | None = p.get("engine_metrics")
         if em is None:
             continue
-        labels = [p.get("model", ""), p["pool"], key.split("/", 1)[-1], p["accelerator"]]
-        for g, f in gauges:
-            g.add_metric(labels, float(getattr(em, f)))
-        for c, f in counters:
-            c.add_metric(labels, float(getattr(em, f)))
-        for hfam, f in hists:
-            h: HistogramSnapshot = getattr(em, f)
-            buckets = [(floatToGoString(b), float(n)) for b, n in zip(h.bounds, h.counts, strict=True)]
-            hfam.add_metric(labels, [*buckets, ("+Inf", float(h.count))], h.sum)
-    for fam, _f in (*gauges, *counters, *hists):
-        yield fam
+        origin = dict(zip(_ENGINE_ORIGIN, (p["pool"], key.split("/", 1)[-1], p["accelerator"]), strict=True))
+        for f in em.families:
+            out = fams.get(f.name)
+            if out is None:
+                out = fams[f.name] = Metric(f.name, f.documentation, f.type)
+            elif out.type != f.type:
+                continue
+            for s in f.samples:
+                labels = {f"exported_{k}" if k in origin else k: v for k, v in s.labels}
+                out.add_sample(s.name, {**labels, **origin}, s.value)
+    yield from fams.values()
 
 
 def _gateway_families(gateways: list[tuple[str, GatewayStats]]) -> Iterator[Metric]:

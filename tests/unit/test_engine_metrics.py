@@ -1,10 +1,12 @@
-"""Engine metrics under vLLM's names: the simulated engine's figures against its scheduler and the
-requests' usage, the histogram arithmetic, vLLM's registry read as the vLLM engine reads it, and
-their export per pool replica with vLLM's names, help and buckets."""
+"""Engine metrics as vLLM's own Prometheus families: the simulated engine's figures against its
+scheduler and the requests' usage, the histogram arithmetic, a vLLM-like registry shipped as it is
+(and the simulated engine's families the same as such a registry's), and their export per pool
+replica: each family as is, with pool, replica and GPU labels added."""
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -12,12 +14,12 @@ from prometheus_client import Histogram as PromHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.admission import AdmissionStats
-from serving.engines import EngineMetrics
+from serving.engines import EngineMetrics, MetricFamily, MetricSample
 from serving.engines._metrics import (
     E2E_REQUEST_LATENCY_BUCKETS_S,
     INTER_TOKEN_LATENCY_BUCKETS_S,
     TIME_TO_FIRST_TOKEN_BUCKETS_S,
-    VLLM_SAMPLE_NAMES,
+    EngineMetricsRecorder,
     Histogram,
     HistogramSnapshot,
     from_prometheus,
@@ -27,25 +29,10 @@ from serving.hardware.plan import EngineSettings
 from serving.metrics import BoardCollector, render
 from tests.unit.test_sim_engine import H100, LLAMA8B, PERF, Collector, req, run_until, settle
 
-ENGINE_NAMES = {
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-    "vllm:prefix_cache_queries_total",
-    "vllm:prefix_cache_hits_total",
-    "vllm:num_preemptions_total",
-    "vllm:prompt_tokens_total",
-    "vllm:generation_tokens_total",
-    "vllm:time_to_first_token_seconds_bucket",
-    "vllm:time_to_first_token_seconds_count",
-    "vllm:time_to_first_token_seconds_sum",
-    "vllm:inter_token_latency_seconds_bucket",
-    "vllm:inter_token_latency_seconds_count",
-    "vllm:inter_token_latency_seconds_sum",
-    "vllm:e2e_request_latency_seconds_bucket",
-    "vllm:e2e_request_latency_seconds_count",
-    "vllm:e2e_request_latency_seconds_sum",
-}
+RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+TTFT, ITL = "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"
+E2E = "vllm:e2e_request_latency_seconds"
 
 
 def test_histogram_buckets_are_prometheus_le() -> None:
@@ -57,6 +44,10 @@ def test_histogram_buckets_are_prometheus_le() -> None:
     assert h.snapshot() == HistogramSnapshot((0.1, 1.0), (2, 7), 8, pytest.approx(5.25))
     with pytest.raises(ValueError):
         Histogram((1.0, 0.5))
+
+
+def gauges(m: EngineMetrics) -> tuple[float, float, float]:
+    return m.total(RUNNING), m.total(WAITING), m.total(KV_USAGE)
 
 
 async def test_sim_figures_follow_its_scheduler_and_the_requests_usage() -> None:
@@ -71,11 +62,16 @@ async def test_sim_figures_follow_its_scheduler_and_the_requests_usage() -> None
         kv_capacity_tokens=640,
         max_model_len=400,
         eos_mean_tokens=None,
+        served_name="m8b",
     )
     await engine.start()
     idle = engine.engine_metrics()
-    assert (idle.num_requests_running, idle.num_requests_waiting, idle.kv_cache_usage_perc) == (0, 0, 0.0)
-    assert idle.time_to_first_token_seconds == HistogramSnapshot.empty(TIME_TO_FIRST_TOKEN_BUCKETS_S)
+    assert gauges(idle) == (0, 0, 0.0)
+    assert idle.histogram(TTFT) == HistogramSnapshot.empty(TIME_TO_FIRST_TOKEN_BUCKETS_S)
+    # labelled as one vLLM engine serving the pool's model is
+    assert {s.labels[:2] for f in idle.families for s in f.samples} == {
+        (("model_name", "m8b"), ("engine", "0"))
+    }
 
     cs = [Collector(engine, clock, req(f"r{i}", prompt=100, max_tokens=120)) for i in range(4)]
     await settle()
@@ -83,36 +79,34 @@ async def test_sim_figures_follow_its_scheduler_and_the_requests_usage() -> None
     await settle()
     busy = engine.engine_metrics()
     sched = engine._sched
-    assert (busy.num_requests_running, busy.num_requests_waiting) == (len(sched.running), len(sched.waiting))
-    assert (busy.num_requests_running, busy.num_requests_waiting) == (3, 1)
-    assert busy.kv_cache_usage_perc == pytest.approx(1 - sched.free_blocks / sched.num_blocks)
-    assert busy.kv_cache_usage_perc == pytest.approx(21 / 40)  # 3 x 7 blocks of 16 for 101 tokens
-    assert busy.time_to_first_token_seconds.count == 3
-    assert busy.time_to_first_token_seconds.sum == pytest.approx(3 * PERF.prefill_time_s([100] * 3))
+    assert (busy.total(RUNNING), busy.total(WAITING)) == (len(sched.running), len(sched.waiting)) == (3, 1)
+    assert busy.total(KV_USAGE) == pytest.approx(1 - sched.free_blocks / sched.num_blocks)
+    assert busy.total(KV_USAGE) == pytest.approx(21 / 40)  # 3 x 7 blocks of 16 for 101 tokens
+    ttft = busy.histogram(TTFT)
+    assert ttft is not None and ttft.count == 3
+    assert ttft.sum == pytest.approx(3 * PERF.prefill_time_s([100] * 3))
 
     await run_until(clock, lambda: all(c.done for c in cs))
     done = engine.engine_metrics()
     usage = [c.chunks[-1][1] for c in cs]
-    assert (done.num_requests_running, done.num_requests_waiting, done.kv_cache_usage_perc) == (0, 0, 0.0)
-    assert done.num_preemptions == engine.stats.preemptions > 0
-    assert done.prompt_tokens == sum(u.prompt_tokens for u in usage) == 400
-    assert done.generation_tokens == sum(u.completion_tokens for u in usage) == 480
-    assert done.prefix_cache_queries == engine.stats.prefix_cache.queries
-    assert done.prefix_cache_hits == engine.stats.prefix_cache.hits
+    assert gauges(done) == (0, 0, 0.0)
+    assert done.total("vllm:num_preemptions_total") == engine.stats.preemptions > 0
+    assert done.total("vllm:prompt_tokens_total") == sum(u.prompt_tokens for u in usage) == 400
+    assert done.total("vllm:generation_tokens_total") == sum(u.completion_tokens for u in usage) == 480
+    assert done.total("vllm:prefix_cache_queries_total") == engine.stats.prefix_cache.queries
+    assert done.total("vllm:prefix_cache_hits_total") == engine.stats.prefix_cache.hits
     # one TTFT and one end-to-end latency per request, an inter-token latency per later token
-    assert done.time_to_first_token_seconds.count == 4
-    assert done.e2e_request_latency_seconds.count == 4
-    assert done.inter_token_latency_seconds.count == 4 * 119
+    ttft, itl, e2e = done.histogram(TTFT), done.histogram(ITL), done.histogram(E2E)
+    assert ttft is not None and itl is not None and e2e is not None
+    assert (ttft.count, e2e.count, itl.count) == (4, 4, 4 * 119)
     # their times are the tokens' times on the engine's timeline (every request arrived at 50 s)
     first = [c.chunks[0][0] for c in cs]
     last = [c.chunks[-1][0] for c in cs]
-    assert done.time_to_first_token_seconds.sum == pytest.approx(sum(t - 50.0 for t in first))
-    assert done.e2e_request_latency_seconds.sum == pytest.approx(sum(t - 50.0 for t in last))
-    assert done.inter_token_latency_seconds.sum == pytest.approx(
-        sum(b - a for a, b in zip(first, last, strict=True))
-    )
-    assert done.inter_token_latency_seconds.bounds == INTER_TOKEN_LATENCY_BUCKETS_S
-    assert done.e2e_request_latency_seconds.bounds == E2E_REQUEST_LATENCY_BUCKETS_S
+    assert ttft.sum == pytest.approx(sum(t - 50.0 for t in first))
+    assert e2e.sum == pytest.approx(sum(t - 50.0 for t in last))
+    assert itl.sum == pytest.approx(sum(b - a for a, b in zip(first, last, strict=True)))
+    assert itl.bounds == INTER_TOKEN_LATENCY_BUCKETS_S
+    assert e2e.bounds == E2E_REQUEST_LATENCY_BUCKETS_S
     await engine.shutdown()
 
 
@@ -125,84 +119,175 @@ async def test_sim_abort_is_not_a_finished_request() -> None:
     await run_until(clock, task.done)
     await stream.aclose()  # aborted after its first token
     m = engine.engine_metrics()
-    assert m.time_to_first_token_seconds.count == 1 and m.e2e_request_latency_seconds.count == 0
-    assert m.num_requests_running == 0 and m.generation_tokens >= 1
+    ttft, e2e = m.histogram(TTFT), m.histogram(E2E)
+    assert ttft is not None and ttft.count == 1 and e2e is not None and e2e.count == 0
+    assert m.total(RUNNING) == 0 and m.total("vllm:generation_tokens_total") >= 1
     await engine.shutdown()
 
 
 def vllm_like_registry(engines: int = 1) -> CollectorRegistry:
-    """A registry holding what vLLM's PrometheusStatLogger registers (names, labels, buckets),
-    with a few figures recorded, plus a vLLM family EngineMetrics does not hold."""
+    """A registry holding families as vLLM's PrometheusStatLogger registers them (names, help,
+    labels, buckets; one without ``engine``, one with a label of its own, one without
+    ``model_name``) with a few figures recorded, and a family that is not vLLM's."""
     reg = CollectorRegistry()
     lbl = ["model_name", "engine"]
-    running = Gauge("vllm:num_requests_running", "r", lbl, registry=reg)
-    usage = Gauge("vllm:kv_cache_usage_perc", "u", lbl, registry=reg)
-    prompt = Counter("vllm:prompt_tokens", "p", lbl, registry=reg)
+    running = Gauge(RUNNING, "Number of requests in model execution batches.", lbl, registry=reg)
+    prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lbl, registry=reg)
     ttft = PromHistogram(
-        "vllm:time_to_first_token_seconds", "t", lbl, buckets=TIME_TO_FIRST_TOKEN_BUCKETS_S, registry=reg
+        TTFT, "Histogram of time to first token in seconds.", lbl, buckets=(0.1, 1.0), registry=reg
     )
-    Counter("vllm:request_success", "s", [*lbl, "finished_reason"], registry=reg)
+    success = Counter(
+        "vllm:request_success",
+        "Count of successfully processed requests.",
+        [*lbl, "finished_reason"],
+        registry=reg,
+    )
+    rejected = Counter(
+        "vllm:admission_rejections", "Rejected, by reason.", ["model_name", "reason"], registry=reg
+    )
+    info = Gauge(
+        "vllm:cache_config_info",
+        "Information of the LLMEngine CacheConfig",
+        ["block_size", "engine"],
+        registry=reg,
+    )
+    Gauge("process_open_fds", "Not vLLM's.", registry=reg).set(9)
+    rejected.labels("tiny", "queue_full").inc(2)
     for e in range(engines):
         labels = ("tiny", str(e))
         running.labels(*labels).set(3 + e)
-        usage.labels(*labels).set(0.25 * (e + 1))
         prompt.labels(*labels).inc(100)
         ttft.labels(*labels).observe(0.03)
         ttft.labels(*labels).observe(3.0)
+        success.labels(*labels, "stop").inc()
+        info.labels("16", str(e)).set(1)
     return reg
 
 
-def test_vllm_registry_reads_as_engine_metrics() -> None:
-    reg = vllm_like_registry()
-    m = from_prometheus(reg.restricted_registry(VLLM_SAMPLE_NAMES).collect())
-    assert (m.num_requests_running, m.kv_cache_usage_perc, m.prompt_tokens) == (3, 0.25, 100)
-    assert m.num_requests_waiting == 0 and m.generation_tokens == 0  # not registered: 0
-    h = m.time_to_first_token_seconds
-    assert h.bounds == TIME_TO_FIRST_TOKEN_BUCKETS_S and h.count == 2 and h.sum == pytest.approx(3.03)
-    assert h.counts[TIME_TO_FIRST_TOKEN_BUCKETS_S.index(0.04)] == 1
-    assert h.counts[TIME_TO_FIRST_TOKEN_BUCKETS_S.index(5.0)] == 2
-    assert m.e2e_request_latency_seconds == HistogramSnapshot.empty(E2E_REQUEST_LATENCY_BUCKETS_S)
-    # data parallel: summed over engines, the KV usage of the fullest
-    dp = from_prometheus(vllm_like_registry(engines=2).collect())
-    assert (dp.num_requests_running, dp.kv_cache_usage_perc, dp.prompt_tokens) == (7, 0.5, 200)
-    assert dp.time_to_first_token_seconds.count == 4
+def test_vllm_registry_ships_every_vllm_family_as_it_is() -> None:
+    reg = vllm_like_registry(engines=2)
+    m = from_prometheus(reg.collect())
+    want = [f for f in reg.collect() if f.name.startswith("vllm:")]
+    assert [(f.name, f.type, f.documentation) for f in m.families] == [
+        (f.name, f.type, f.documentation) for f in want
+    ]
+    for got, fam in zip(m.families, want, strict=True):
+        assert [(s.name, dict(s.labels), s.value) for s in got.samples] == [
+            (s.name, s.labels, s.value) for s in fam.samples if not s.name.endswith("_created")
+        ]
+        assert all(not s.name.endswith("_created") for s in got.samples)
+    # the engine index and vLLM's other labels are kept; the views sum over them
+    assert m.total("vllm:num_requests_running") == 7
+    assert m.total("vllm:request_success_total") == 2
+    h = m.histogram(TTFT)
+    assert h == HistogramSnapshot((0.1, 1.0), (2, 2), 4, pytest.approx(6.06))
+    assert m.histogram("vllm:absent") is None and m.total("vllm:absent_total") == 0
+    # the wire: a pickle (Ray) gives back equal plain data
+    assert pickle.loads(pickle.dumps(m)) == m
 
 
-def metrics(**kw: object) -> EngineMetrics:
-    base: dict[str, object] = {
-        "num_requests_running": 2,
-        "num_requests_waiting": 1,
-        "kv_cache_usage_perc": 0.5,
-        "num_preemptions": 4,
-        "prompt_tokens": 300,
-        "generation_tokens": 360,
-        "prefix_cache_queries": 300,
-        "prefix_cache_hits": 120,
-        "time_to_first_token_seconds": HistogramSnapshot((0.1, 1.0), (1, 3), 3, 1.2),
-        "inter_token_latency_seconds": HistogramSnapshot.empty(INTER_TOKEN_LATENCY_BUCKETS_S),
-        "e2e_request_latency_seconds": HistogramSnapshot.empty(E2E_REQUEST_LATENCY_BUCKETS_S),
+def test_sim_families_are_what_a_vllm_registry_would_hold() -> None:
+    """The simulated engine's snapshot equals what prometheus_client collects from vLLM's families
+    (vLLM's names, help, default buckets, labels model_name and engine 0) fed the same figures."""
+    rec = EngineMetricsRecorder("m8b")
+    rec.first_token(0.03, 100)
+    rec.next_token(0.02, 3)
+    rec.finished(2.0)
+    got = rec.snapshot(
+        running=2,
+        waiting=1,
+        kv_cache_usage=0.25,
+        preemptions=1,
+        prefix_cache_queries=100,
+        prefix_cache_hits=32,
+    )
+    reg = CollectorRegistry()
+    lbl = {"model_name": "m8b", "engine": "0"}
+    for f in got.families[:3]:
+        Gauge(f.name, f.documentation, list(lbl), registry=reg).labels(**lbl).set(f.samples[0].value)
+    for f in got.families[3:8]:
+        Counter(f.name, f.documentation, list(lbl), registry=reg).labels(**lbl).inc(f.samples[0].value)
+    hists = {
+        TTFT: (TIME_TO_FIRST_TOKEN_BUCKETS_S, [0.03]),
+        ITL: (INTER_TOKEN_LATENCY_BUCKETS_S, [0.02] * 3),
+        E2E: (E2E_REQUEST_LATENCY_BUCKETS_S, [2.0]),
     }
-    return EngineMetrics(**{**base, **kw})  # type: ignore[arg-type]
+    for f in got.families[8:]:
+        bounds, observed = hists[f.name]
+        h = PromHistogram(f.name, f.documentation, list(lbl), buckets=bounds, registry=reg).labels(**lbl)
+        for v in observed:
+            h.observe(v)
+    assert [f.name for f in got.families] == [
+        RUNNING,
+        WAITING,
+        KV_USAGE,
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "vllm:num_preemptions",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+        TTFT,
+        ITL,
+        E2E,
+    ]
+    assert from_prometheus(reg.collect()) == got
+    assert got.total("vllm:generation_tokens_total") == 4 and got.total("vllm:prompt_tokens_total") == 100
 
 
-def test_exported_per_replica_under_vllms_names_and_labels() -> None:
-    def entry(replica: str, em: EngineMetrics | None) -> tuple[str, str, float, dict]:
-        payload = {"pool": "h", "accelerator": "H100", "model": "m", "admission": AdmissionStats()}
-        return ("pool", f"h/{replica}", 0.1, {**payload, "engine_metrics": em})
+def test_exported_per_replica_as_the_engines_families_relabelled() -> None:
+    def entry(pool: str, replica: str, gpu: str, em: EngineMetrics | None) -> tuple[str, str, float, dict]:
+        payload = {"pool": pool, "accelerator": gpu, "model": "m", "admission": AdmissionStats()}
+        return ("pool", f"{pool}/{replica}", 0.1, {**payload, "engine_metrics": em})
 
-    text = render([BoardCollector([entry("r1", metrics()), entry("r2", None)])]).decode()
+    real = from_prometheus(vllm_like_registry(engines=2).collect())
+    clash = EngineMetrics(
+        (
+            MetricFamily(
+                RUNNING,
+                "counter",
+                "another vLLM's type",
+                (MetricSample("vllm:num_requests_running_total", (), 5.0),),
+            ),
+            MetricFamily(
+                "vllm:odd",
+                "gauge",
+                "An engine label named like ours.",
+                (MetricSample("vllm:odd", (("pool", "x"),), 1.0),),
+            ),
+        )
+    )
+    text = render(
+        [
+            BoardCollector(
+                [
+                    entry("cpu", "r1", "CPU", real),
+                    entry("cpu", "r2", "CPU", None),
+                    entry("h", "r3", "H100", clash),
+                ]
+            )
+        ]
+    ).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("vllm:")}
-    assert fams["vllm:kv_cache_usage_perc"].documentation == "KV-cache usage. 1 means 100 percent usage."
-    assert fams["vllm:time_to_first_token_seconds"].type == "histogram"
-    got = {(s.name, frozenset(s.labels.items())): s.value for f in fams.values() for s in f.samples}
-    assert {name for name, _ in got} == ENGINE_NAMES
-    # one replica (r2 has no engine metrics yet), labelled as vLLM's series plus pool, replica, gpu
-    labels = {"model_name": "m", "pool": "h", "replica": "r1", "gpu": "H100"}
-    assert {lb for _, lb in got if "le" not in dict(lb)} == {frozenset(labels.items())}
-    assert got[("vllm:num_requests_waiting", frozenset(labels.items()))] == 1
-    assert got[("vllm:num_preemptions_total", frozenset(labels.items()))] == 4
-    assert got[("vllm:prefix_cache_hits_total", frozenset(labels.items()))] == 120
-    buckets = {
-        dict(lb)["le"]: v for (n, lb), v in got.items() if n == "vllm:time_to_first_token_seconds_bucket"
+    # every family of the engine, under its own name, type and help (and no hand-written others)
+    assert {n: (f.type, f.documentation) for n, f in fams.items()} == {
+        **{f.name: (f.type, f.documentation) for f in real.families},
+        "vllm:odd": ("gauge", "An engine label named like ours."),
     }
-    assert buckets == {"0.1": 1, "1.0": 3, "+Inf": 3}
+    # each sample as the engine has it, with pool, replica and gpu added (r2: no engine metrics yet)
+    origin = {"pool": "cpu", "replica": "r1", "gpu": "CPU"}
+    for f in real.families:
+        assert sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value) for s in fams[f.name].samples
+        ) == sorted(
+            (s.name, tuple(sorted({**dict(s.labels), **origin}.items())), s.value) for s in f.samples
+        ), f.name
+    buckets = {
+        (s.labels["engine"], s.labels["le"]): s.value
+        for s in fams[TTFT].samples
+        if s.name.endswith("_bucket")
+    }
+    assert buckets == {(e, le): v for e in "01" for le, v in (("0.1", 1), ("1.0", 1), ("+Inf", 2))}
+    # a family of another type under a known name is left out; a clashing engine label is renamed
+    assert {s.labels["replica"] for s in fams[RUNNING].samples} == {"r1"}
+    (odd,) = fams["vllm:odd"].samples
+    assert odd.labels == {"exported_pool": "x", "pool": "h", "replica": "r3", "gpu": "H100"}
