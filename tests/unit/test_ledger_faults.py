@@ -80,6 +80,78 @@ async def test_failed_commit_fails_its_ops_and_answers_later_ones_from_the_file(
     await core2.close()
 
 
+@pytest.mark.chaos
+async def test_a_commit_failure_mid_load_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    """Chaos, at the storage boundary: 40 closed loops reserve and settle while another process
+    holds the ledger file's write lock for 0.6 s (every commit in that window fails). What the
+    ledger acknowledged is in the file; what failed was refused (503) and charged nothing, or (a
+    settlement that failed: the gateway gives up, as it does) resolved by the crash rule after a
+    restart. Prints sent / served / failed / refunded and the books."""
+    core, client = await started(tmp_path, busy_timeout_ms=150)
+    initial = 10_000_000
+    await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=initial))
+    key = (await client.create_key("t")).api_key
+    meter = Meter(client)
+    counts = {"sent": 0, "served": 0, "refused": 0, "unsettled": 0}
+    charged = 0
+    stop = asyncio.Event()
+
+    async def loop(i: int) -> None:
+        nonlocal charged
+        n = 0
+        while not stop.is_set():
+            rid = f"w{i}-{n}"
+            n += 1
+            counts["sent"] += 1
+            try:
+                r = await meter.authorize(key, "m", 10, 50, rid)
+            except LedgerUnavailableError:
+                counts["refused"] += 1  # the client got a 503 before any token: nothing to charge
+                continue
+            await asyncio.sleep(0.01)  # generating
+            try:
+                s = await meter.settle(r, 10, 20)
+            except LedgerUnavailableError:
+                counts["unsettled"] += 1  # left to the crash rule (no progress: released)
+                continue
+            counts["served"] += 1
+            charged += s.charged_ucredits
+
+    workers = [asyncio.create_task(loop(i)) for i in range(40)]
+    await asyncio.sleep(0.3)
+    with WriteLock(tmp_path):
+        await asyncio.sleep(0.6)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*workers)
+    await core.close()
+    # Restart: the reservations whose settlement failed are open in the file; their restart grace
+    # runs out and, with no progress recorded, they are released.
+    core2, _ = await started(tmp_path, restart_grace_s=0.1)
+    await asyncio.sleep(0.2)
+    await core2.expire_due()  # (its own timer may have been first)
+    db = sqlite3.connect(tmp_path / "ledger.sqlite3")
+    outcomes = dict(db.execute("SELECT outcome, count(*) FROM usage_events GROUP BY outcome").fetchall())
+    db.close()
+    refunded = outcomes.get("expired_released", 0)
+    t = await core2.read(GetTenant("t"))
+    audit = await core2.read(Audit())
+    print(
+        f"commit failure mid-load: sent {counts['sent']} served {counts['served']} failed "
+        f"{counts['refused'] + counts['unsettled']} (refused {counts['refused']}, settlement failed "
+        f"{counts['unsettled']}) refunded {refunded}; credits {initial} - charged {charged / U:g} = "
+        f"{t.credits}, reserved {t.reserved_credits}, in flight {t.in_flight}, audit {audit}"
+    )
+    assert counts["refused"] + counts["unsettled"] > 0, "the lock window failed no commit"
+    assert counts["served"] > 0
+    assert set(outcomes) <= {"completed", "expired_released"}, outcomes
+    assert outcomes.get("completed") == counts["served"]
+    assert outcomes.get("expired_released", 0) == counts["unsettled"]
+    assert t.credits * U == initial * U - charged  # every acknowledged settlement, nothing else
+    assert t.reserved_credits == 0 and t.in_flight == 0 and audit == []
+    await core2.close()
+
+
 async def test_revoke_and_reserve_during_a_failed_commit_are_not_lost(tmp_path: Path) -> None:
     core, client = await started(tmp_path, busy_timeout_ms=300)
     await client.create_tenant(TenantCreate(tenant_id="t", name="t", credits=1000))
