@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+SESSION_STARTED_AT = time.time()
+"""When this pytest session began: the Ray sessions it started are the ones created since
+(``tests/zz_secrets`` reads all their logs)."""
 os.environ.setdefault("TOKENWEIR_HOME", str(Path.home() / ".cache" / "tokenweir"))
 
 
