@@ -5,7 +5,9 @@ Fields (absent when not known, e.g. no pool for a request refused before dispatc
 ``x-request-id``, as sent), ``traceparent`` (W3C, as sent; also passed to the pool's engine),
 ``tenant`` (the organization; never a key), ``project``, ``model``, ``kind``, ``stream``, ``pool``, ``gpu``, ``status`` (HTTP),
 ``error`` (the OpenAI error code), ``outcome`` (how the generation ended), ``prompt_tokens``,
-``completion_tokens``, ``cached_tokens`` (of the prompt, found in the engine's prefix cache), ``credits`` (charged), ``ttft_s``, ``duration_s``.
+``completion_tokens``, ``cached_tokens`` (of the prompt, found in the engine's prefix cache),
+``credits`` (charged), ``queue_s`` (how long it waited before the engine started it: at the
+gateway's fair gate plus in the pool replica's admission queue), ``ttft_s``, ``duration_s``.
 
 Lines go to the ``tokenweir.access`` logger (so to the replica's Ray Serve log) and, when
 ``gateway.access_log_file`` is set, appended to that file (one writer per replica; lines are whole
@@ -18,10 +20,14 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
-__all__ = ["AccessLog", "AccessRecord", "valid_traceparent"]
+if TYPE_CHECKING:
+    from serving.gateway.request import Prepared
+
+__all__ = ["AccessLog", "AccessRecord", "request_record", "valid_traceparent"]
 
 log = logging.getLogger("tokenweir.access")
 
@@ -54,8 +60,33 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     credits: float | None = None
+    queue_s: float | None = None
     ttft_s: float | None = None
     duration_s: float | None = None
+
+
+def request_record(
+    p: Prepared, ts: float, status: int, error: str | None, kind: str, duration_s: float, metered: bool
+) -> AccessRecord:
+    """The line of a request that got as far as being prepared (``metered``: its reservation names
+    the organization and project)."""
+    rec = AccessRecord(ts=ts, status=status, error=error, kind=kind, duration_s=round(duration_s, 6))
+    rec.request_id, rec.client_request_id, rec.traceparent = p.request_id, p.client_request_id, p.traceparent
+    rec.model, rec.stream = p.entry.name, p.stream
+    if p.reservation is not None and metered:
+        rec.tenant = p.reservation.tenant_id
+        rec.project = p.reservation.project_id
+    o = p.outcome
+    if o is not None:
+        rec.pool, rec.gpu, rec.outcome = o.pool or None, o.accelerator or None, o.status
+        rec.prompt_tokens, rec.completion_tokens = o.prompt_tokens, o.completion_tokens
+        rec.cached_tokens = o.cached_tokens
+        rec.queue_s = None if o.queue_s is None else round(o.queue_s, 6)
+        rec.ttft_s = None if o.ttft_s is None else round(o.ttft_s, 6)
+        rec.error = rec.error or o.error
+    if p.charged_ucredits is not None:
+        rec.credits = p.charged_ucredits / 1e6
+    return rec
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -33,7 +33,7 @@ from serving.errors import (
     error_response,
     install_error_handlers,
 )
-from serving.gateway.access_log import AccessLog, AccessRecord, valid_traceparent
+from serving.gateway.access_log import AccessLog, AccessRecord, request_record, valid_traceparent
 from serving.gateway.gate import FairGate, GateSlot
 from serving.gateway.http import (
     ClientDisconnected,
@@ -308,6 +308,8 @@ class Gateway:
                     )
                 prepared.pinned_gpu = pin
             prepared.traceparent = traceparent
+            if slot is not None:
+                prepared.gate_wait_s = slot.waited_s
             if span is not None and self.tracer is not None:
                 prepared.engine_traceparent = self.tracer.traceparent_of(span)
             await self.service.authorize(prepared, api_key)
@@ -355,31 +357,14 @@ class Gateway:
         its span when tracing is on (:mod:`.tracing`)."""
         if not self.access_log.enabled and span is None:
             return
-        rec = AccessRecord(ts=time.time(), status=status, error=error, kind=kind)
-        rec.duration_s = round(time.monotonic() - t0, 6)
+        ts, duration_s = time.time(), time.monotonic() - t0
         if p is None:
+            rec = AccessRecord(ts=ts, status=status, error=error, kind=kind, duration_s=round(duration_s, 6))
             rec.client_request_id, rec.traceparent = client_request_id, traceparent
             model = body.get("model") if isinstance(body, dict) else None
             rec.model = model if isinstance(model, str) and model in self.entries else None
         else:
-            rec.request_id, rec.client_request_id, rec.traceparent = (
-                p.request_id,
-                p.client_request_id,
-                p.traceparent,
-            )
-            rec.model, rec.stream = p.entry.name, p.stream
-            if p.reservation is not None and self.meter.enabled:
-                rec.tenant = p.reservation.tenant_id
-                rec.project = p.reservation.project_id
-            o = p.outcome
-            if o is not None:
-                rec.pool, rec.gpu, rec.outcome = o.pool or None, o.accelerator or None, o.status
-                rec.prompt_tokens, rec.completion_tokens = o.prompt_tokens, o.completion_tokens
-                rec.cached_tokens = o.cached_tokens
-                rec.ttft_s = None if o.ttft_s is None else round(o.ttft_s, 6)
-                rec.error = rec.error or o.error
-            if p.charged_ucredits is not None:
-                rec.credits = p.charged_ucredits / 1e6
+            rec = request_record(p, ts, status, error, kind, duration_s, self.meter.enabled)
         self.access_log.write(rec)
         if span is not None and self.tracer is not None:
             self.tracer.finish(span, rec)

@@ -77,6 +77,8 @@ async def open_stream(
                 continue
             raise map_dispatch_error(e, first_token_timeout_s) from e
         outcome.ttft_s = time.monotonic() - t0
+        if stream.queue_s is not None:  # the admission frame comes with or before the first chunk
+            outcome.queue_s = p.gate_wait_s + stream.queue_s
         p.extra_headers["x-tokenweir-pool"] = pool.name
         p.extra_headers["x-tokenweir-gpu"] = pool.accelerator
         if node := pools.transport.node_of(replica):  # the Ray node of the replica that serves it

@@ -44,11 +44,13 @@ def loop_busy_ns() -> int:
 class GateSlot:
     """A place past the gate, held until :meth:`release` (idempotent)."""
 
-    __slots__ = ("_gate", "tenant_id")
+    __slots__ = ("_gate", "tenant_id", "waited_s")
 
-    def __init__(self, gate: FairGate | None, tenant_id: str) -> None:
+    def __init__(self, gate: FairGate | None, tenant_id: str, waited_s: float = 0.0) -> None:
         self._gate = gate
         self.tenant_id = tenant_id
+        self.waited_s = waited_s
+        """How long the request waited for it (0 when it passed at once)."""
 
     def release(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         gate, self._gate = self._gate, None
@@ -73,7 +75,8 @@ class FairGate:
         :class:`GatewayBusyError` when too many wait or the wait runs past ``timeout_s``."""
         loop = asyncio.get_running_loop()
         ticket = str(next(self._tickets))
-        entered = self.core.enter(ticket, tenant_id, weight, loop.time())
+        entered_at = loop.time()
+        entered = self.core.enter(ticket, tenant_id, weight, entered_at)
         if entered is None:
             raise _busy("too many requests are waiting at this gateway replica")
         if entered:
@@ -89,7 +92,7 @@ class FairGate:
                 self.core.leave(tenant_id)
             self._process()
             raise
-        return GateSlot(self, tenant_id)
+        return GateSlot(self, tenant_id, loop.time() - entered_at)
 
     def _leave(self, tenant_id: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.core.leave(tenant_id, prompt_tokens, completion_tokens)

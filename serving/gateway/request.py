@@ -42,6 +42,8 @@ class Prepared:
     pinned_gpu: str | None = None
     """GPU type the request asks for (``x-tokenweir-gpu``), when policy allows pinning."""
     reservation: Reservation | None = None
+    gate_wait_s: float = 0.0
+    """How long it waited at the gateway's fair gate (its part of the queue time)."""
     extra_headers: dict[str, str] = field(default_factory=dict)
     traceparent: str | None = None
     """The caller's W3C ``traceparent`` when well formed: logged, and passed to the engine unless
@@ -92,5 +94,8 @@ class Outcome:
     pool: str = ""
     accelerator: str = ""
     ttft_s: float | None = None
+    queue_s: float | None = None
+    """How long it waited before the engine started it: at the gateway's fair gate, then in the
+    pool replica's admission queue (None: it never got that far, or the replica did not say)."""
     error: str | None = None
     """The OpenAI error code a stream ended with, if it ended with one."""

@@ -12,8 +12,8 @@ where those exist: ``http.request.method``, ``http.route``, ``http.response.stat
 ``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` /
 ``output_tokens``, ``error.type`` (the OpenAI error code), and ``tokenweir.request_id``,
 ``.client_request_id``, ``.organization``, ``.project`` (ids: never a key), ``.pool``, ``.gpu``,
-``.outcome``, ``.stream``, ``.cached_tokens``, ``.credits``, ``.ttft_s``. A 5xx sets the span's
-status to ERROR.
+``.outcome``, ``.stream``, ``.cached_tokens``, ``.credits``, ``.queue_s``, ``.ttft_s``. A 5xx sets
+the span's status to ERROR.
 
 Spans go through OpenTelemetry's ``BatchSpanProcessor``: ending one appends it to a bounded queue
 (2,048 spans; beyond that new ones are dropped, never waited for), and the processor's own thread
@@ -107,6 +107,7 @@ class RequestTracer:
                 ("tokenweir.stream", rec.stream),
                 ("tokenweir.cached_tokens", rec.cached_tokens),
                 ("tokenweir.credits", rec.credits),
+                ("tokenweir.queue_s", rec.queue_s),
                 ("tokenweir.ttft_s", rec.ttft_s),
             ):
                 if value is not None:

@@ -100,7 +100,7 @@ class TokenStream:
     """One request's chunks, in batches (whatever arrived since the last read); ``close`` ends it
     (an abort at the replica unless it finished)."""
 
-    __slots__ = ("_error", "_inbox", "_link", "_transport", "done", "request_id")
+    __slots__ = ("_error", "_inbox", "_link", "_transport", "done", "queue_s", "request_id")
 
     def __init__(self, transport: ChannelTransport, link: _Link, request_id: str) -> None:
         self._transport = transport
@@ -110,6 +110,9 @@ class TokenStream:
         self._error: Exception | None = None
         self.done = False
         """The finished chunk was read."""
+        self.queue_s: float | None = None
+        """How long the request waited in the replica's admission queue, once it was let in (by
+        the time its first chunk is read; None from a replica that does not say)."""
 
     async def next_batch(self, deadline: float | None = None) -> list[EngineChunk]:
         """The next chunks (at least one); raises what ended the stream otherwise. ``deadline`` on
@@ -280,6 +283,9 @@ class ChannelTransport:
                     since = loop.time()
                     loop.call_soon(passed.__setitem__, 0, True)
                 if isinstance(msg, Batch):
+                    for rid, waited_s in msg.admitted:
+                        if (admitted := link.streams.get(rid)) is not None:
+                            admitted.queue_s = waited_s
                     for rid, chunk in msg.chunks:
                         q = inboxes.get(rid)
                         if q is not None:

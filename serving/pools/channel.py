@@ -67,6 +67,7 @@ class Outbound:
     :meth:`fail`; they leave in one frame per event-loop pass."""
 
     __slots__ = (
+        "_admitted",
         "_draining",
         "_failures",
         "_pending",
@@ -84,6 +85,7 @@ class Outbound:
         self.writer = writer
         self.outbox: list[list[object]] = []
         self._failures: list[Failure] = []
+        self._admitted: list[tuple[str, float]] = []
         self._pending: dict[str, list[object]] = {}
         """Request id -> its item in the outbox while that holds a chunk (to merge into)."""
         self.alive = True
@@ -104,6 +106,11 @@ class Outbound:
             self.outbox.append(item)
             self._pending[request_id] = item
         self._schedule()
+
+    def admitted(self, request_id: str, waited_s: float) -> None:
+        """The request left the replica's admission queue after ``waited_s``: that goes to the
+        gateway with the request's first chunk or failure (no frame of its own)."""
+        self._admitted.append((request_id, waited_s))
 
     def fail(self, failure: Failure) -> None:
         self._pending.pop(failure.request_id, None)
@@ -127,9 +134,10 @@ class Outbound:
             return
         items, self.outbox = self.outbox, []
         failures, self._failures = self._failures, []
+        admitted, self._admitted = self._admitted, []
         self._pending.clear()
         try:
-            self.writer.write(from_pool.frame(Batch([(i[0], i[1]) for i in items], failures)))  # type: ignore[misc]
+            self.writer.write(from_pool.frame(Batch([(i[0], i[1]) for i in items], failures, admitted)))  # type: ignore[misc]
         except Exception:
             self.alive = False
             log.warning("channel write failed; the gateway's streams here are aborted", exc_info=True)

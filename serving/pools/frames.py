@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 2
-"""Bumped on any change to these structs that an older peer could not read."""
+"""Bumped on any change to these structs that an older peer could not read. A field added with a
+default is not one: msgspec skips fields it does not know and fills missing ones with the default
+(``Batch.admitted`` came so: a gateway reading an older pool logs no queue time for its requests)."""
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
@@ -66,10 +68,14 @@ class Failure(msgspec.Struct, frozen=True):
 
 
 class Batch(msgspec.Struct, frozen=True, tag="batch"):
-    """Chunks, then failures: a failure ends its request, so it never precedes that one's chunks."""
+    """Admissions, chunks, then failures: a request's admission comes with or before its first
+    chunk, and a failure ends its request, so it never precedes that one's chunks."""
 
     chunks: list[tuple[str, EngineChunk]]
     failures: list[Failure] = []
+    admitted: list[tuple[str, float]] = []
+    """Requests the replica's admission let in since the last batch, each with its wait there
+    (seconds from its submit frame to the engine: the pool's part of its queue time)."""
 
 
 class CacheEvents(msgspec.Struct, frozen=True, tag="cache"):

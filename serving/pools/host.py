@@ -2,9 +2,10 @@
 run on the engine, and their chunks go back on the same channel.
 
 One way through for every request: :meth:`ReplicaHost._submit` starts a task that waits for
-admission; once admitted, the engine pushes the request's output into a :class:`_Relay` (no task
-per stream while it runs), which books the tokens with the admission core and queues the chunk on
-the gateway's connection. ``stream_interval_ms`` wraps the relay (:class:`PacedSink`). An abort
+admission (how long goes back to the gateway with the first chunk: the pool's part of the queue
+time in its access log); once admitted, the engine pushes the request's output into a
+:class:`_Relay` (no task per stream while it runs), which books the tokens with the admission core
+and queues the chunk on the gateway's connection. ``stream_interval_ms`` wraps the relay (:class:`PacedSink`). An abort
 from the gateway, or the loss of its connection, leaves the queue or aborts the engine request.
 
 Shutdown drains (:meth:`ReplicaHost.drain`): every gateway is told to send nothing new, queued
@@ -105,7 +106,8 @@ class ReplicaHost:
             return
         self.requests_total += 1
         self._idle.clear()
-        self._queued[key] = (conn, asyncio.get_running_loop().create_task(self._serve(conn, request)))
+        loop = asyncio.get_running_loop()
+        self._queued[key] = (conn, loop.create_task(self._serve(conn, request, loop.time())))
 
     def _abort(self, conn: Outbound, request_id: str) -> None:
         key = (conn.gateway_id, request_id)
@@ -125,7 +127,9 @@ class ReplicaHost:
                 relay.cancel()
 
     # -- one request --------------------------------------------------------------------------------
-    async def _serve(self, conn: Outbound, request: EngineRequest) -> None:
+    async def _serve(self, conn: Outbound, request: EngineRequest, received: float) -> None:
+        """Wait for admission (``received``: when the submit frame arrived, on the loop clock),
+        then run on the engine."""
         rid = request.request_id
         key = (conn.gateway_id, rid)
         try:
@@ -149,6 +153,7 @@ class ReplicaHost:
             del self._queued[key]
             self._check_idle()
         self.requests_started += 1
+        conn.admitted(rid, asyncio.get_running_loop().time() - received)
         relay = _Relay(self, conn, request)
         self._running[key] = relay
         self._idle.clear()

@@ -362,6 +362,10 @@ def test_access_log_has_one_line_per_request_with_trace_and_usage(
     )
     assert ok["pool"] == "tiny-cpu" and ok["gpu"] == "CPU" and ok["tenant"] and ok["credits"] > 0
     assert ok["ttft_s"] > 0 and ok["duration_s"] >= ok["ttft_s"] and ok["request_id"] != "access-ok-1"
+    # Its wait at the gateway's fair gate and in the pool replica's queue (a real wait is measured
+    # in tests/unit/test_access_log.py, on a pool of one sequence).
+    assert 0 <= ok["queue_s"] < ok["duration_s"] and 0 <= st["queue_s"] < st["duration_s"]
     assert err["status"] == 400 and err["model"] == MODEL and "tenant" not in err and "request_id" not in err
+    assert "queue_s" not in err and "ttft_s" not in err  # it never reached a pool
     assert st["stream"] is True and st["completion_tokens"] == 2 and "traceparent" not in st
     assert auth["Authorization"].split()[-1] not in path.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from serving import wire
@@ -29,7 +30,7 @@ from serving.engines.base import (
     merge_chunks,
 )
 from serving.gateway.transport import ChannelLost, ChannelTransport, PoolFailure
-from serving.pools.frames import PROTOCOL_VERSION, Hello, Welcome, from_gateway, from_pool
+from serving.pools.frames import PROTOCOL_VERSION, Batch, Failure, Hello, Welcome, from_gateway, from_pool
 from serving.pools.host import ReplicaHost
 from serving.pools.pacing import PacedSink
 from serving.wire import SECRET_BYTES, AuthError, client_handshake, server_handshake
@@ -317,3 +318,21 @@ async def test_a_gateway_never_talks_to_a_listener_without_the_secret() -> None:
     assert not transport.usable("replica-x")
     server.close()
     await transport.close()
+
+
+class _OlderBatch(msgspec.Struct, frozen=True, tag="batch"):
+    """The batch frame before ``admitted``."""
+
+    chunks: list[tuple[str, EngineChunk]]
+    failures: list[Failure] = []
+
+
+def test_a_batchs_admissions_are_readable_by_older_and_newer_peers() -> None:
+    """``Batch.admitted`` came without a protocol bump: a peer that does not know it skips it, and a
+    batch without it (from an older replica) reads as having admitted nobody."""
+    new = Batch([("r", _chunk("a", 1))], [], [("r", 0.125)])
+    body = from_pool.frame(new)[4:]
+    assert from_pool.decode(body) == new
+    old = msgspec.msgpack.decode(body, type=_OlderBatch)
+    assert old.chunks == new.chunks and old.failures == []
+    assert from_pool.decode(msgspec.msgpack.encode(old)) == Batch(new.chunks, [], [])

@@ -183,6 +183,19 @@ async def test_the_shell_hands_places_out_and_loses_none_to_cancellation() -> No
     assert gate.stats().past == 0
 
 
+async def test_a_place_says_how_long_its_request_waited_for_it() -> None:
+    """The gate's part of the access log's ``queue_s``."""
+    gate = FairGate(GateSettings(min_requests=1, max_requests=1, timeout_s=30.0))
+    loop = asyncio.get_running_loop()
+    first = await gate.acquire("A")
+    assert first.waited_s == 0.0  # passed at once
+    asked = loop.time()
+    loop.call_later(0.05, first.release)
+    second = await gate.acquire("B")
+    assert 0.04 < second.waited_s <= loop.time() - asked
+    second.release()
+
+
 def test_loop_demand_counts_a_busy_thread() -> None:
     t0 = loop_busy_ns()
     x = 0

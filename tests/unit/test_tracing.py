@@ -45,6 +45,7 @@ def record(status: int = 200, **kw: object) -> AccessRecord:
         "completion_tokens": 8,
         "cached_tokens": 0,
         "credits": 20.0,
+        "queue_s": 0.003,
         "ttft_s": 0.042,
         "duration_s": 0.2,
     }
@@ -109,6 +110,7 @@ def test_a_span_carries_the_callers_trace_and_the_access_fields_never_a_key(rx: 
         "tokenweir.stream": True,
         "tokenweir.cached_tokens": 0,
         "tokenweir.credits": 20.0,
+        "tokenweir.queue_s": 0.003,
         "tokenweir.ttft_s": 0.042,
     }
     tracer.shutdown()
