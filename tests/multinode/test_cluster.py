@@ -13,8 +13,9 @@ on the bridge's address, and reaches the gateways only at their nodes' addresses
 
 What it shows (the test functions run in this order, on one deployment):
 
-1. every pool replica runs on a node of its GPU type (the GCS actor table), and the ledger on the
-   head (the actor table, and ``tokenweir status`` run on the head); Ray refuses a driver without the token;
+1. every pool replica runs on a node of its GPU type (Ray's state API, ``ray.util.state``: the head
+   runs the dashboard that serves it), and the ledger on the head (the state API, and ``tokenweir
+   status`` run on the head); Ray refuses a driver without the token;
 2. a request pinned to each type through either gateway node is served there (``x-tokenweir-pool``,
    ``-gpu``, ``-node``), tokens crossing nodes on the token channel; TTFT through a gateway on the
    pool's own node vs another node is printed;
@@ -23,9 +24,14 @@ What it shows (the test functions run in this order, on one deployment):
 4. metering is exact across nodes: 300 concurrent requests split over both gateway nodes overspend
    nothing and end with ``final = initial - sum(charged)`` and no reservation left;
 5. node loss with a spare: the H100 replica's node is cut off and its Ray processes killed mid-load.
-   Its streams end with an error event and an exact charge; requests sent to it before a first
-   token are retried on the other pool; L20 streams finish untouched; the replica comes back on the
-   other H100 node; the time to the last affected answer and to full readiness is printed;
+   Its streams end with an error event and an exact charge. Requests in flight on it before their
+   first token at the kill (sent once it is off the network, routed to its replica: the gateways'
+   routing counters on ``/metrics`` count them) are retried once: the unpinned ones on the L20
+   pool, served in full (``x-tokenweir-node`` names w1) and charged exactly; the ones pinned to
+   ``H100`` find no replica of their type (the replacement is not up yet) and get a clean 503
+   ``pool_unavailable``. L20 streams finish untouched; the replica comes back on the other H100
+   node; the time to the retried answers, to the last affected answer and to full readiness is
+   printed;
 6. node loss without a spare: the other H100 node goes too, so no node of the type is left. The
    H100 pool reports not ready (``/readyz/pools`` 503 naming it; each gateway's own ``/readyz``
    stays 200), requests pinned to it are refused at once with 503 ``pool_unavailable``, the L20 and
@@ -36,8 +42,8 @@ What it shows (the test functions run in this order, on one deployment):
 Alone: ``flock /tmp/tw-integration.lock .venv/bin/python -m pytest -m multinode
 tests/multinode/test_cluster.py -s`` as root (about 2.5 minutes on two cores: a minute to start the
 nodes and deploy, vLLM's start on ``w4`` in parallel with the rest, then the requests, the two node
-losses and recoveries; the whole tier with ``test_ledger_home.py``, about 3.5 minutes). Skipped where network namespaces cannot be made (no root, no
-iproute2).
+losses and recoveries; the whole tier with ``test_ledger_home.py``, 2.6 to 3.3 minutes in three runs on
+2026-12-06). Skipped where network namespaces cannot be made (no root, no iproute2).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.netns import VENV_BIN, NetnsCluster, Node, can_make_namespaces, port_open
 
@@ -70,6 +77,7 @@ MODEL = "llama-3.1-8b-instruct"
 TINY = "tiny-llama"
 ADMIN_KEY = "tw-admin-multinode-" + "k" * 24
 PORT = 8000
+INTERNAL_PORT = 9464  # the operator's listener: /metrics
 U = 1_000_000
 # A node is declared dead after 4 missed checks of 1 s (Ray's default: 5 of 3 s, plus a 5 s timeout).
 HEALTH = {
@@ -97,6 +105,7 @@ def _config(state_dir: Path) -> dict[str, Any]:
             "host": "node",
             "port": PORT,
             "internal_host": "node",
+            "internal_port": INTERNAL_PORT,
             "replicas": 2,
             "node_resource": "tokenweir_gateway",
             "first_token_timeout_s": 60,
@@ -118,7 +127,8 @@ def _config(state_dir: Path) -> dict[str, Any]:
 
 
 class Probe:
-    """The driver in the head's namespace (``_probe.py``): the GCS's node and actor tables."""
+    """The driver in the head's namespace (``_probe.py``): Ray's node and actor tables, through its
+    state API."""
 
     def __init__(self, cluster: NetnsCluster) -> None:
         script = str(Path(__file__).with_name("_probe.py"))
@@ -176,7 +186,7 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     t0 = time.monotonic()
     failed_before = request.session.testsfailed
     root = Path(tempfile.mkdtemp(prefix="twmn-", dir="/tmp"))  # short: Ray's socket paths live under it
-    cluster = NetnsCluster(root, system_config=HEALTH)
+    cluster = NetnsCluster(root, system_config=HEALTH, dashboard=True)  # for Ray's state API
     cluster.env_extra = {"TOKENWEIR_ADMIN_KEY": ADMIN_KEY}  # what the gateways' admin API checks
     probe = None
     try:
@@ -253,8 +263,10 @@ def test_the_ledger_and_the_load_board_run_on_the_head(fleet: dict[str, Any]) ->
     cluster: NetnsCluster = fleet["cluster"]
     probe: Probe = fleet["probe"]
     (head_id,) = _nodes_with(probe, "node:__internal_head__")
-    ledger = probe.ask("ledger")
+    ledger = probe.ask("ledger")  # serving.metering.ledger_home: what `tokenweir status` shows
     assert (ledger["state"], ledger["node_id"], ledger["node_ip"]) == ("ALIVE", head_id, cluster.head.ip)
+    named = [a for a in probe.ask("actors") if a["name"] == "tokenweir-ledger" and a["state"] == "ALIVE"]
+    assert [(a["node_id"], a["ip"], a["pid"]) for a in named] == [(head_id, cluster.head.ip, ledger["pid"])]
     # The load board too: lost with a worker, it would come back empty elsewhere, and gateways
     # reading it then would drop the replicas it did not list yet (tiny-cpu, in an earlier run).
     boards = [a for a in probe.ask("actors") if a["class"] == "LoadBoard" and a["state"] == "ALIVE"]
@@ -541,6 +553,29 @@ async def _until(cond: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def _routed(url: str, pool: str) -> tuple[int, int]:
+    """Routing decisions for ``pool`` so far, summed over the gateway replicas (``/metrics`` on the
+    operator's listener of the gateway at ``url``'s node: each gateway publishes its router's
+    counters to the load board): ``(unpinned, pinned)``. A pinned request's decision is
+    ``only_candidate``; an unpinned one's, for a model two pools serve, never is. A retry onto
+    another pool is not a routing decision (it takes the other pool)."""
+    host = httpx.URL(url).host
+    r = httpx.get(f"http://{host}:{INTERNAL_PORT}/metrics", timeout=10)
+    r.raise_for_status()
+    text = r.text
+    unpinned = pinned = 0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "tokenweir_routing_decisions":
+            continue
+        for s in fam.samples:
+            if s.name.endswith("_total") and s.labels["pool"] == pool:
+                if s.labels["reason"] == "only_candidate":
+                    pinned += int(s.value)
+                else:
+                    unpinned += int(s.value)
+    return unpinned, pinned
+
+
 async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
     cluster: NetnsCluster = fleet["cluster"]
     probe: Probe = fleet["probe"]
@@ -555,10 +590,39 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
     # Mid-load: long H100 streams (on the node about to die) and L20 streams, over both gateways.
     h100 = [Stream(urls[i % 2], "H100", 3000) for i in range(6)]
     l20 = [Stream(urls[i % 2], "L20", 700) for i in range(4)]
+    (l20_node,) = (r["ip"] for r in probe.replicas("pool-sim-l20"))
+    routed_before = await asyncio.to_thread(_routed, urls[0], "sim-h100")
     tasks = [asyncio.create_task(s.run(key)) for s in h100 + l20]
     await _until(lambda: all(s.events > 0 for s in h100 + l20), 60, "every stream's first tokens")
     assert all(s.node == victim.ip for s in h100)
     cluster.cut(victim)  # the machine drops off the network: no FIN, no RST from it
+    lost_at = time.monotonic()
+    # In flight before their first token when the node dies: sent once it is off the network, so
+    # no token of theirs can come back, to the replica the gateways still list (until its board
+    # entry expires, 5 s after its last publish): the router sends the unpinned ones there too (the
+    # H100 pool is the cheaper per token). When the entry goes, their channel closes; the gateway
+    # retries each once elsewhere: an unpinned one on the L20 pool, served in full; a pinned one
+    # finds no replica of its type (the replacement starts later) and is refused at once, 503.
+    unpinned_early = [Stream(urls[i % 2], None, 16) for i in range(4)]
+    pinned_early = [Stream(urls[i % 2], "H100", 16) for i in range(2)]
+    early = unpinned_early + pinned_early
+    tasks += [asyncio.create_task(s.run(key)) for s in early]
+
+    def routed_early() -> tuple[int, int]:
+        now = _routed(urls[0], "sim-h100")
+        return now[0] - routed_before[0], now[1] - routed_before[1]
+
+    routed = (len(unpinned_early), len(h100) + len(pinned_early))  # the pinned streams' too
+    await asyncio.to_thread(
+        _wait,
+        lambda: all(n >= want for n, want in zip(routed_early(), routed, strict=True)),
+        20,
+        "the gateways routing the early requests to the H100 replica",
+    )
+    routed_at_kill = routed_early()
+    assert routed_at_kill == routed, routed_at_kill
+    waiting = [s for s in early if s.events == 0 and s.http_status is None]  # headers come with a token
+    assert waiting == early, [(s.events, s.http_status, s.status) for s in early]
     cluster.kill(victim)  # and its Ray processes are gone
     killed_at = time.monotonic()
     # Sent right after: unpinned ones may be routed to the dead replica (retried on L20 before
@@ -567,8 +631,17 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
         Stream(urls[i % 2], "H100", 8) for i in range(2)
     ]
     await asyncio.gather(*tasks, *(s.run(key) for s in after))
-    last_answer = max(s.ended_at for s in h100 + after) - killed_at
+    last_answer = max(s.ended_at for s in h100 + early + after) - lost_at
+    retried_after = max(s.ended_at for s in unpinned_early) - lost_at
 
+    # Before the first token: the unpinned ones retried on the L20 replica (its node, not the lost
+    # one, named by x-tokenweir-node) and served in full; the pinned ones refused with a clean 503.
+    assert all(s.status == "done" and s.node == l20_node != victim.ip for s in unpinned_early), [
+        (s.status, s.node, s.error) for s in unpinned_early
+    ]
+    for s in pinned_early:
+        assert (s.status, s.http_status) == ("refused", 503), (s.status, s.http_status, s.error)
+        assert s.error is not None and s.error["code"] == "pool_unavailable", s.error
     assert all(s.status == "error" for s in h100), [(s.status, s.error) for s in h100]
     assert all(s.error and s.error["code"] == "service_unavailable" for s in h100)
     assert all(s.status == "done" for s in l20), [(s.status, s.error) for s in l20]  # other pool untouched
@@ -591,7 +664,7 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
         await asyncio.to_thread(
             _wait, lambda u=url: httpx.get(f"{u}/readyz/pools", timeout=5).status_code == 200, 120, url
         )
-    ready_after = time.monotonic() - killed_at
+    ready_after = time.monotonic() - lost_at
     back = await asyncio.to_thread(
         httpx.post,
         f"{urls[0]}/v1/chat/completions",
@@ -608,19 +681,31 @@ async def test_node_loss_mid_load(fleet: dict[str, Any]) -> None:
     for s in h100:
         outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
         assert outcome == "error" and 0 < completion < 3000
-    for s in l20 + [s for s in after if s.status == "done"]:
+    for s in l20 + unpinned_early + [s for s in after if s.status == "done"]:
         outcome, _prompt, completion, _u = events[s.request_id]  # type: ignore[index]
         assert (outcome, completion) == ("completed", s.max_tokens)
+    # The refused ones (pinned, before a first token) are charged nothing: every event of the
+    # tenant's is one of a request that produced tokens, or is free.
+    produced = {s.request_id for s in h100 + l20 + early + after if s.request_id}
+    produced.add(back.json()["id"].split("-", 1)[1])
+    unproduced = {r: e for r, e in events.items() if r not in produced}
+    assert all(u == 0 for *_, u in unproduced.values()), unproduced
     charged = sum(u for *_, u in events.values())
     assert round(view["credits"] * U) == 1_000_000 * U - charged
     by: dict[str, int] = {}
-    for s in h100 + l20 + after:
+    for s in after:
         by[s.status] = by.get(s.status, 0) + 1
     print(
-        f"\n[multinode] node loss ({victim.name}, H100): {len(h100)} streams on it ended with an error "
-        f"event and an exact charge; {len(l20)} L20 streams finished; {len(after)} sent after the kill "
-        f"{by}; last affected request answered {last_answer:.1f} s after the kill; the replica back on "
-        f"{survivor.name} and every gateway ready {ready_after:.1f} s after the kill; "
+        f"\n[multinode] node loss ({victim.name}, H100; cut, its processes killed "
+        f"{killed_at - lost_at:.1f} s later): {len(h100)} streams on it ended with an error event and "
+        f"an exact charge; {len(early)} requests in flight on it before their first token at the kill "
+        f"(routed there: {routed_at_kill[0]} unpinned, {routed_at_kill[1] - len(h100)} pinned): the "
+        f"{len(unpinned_early)} "
+        f"unpinned retried on L20 ({l20_node}) and served in full, exact charge, "
+        f"{retried_after:.1f} s after the cut; the {len(pinned_early)} pinned refused 503 "
+        f"pool_unavailable; {len(l20)} L20 streams finished; {len(after)} sent after the kill {by}; "
+        f"last affected request answered {last_answer:.1f} s after the cut; the replica back on "
+        f"{survivor.name} and every gateway ready {ready_after:.1f} s after the cut; "
         f"balance {view['credits']:g} = 1e6 - {charged / U:g}"
     )
 
