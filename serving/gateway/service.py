@@ -15,10 +15,10 @@ from pydantic import ValidationError
 
 from models.catalog import ModelEntry
 from serving.admission import AdmissionRefused
-from serving.api.protocol import ChatCompletionRequest, CompletionRequest, unsupported_field
+from serving.api.protocol import ChatCompletionRequest, CompletionRequest, request_error
 from serving.api.render import DONE_EVENT, Renderer, sse_event
 from serving.engines.base import EngineChunk, SamplingSpec, TokenLogprob
-from serving.errors import InvalidRequestError, NotFoundError, validation_message
+from serving.errors import InvalidRequestError, NotFoundError
 from serving.gateway.dispatch import map_dispatch_error, open_stream
 from serving.gateway.pool_directory import PoolDirectory, PoolRef
 from serving.gateway.request import Outcome, Prepared, new_request_id
@@ -65,9 +65,6 @@ class GatewayService:
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         model_name = body.get("model")
-        unsupported = unsupported_field(body)
-        if unsupported is not None:
-            raise InvalidRequestError(f"`{unsupported}` is not supported by this server", param=unsupported)
         try:
             req: ChatCompletionRequest | CompletionRequest
             req = (
@@ -76,7 +73,7 @@ class GatewayService:
                 else CompletionRequest.model_validate(body)
             )
         except ValidationError as e:
-            message, param = validation_message(e.errors()[0])
+            message, param = request_error(e)
             raise InvalidRequestError(message, param=param) from e
         entry = self.entries.get(req.model)
         if entry is None or not self.pools.serves(req.model):
@@ -92,10 +89,6 @@ class GatewayService:
             ids = tok.chat(req.messages)
         else:
             k = req.logprobs_k()
-            if req.echo:
-                raise InvalidRequestError("echo is not supported", param="echo")
-            if req.suffix:
-                raise InvalidRequestError("suffix is not supported", param="suffix")
             if isinstance(req.prompt, list):
                 ids = [int(t) for t in req.prompt]
                 bad = [t for t in ids if not 0 <= t < tok.vocab_size]

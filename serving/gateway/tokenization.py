@@ -33,7 +33,12 @@ class PromptTokenizer:
 
     def chat(self, messages: list[ChatMessage]) -> list[int]:
         """Token ids of the chat template applied to ``messages`` with the generation prompt."""
-        conv = [{"role": m.role, "content": m.text()} for m in messages]
+        conv = [
+            {"role": m.role, "content": m.text()}
+            if m.name is None
+            else {"role": m.role, "content": m.text(), "name": m.name}
+            for m in messages
+        ]
         try:
             if self._fast is not None:
                 text = self._tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)

@@ -52,6 +52,25 @@ def test_chat_completion_usage_is_exact(client: openai.OpenAI, tokenizer) -> Non
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
 
 
+def test_a_previous_answer_goes_back_in_messages(client: openai.OpenAI) -> None:
+    """The client appends the message it got back (as the openai SDK serializes it); fields that
+    Tokenweir would drop are refused by name instead of ignored (issue 13)."""
+    messages: list = [{"role": "user", "content": "Tell me about weirs."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    messages += [first.choices[0].message, {"role": "user", "content": "And rivers?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, store=False)
+    assert r.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body={"top_k": 5})
+    assert ei.value.body["param"] == "top_k"
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(
+            model=MODEL, messages=[*messages, {"role": "assistant", "tool_calls": [call]}], max_tokens=4
+        )
+    assert ei.value.body["param"] == "messages[3].tool_calls"
+
+
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL,
@@ -207,6 +226,8 @@ def _assert_openai_error(r: httpx.Response, status: int, *fragments: str) -> dic
             {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
             "tools",
         ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, "temprature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_k": 40}, "top_k"),
     ],
 )
 def test_bad_chat_bodies_get_400(gateway_url: str, auth: dict, body: dict, fragment: str) -> None:
@@ -272,6 +293,9 @@ def test_hostile_bodies_get_400_not_500(gateway_url: str, auth: dict) -> None:
             "best_of": 1,
             "tools": [],
             "response_format": {"type": "text"},
+            "store": False,
+            "top_k": -1,
+            "repetition_penalty": 1.0,
         },
     )
     assert r.status_code == 200, r.text

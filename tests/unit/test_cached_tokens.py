@@ -18,7 +18,7 @@ from _ledger_stores import LedgerTarget
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from serving.api.protocol import unsupported_field
+from serving.api.protocol import ChatCompletionRequest
 from serving.engines.base import EngineRequest, SamplingSpec
 from serving.engines.sim import FakeClock, SimEngine
 from serving.engines.vllm_engine import _prompt
@@ -280,7 +280,10 @@ async def test_a_schema_3_ledger_backfills_cached_tokens_into_the_daily_rollup(
 def test_organization_salts_are_stable_distinct_and_never_from_the_client() -> None:
     a, b = organization_cache_salt("acme"), organization_cache_salt("globex")
     assert a == organization_cache_salt("acme") and a != b and len(a) == 32
-    assert unsupported_field({"cache_salt": "guess"}) == "cache_salt"  # a client cannot pick a salt
+    with pytest.raises(ValidationError, match="cache_salt"):  # a client cannot pick a salt
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user"}], "cache_salt": "guess"}
+        )
     req = EngineRequest("r", [1, 2, 3], SamplingSpec(max_tokens=1), cache_salt=a)
     assert _prompt(req) == {"prompt_token_ids": [1, 2, 3], "cache_salt": a}  # vLLM's TokensPrompt
     assert _prompt(EngineRequest("r", [1], SamplingSpec(max_tokens=1))) == {"prompt_token_ids": [1]}

@@ -46,3 +46,15 @@ def test_chat_prompts_match_apply_chat_template(tok: PromptTokenizer) -> None:
         ref = tok._tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
         ref = ref["input_ids"] if hasattr(ref, "keys") else ref
         assert tok.chat(conv) == list(ref), plain
+
+
+def test_a_messages_name_reaches_the_chat_template() -> None:
+    # As vLLM's server does: the template gets each message's name; one that uses it renders it.
+    tok = PromptTokenizer(str(build_tiny_model()))
+    tok._tok.chat_template = (
+        "{% for m in messages %}{{ m.get('name', '-') }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    ids = tok.chat(
+        [ChatMessage(role="user", content="hi", name="ann"), ChatMessage(role="user", content="yo")]
+    )
+    assert tok._tok.decode(ids) == "ann: hi\n-: yo\n"
