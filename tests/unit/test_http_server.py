@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serving.gateway.http import SSEResponse, StallGuard
+from serving.gateway.http import ClientDisconnected, SSEResponse, StallGuard, unless_disconnected
 from serving.gateway.http_server import guarded_protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,5 +150,54 @@ async def test_a_stream_whose_client_hangs_up_is_closed_at_once() -> None:
         while "closed" not in events:
             await asyncio.sleep(0.01)
     assert guard.cut == 0 and not guard.live
+    srv.should_exit = True
+    await task
+
+
+async def test_a_client_that_hangs_up_before_the_first_token_is_noticed_at_once() -> None:
+    # The gateway awaits a stream's first token (or a whole answer) under unless_disconnected: a
+    # client that hangs up meanwhile cancels the wait at once (which aborts the pool's request and
+    # settles what was produced), instead of at the first token, whenever that comes.
+    events: list[str] = []
+    never = asyncio.Event()
+
+    async def first_token() -> None:
+        try:
+            await never.wait()  # the pool has not produced anything, and will not
+        finally:
+            events.append("aborted")
+
+    async def route(request: Request) -> JSONResponse:
+        await request.body()
+        try:
+            await unless_disconnected(request, first_token())
+        except ClientDisconnected:
+            events.append("disconnected")
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", route, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    task = asyncio.ensure_future(srv.serve(sockets=[sock]))
+    while not srv.started:
+        await asyncio.sleep(0.01)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    body = b'{"model": "m", "stream": true}'
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the request is waiting for its first token
+    assert events == []
+    t0 = asyncio.get_running_loop().time()
+    writer.close()
+    async with asyncio.timeout(5):
+        while "disconnected" not in events:
+            await asyncio.sleep(0.01)
+    assert events == ["aborted", "disconnected"]
+    assert asyncio.get_running_loop().time() - t0 < 1.0
     srv.should_exit = True
     await task
